@@ -1,0 +1,58 @@
+"""The visible registry of explainers: name -> class, in one table.
+
+    >>> from attnaudit.explain import get_explainer, list_explainers
+    >>> get_explainer("rollout", head_fusion="max").explain(model, ["a fine film"])
+"""
+from __future__ import annotations
+
+import importlib
+
+from attnaudit.explain.base import Explainer
+
+# name -> "module:Class"; imported on first use so that `import attnaudit` stays light.
+REGISTRY: dict[str, str] = {
+    "attention": "attnaudit.explain.attention:RawAttention",
+    "rollout": "attnaudit.explain.rollout:Rollout",
+    "flow": "attnaudit.explain.flow:Flow",
+    "grad_attention": "attnaudit.explain.grad_attention:GradAttention",
+    "attention_x_grad": "attnaudit.explain.grad_attention:AttentionXGrad",
+    "attention_norm": "attnaudit.explain.attention:AttentionNorm",
+    "saliency": "attnaudit.explain.gradients:Saliency",
+    "input_x_gradient": "attnaudit.explain.gradients:InputXGradient",
+    "integrated_gradients": "attnaudit.explain.gradients:IntegratedGradients",
+    "deeplift": "attnaudit.explain.gradients:DeepLift",
+    "gradient_shap": "attnaudit.explain.gradients:GradientShap",
+    "occlusion": "attnaudit.explain.perturbation:Occlusion",
+    "lime": "attnaudit.explain.perturbation:Lime",
+    "kernel_shap": "attnaudit.explain.perturbation:KernelShap",
+    "random": "attnaudit.explain.control:RandomScores",
+}
+
+ATTENTION_FAMILY = ("attention", "rollout", "flow", "grad_attention", "attention_x_grad", "attention_norm")
+
+
+class UnknownExplainerError(ValueError):
+    pass
+
+
+def list_explainers() -> list[str]:
+    return list(REGISTRY)
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    if name not in REGISTRY:
+        raise UnknownExplainerError(f"Unknown explainer {name!r}. Available: {', '.join(sorted(REGISTRY))}.")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_explainer(name: str, **params) -> Explainer:
+    """An explainer by registry name, with its keyword parameters (validated at first use)."""
+    cls = explainer_class(name)
+    try:
+        return cls(**params)
+    except TypeError as e:
+        import inspect
+
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ValueError(f"explainer {name!r} got invalid parameters {sorted(params)}; valid: {valid}. ({e})") from e

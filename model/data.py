@@ -1,0 +1,211 @@
+"""Examples: the unit every task, loader, explainer and report shares.
+
+An `Example` is one text with its label (classification) or target (seq2seq) and, where known,
+its evidence: a 0/1 rationale per whitespace token of `text`, or word alignments for seq2seq.
+`read_table` loads your own text-classification files (CSV, TSV, JSONL, optionally gzipped) into
+Examples; `write_jsonl` saves Examples one JSON record per line.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input with its answer and its known evidence.
+
+    Args:
+        id: unique within a dataset (used in tables and file names after sanitising).
+        text: whitespace-separated words; the built-in tokenizer lower-cases and splits on whitespace.
+        label: class index for classification tasks, else None.
+        target: the reference output text for seq2seq tasks, else None.
+        rationale: one 0/1 per whitespace token of `text` (1 = decides the label), or None if unknown.
+        alignment: for seq2seq, (source word index, target word index) pairs, 0-based, or None.
+    """
+
+    id: str
+    text: str
+    label: int | None = None
+    target: str | None = None
+    rationale: tuple[int, ...] | None = None
+    alignment: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.rationale is not None and len(self.rationale) != len(self.text.split()):
+            raise ValueError(
+                f"Example {self.id!r}: rationale has {len(self.rationale)} entries but text has "
+                f"{len(self.text.split())} whitespace tokens; give one 0/1 per token."
+            )
+
+    def to_json(self) -> dict:
+        """The `tasks export` record: text, label or target, rationale or alignment."""
+        out: dict = {"id": self.id, "text": self.text}
+        if self.label is not None:
+            out["label"] = self.label
+        if self.target is not None:
+            out["target"] = self.target
+        if self.rationale is not None:
+            out["rationale"] = list(self.rationale)
+        if self.alignment is not None:
+            out["alignment"] = [list(p) for p in self.alignment]
+        return out
+
+
+SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".csv.gz", ".tsv.gz", ".jsonl.gz", ".json.gz")
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    text_col: str,
+    label_col: str,
+    label_names: tuple[str, ...] | None = None,
+) -> tuple[list[Example], tuple[str, ...]]:
+    """Read a labelled text file into Examples.
+
+        train, names = read_table("train.tsv.gz", text_col="sentence", label_col="label")
+        valid, _ = read_table("dev.tsv", text_col="sentence", label_col="label", label_names=names)
+
+    Args:
+        path: .csv, .tsv (no quoting: quotes are text, as in SST-2) or .jsonl/.json (one object per
+            line), each optionally with a .gz suffix. All values are read as text ("NA" stays "NA").
+        text_col, label_col: the column (or JSON key) holding the text and the label.
+        label_names: the training file's label names, to index another split the same way;
+            None derives them from this file.
+    Returns:
+        (examples, label_names): ids come from an `id` column when present, else the 0-based row
+        number; label_names are the sorted label strings (numerically if all are integers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} does not exist or is not a file; check the name and folder.")
+    suffix = _table_suffix(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty; expected a header or JSON lines with "
+                         f"{text_col!r} and {label_col!r}.")
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl_rows(path, [text_col, label_col])
+    else:
+        rows = _read_delimited_rows(path, suffix, [text_col, label_col])
+    if not rows:
+        raise ValueError(f"{path} has no data rows; expected at least one row with "
+                         f"{text_col!r} and {label_col!r}.")
+
+    for line, row in rows:
+        if not row[text_col].strip():
+            raise ValueError(f"{path}, line {line}: column {text_col!r} is empty or whitespace only; "
+                             f"remove the row or fill in its text.")
+        if not row[label_col].strip():
+            raise ValueError(f"{path}, line {line}: column {label_col!r} is empty; every row needs a label.")
+    labels = [row[label_col].strip() for _, row in rows]
+    if label_names is None:
+        label_names = _sorted_labels(set(labels))
+        if len(label_names) < 2:
+            raise ValueError(f"{path}: column {label_col!r} has a single class {label_names[0]!r} in all "
+                             f"{len(rows)} rows; a classifier needs at least two labels.")
+    label_names = tuple(str(name) for name in label_names)
+    index = {name: i for i, name in enumerate(label_names)}
+
+    examples, seen = [], {}
+    for row_number, ((line, row), label) in enumerate(zip(rows, labels)):
+        if label not in index:
+            raise ValueError(f"{path}, line {line}: label {label!r} is not one of the label_names "
+                             f"{', '.join(label_names)}; pass the training file's label names.")
+        ex_id = row["id"] if "id" in row else str(row_number)
+        if ex_id in seen:
+            raise ValueError(f"{path}, line {line}: id {ex_id!r} was already used on line {seen[ex_id]}; "
+                             f"ids must be unique.")
+        seen[ex_id] = line
+        examples.append(Example(id=ex_id, text=row[text_col], label=index[label]))
+    return examples, label_names
+
+
+def write_jsonl(examples, path: str | os.PathLike) -> Path:
+    """Write `Example.to_json()` one per line, atomically: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())      # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _table_suffix(path: Path) -> str:
+    """The format suffix (".csv", ".tsv", ".jsonl" or ".json"), ignoring a trailing ".gz"."""
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    for suffix in (".csv", ".tsv", ".jsonl", ".json"):
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"Unknown file type for {path.name!r}. Supported: {', '.join(SUPPORTED_SUFFIXES)}.")
+
+
+def _read_delimited_rows(path: Path, suffix: str, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """CSV/TSV rows as (line number, {column: text}); the header is line 1."""
+    tsv = suffix == ".tsv"
+    try:
+        frame = pd.read_csv(
+            path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            dtype=str, keep_default_na=False, na_filter=False, compression="infer", encoding="utf-8",
+        )
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"{path} is empty; expected a header with the columns {', '.join(needed)}.") from e
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"while reading {path}: {e}") from e
+    columns = [str(c) for c in frame.columns]
+    for col in needed:
+        if col not in columns:
+            raise ValueError(f"{path} has no column {col!r}. Columns present: {', '.join(columns)}.")
+    rows = frame.itertuples(index=False, name=None)
+    return [(i + 2, dict(zip(columns, values))) for i, values in enumerate(rows)]
+
+
+def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """JSON-lines rows as (line number, {key: text}); blank lines are skipped."""
+    rows = []
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {line}: not valid JSON ({e.msg}); "
+                                     f"expected one JSON object per line.") from e
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}, line {line}: expected a JSON object, "
+                                     f"got {type(record).__name__}.")
+                for key in needed:
+                    if key not in record:
+                        raise ValueError(f"{path}, line {line} has no key {key!r}. "
+                                         f"Keys present: {', '.join(map(str, record))}.")
+                rows.append((line, {k: "" if v is None else str(v) for k, v in record.items()}))
+    except (UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"while reading {path}: {e}") from e
+    return rows
+
+
+def _sorted_labels(labels: set[str]) -> tuple[str, ...]:
+    """Sorted label strings; numerically when every label is an integer ("2" before "10")."""
+    if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
+        return tuple(sorted(labels, key=lambda label: (int(label), label)))
+    return tuple(sorted(labels))

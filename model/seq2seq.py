@@ -1,0 +1,107 @@
+"""The encoder–decoder behind a small interface: source texts in, translations and attention out.
+
+Sites: ``encoder.layers.{i}.self_attn.pattern``, ``decoder.layers.{i}.self_attn.pattern`` (causal)
+and ``decoder.layers.{i}.cross_attn.pattern`` [batch, head, target, source]. Target sequences are
+[CLS] (begin) words [SEP] (end), so one vocabulary class serves both sides.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnaudit.model.data import Example
+from attnaudit.model.hooks import HookPoint
+from attnaudit.model.interface import Batch, TextClassifier
+from attnaudit.model.transformer import TransformerSeq2Seq
+from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Source batch plus teacher-forcing target: tgt_in [batch, tgt] starts with [CLS]; tgt_out is shifted by one."""
+
+    src: Batch
+    tgt_in: Tensor | None = None       # [batch, tgt] long
+    tgt_out: Tensor | None = None      # [batch, tgt] long, [PAD] where there is nothing to predict
+    tgt_mask: Tensor | None = None     # [batch, tgt] bool
+
+
+class Translator:
+    """The built-in encoder–decoder: `translate(texts)`, teacher-forced `__call__`, attention sites."""
+
+    kind = "seq2seq"
+
+    def __init__(self, net: TransformerSeq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, *, config: dict | None = None):
+        self.net, self.src_vocab, self.tgt_vocab = net, src_vocab, tgt_vocab
+        self.config = dict(config or {})
+        self.label_names: tuple[str, ...] = ()
+        # Source-side encoding reuses the classifier's (same [CLS] w [SEP] layout and checks).
+        self._src = TextClassifier.__new__(TextClassifier)
+        self._src.net, self._src.vocab = net, src_vocab
+
+    @property
+    def n_layers(self) -> int:
+        return self.net.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.net.cfg.n_heads
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "Translator":
+        self.net.to(device)
+        return self
+
+    def encode(self, inputs: Sequence[str] | Sequence[Example], *, truncate: bool = False) -> PairBatch:
+        src = TextClassifier.encode(self._src, inputs, truncate=truncate)
+        targets = [x.target if isinstance(x, Example) else None for x in inputs]
+        if any(t is None for t in targets):
+            return PairBatch(src)
+        rows = [[CLS, *words(t), SEP] for t in targets]
+        n = max(map(len, rows)) - 1
+        ids = [self.tgt_vocab.ids(r + [PAD] * (n + 1 - len(r))) for r in rows]
+        full = torch.tensor(ids, dtype=torch.long)                                  # [batch, tgt + 1]
+        tgt_in, tgt_out = full[:, :-1], full[:, 1:]
+        return PairBatch(src, tgt_in, tgt_out, tgt_in != self.tgt_vocab.pad_id)
+
+    def __call__(self, batch: PairBatch) -> Tensor:
+        """Teacher-forced logits [batch, tgt, tgt_vocab]."""
+        dev = self.device
+        s = batch.src
+        return self.net(s.input_ids.to(dev), s.attention_mask.to(dev), batch.tgt_in.to(dev), batch.tgt_mask.to(dev))
+
+    @torch.inference_mode()
+    def translate(self, texts: Sequence[str] | Sequence[Example], *, max_len: int | None = None, batch_size: int = 256) -> list[str]:
+        """Greedy decoding -> one target string per source."""
+        out: list[str] = []
+        was = self.net.training
+        self.net.eval()
+        try:
+            for start in range(0, len(texts), batch_size):
+                src = self.encode(texts[start : start + batch_size]).src.to(self.device)
+                limit = max_len or int(src.attention_mask.sum(1).max()) + 4
+                ids = self.net.greedy_decode(src.input_ids, src.attention_mask, bos_id=self.tgt_vocab.cls_id,
+                                             eos_id=self.tgt_vocab.sep_id, max_len=limit)
+                for row in ids[:, 1:].tolist():
+                    toks = self.tgt_vocab.tokens(row)
+                    out.append(" ".join(toks[: toks.index(SEP)] if SEP in toks else [t for t in toks if t != PAD]))
+        finally:
+            self.net.train(was)
+        return out
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        return {n: m for n, m in self.net.named_modules() if isinstance(m, HookPoint)}
+
+    @property
+    def attention_sites(self) -> list[str]:
+        return [f"encoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
+
+    @property
+    def cross_attention_sites(self) -> list[str]:
+        return [f"decoder.layers.{i}.cross_attn.pattern" for i in range(self.n_layers)]

@@ -1,0 +1,53 @@
+"""Shared fixtures: a seeded tiny 2-layer model and a padded batch, built in milliseconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnaudit.model.data import Example
+from attnaudit.model.interface import TextClassifier
+from attnaudit.model.transformer import TransformerClassifier, TransformerConfig
+from attnaudit.model.vocab import Vocab
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+WORDS = "the a film plot was not good bad great boring and with story actor".split()
+
+
+def make_tiny_model(seed: int = 0, *, n_classes: int = 2, norm: str = "post", pooling: str = "cls",
+                    n_layers: int = 2, n_heads: int = 2, d_model: int = 16) -> TextClassifier:
+    torch.manual_seed(seed)
+    vocab = Vocab.build([" ".join(WORDS)])
+    cfg = TransformerConfig(vocab_size=len(vocab), n_classes=n_classes, d_model=d_model, n_heads=n_heads,
+                            n_layers=n_layers, d_ff=2 * d_model, dropout=0.1, max_len=32, norm=norm, pooling=pooling)
+    model = TextClassifier(TransformerClassifier(cfg), vocab, label_names=[f"c{i}" for i in range(n_classes)])
+    model.net.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> TextClassifier:
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny_examples() -> list[Example]:
+    texts = ["the film was good", "a boring plot", "the story was not bad and the actor was great", "good"]
+    return [Example(id=f"ex{i}", text=t, label=i % 2, rationale=tuple(int(w in ("good", "bad", "boring", "great", "not"))
+            for w in t.split())) for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def tiny_batch(tiny_model, tiny_examples):
+    """4 examples of different lengths, so rows 0, 1 and 3 carry padding."""
+    return tiny_model.encode(tiny_examples)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    data = SHARED / "data"
+    if not data.is_dir():
+        pytest.skip(f"../shared/data is absent ({data}); these tests read the benchmark data beside the repo.")
+    return data
