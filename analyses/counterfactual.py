@@ -1,0 +1,376 @@
+"""Counterfactual attention tests: does the output change when attention does?
+
+Five tests, each through the edits of `attnaudit.model.interventions`, at one encoder layer (an int)
+or at every layer at once (``"all"``):
+
+- permutation (Jain & Wallace 2019): shuffle each row's attention among its allowed keys; per example,
+  the median output total-variation distance (TVD) over N seeded permutations, against the example's
+  maximum attention weight.
+- adversarial (Jain & Wallace 2019): attention as far as possible (Jensen–Shannon divergence) from the
+  original while the output moves by at most ε in TVD.
+- uniform (Wiegreffe & Pinter 2019): uniform attention over each query's allowed keys.
+- erasure (Serrano & Smith 2019): zero the most-attended key (renormalising) vs a random one.
+- head ablation: the output change when one head's probabilities are zeroed, against the attention
+  mass that head puts on the decisive tokens (`batch.rationale`).
+
+    tables = counterfactual_table(model, batch, n_permutations=50)
+    tables["summary"]        # test, layer, head, statistic, value
+    tables["permutation"]    # example_id, layer, max_attention, median_tvd
+
+Output distributions are the softmax of the logits; TVD(p, q) = ½·Σ|p − q| ∈ [0, 1] and JSD uses the
+natural log (∈ [0, ln 2]). Every function runs the model in eval mode and restores its mode after.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields, replace
+
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor
+
+from attnaudit.model.hooks import Edit, hooks
+from attnaudit.model.interface import Batch
+from attnaudit.model.interventions import permute, uniform, zero_head, zero_key
+
+TESTS = ("permutation", "adversarial", "uniform", "erasure", "head_ablation")
+Layer = int | str  # a layer index, or "all"
+
+
+# -- distances between output distributions ------------------------------------------------------
+def tvd(p: Tensor, q: Tensor) -> Tensor:
+    """Total-variation distance ½·Σ|p − q| over the last dim -> [...]."""
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def jsd(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen–Shannon divergence (natural log, in [0, ln 2]) over the last dim -> [...]; zeros are safe."""
+    m = 0.5 * (p + q)
+    kl_pm = (_p_log(p, p) - _p_log(p, m)).sum(-1)
+    kl_qm = (_p_log(q, q) - _p_log(q, m)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
+
+
+def _p_log(p: Tensor, q: Tensor) -> Tensor:
+    """p·log q with 0·log 0 = 0 and a zero (not NaN) gradient there; torch.xlogy's is 0/0 at q = 0."""
+    return p * torch.where(q > 0, q, torch.ones_like(q)).log()
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+def layer_sites(model, layer: Layer) -> list[str]:
+    """The attention sites a setting edits: one layer's, or all of them for ``"all"``."""
+    n = model.n_layers
+    if layer == "all":
+        return list(model.attention_sites)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer must be an int in [0, {n - 1}] or 'all'; got {layer!r} (this model has {n} layers).")
+    return [model.attention_sites[layer]]
+
+
+def output_probs(model, batch: Batch, edits: dict[str, Edit] | None = None) -> Tensor:
+    """Class probabilities [batch, n_classes] (float32, CPU) with the given edits applied."""
+    with model.evaluating(), torch.no_grad(), hooks(model, edits or {}):
+        return model(batch).float().softmax(-1).cpu()
+
+
+def cls_attention(model, batch: Batch) -> Tensor:
+    """The [CLS] (query 0) row of every layer's attention -> [layer, batch, head, key] (CPU)."""
+    rows: dict[str, Tensor] = {}
+
+    def keep(site: str) -> Edit:
+        def edit(pattern: Tensor, allowed: Tensor) -> Tensor:
+            rows[site] = pattern[:, :, 0, :].detach().float().cpu()              # [batch, head, key]
+            return pattern
+        return edit
+
+    with model.evaluating(), torch.no_grad(), hooks(model, {s: keep(s) for s in model.attention_sites}):
+        model(batch)
+    return torch.stack([rows[s] for s in model.attention_sites])                  # [layer, batch, head, key]
+
+
+def tile(batch: Batch, n: int) -> Batch:
+    """n copies of the batch stacked along the batch dim (copy c holds rows c·B … c·B + B − 1)."""
+    out = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, Tensor):
+            out[f.name] = v.repeat(n, *[1] * (v.dim() - 1))
+        elif isinstance(v, list):
+            out[f.name] = v * n
+    return replace(batch, **out)
+
+
+def example_ids(batch: Batch) -> list[str]:
+    return list(batch.ids) if batch.ids else [str(i) for i in range(len(batch))]
+
+
+def _per_layer(cls_rows: Tensor, layer: Layer) -> Tensor:
+    """[layer, batch, ...] -> [batch, ...]: one layer, or the mean over layers for "all"."""
+    return cls_rows.mean(0) if layer == "all" else cls_rows[layer]
+
+
+def _spearman(x, y) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN, which we keep
+        return float(spearmanr(x, y).statistic) if len(x) > 1 else float("nan")
+
+
+# -- permutation (Jain & Wallace 2019) ------------------------------------------------------------
+def max_attention(model, batch: Batch, *, layer: Layer) -> Tensor:
+    """Max over heads and keys of the [CLS]-row attention at `layer` -> [batch]; mean over layers for "all"."""
+    layer_sites(model, layer)
+    per_layer = cls_attention(model, batch).amax(dim=(2, 3))                      # [layer, batch]
+    return _per_layer(per_layer, layer)
+
+
+def permutation_tvd(model, batch: Batch, *, layer: Layer, n_permutations: int = 100, seed: int = 0,
+                    max_rows: int = 4096) -> Tensor:
+    """Output TVD under N random permutations of attention among allowed keys -> [batch, n_permutations].
+
+    Every query row of the edited layer(s) is permuted independently. Copies of the batch are stacked
+    into one forward, at most `max_rows` rows at a time; `seed` fixes the permutations.
+    """
+    sites = layer_sites(model, layer)
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
+        raise ValueError(f"n_permutations must be an int >= 1; got {n_permutations!r}.")
+    b = len(batch)
+    base = output_probs(model, batch)                                             # [batch, n_classes]
+    gen = torch.Generator().manual_seed(seed)
+    per_forward = max(1, min(n_permutations, max_rows // max(b, 1)))
+    out, done = [], 0
+    while done < n_permutations:
+        n = min(per_forward, n_permutations - done)
+        probs = output_probs(model, tile(batch, n), {s: permute(gen) for s in sites})   # [n·batch, n_classes]
+        out.append(tvd(probs.view(n, b, -1), base[None]).T)                      # [batch, n]
+        done += n
+    return torch.cat(out, dim=1)                                                  # [batch, n_permutations]
+
+
+# -- adversarial attention (Jain & Wallace 2019) --------------------------------------------------
+@dataclass(frozen=True)
+class AdversarialResult:
+    """Per example: the attention JSD reached, the output TVD there, and whether TVD ≤ ε held there."""
+
+    jsd: Tensor          # [batch] mean JSD(new, original) over heads, real query rows (and layers)
+    tvd: Tensor          # [batch] output TVD at the reported attention
+    satisfied: Tensor    # [batch] bool: some step met TVD ≤ ε (then jsd is the best such step's)
+
+
+def _softmax_allowed(theta: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax over allowed keys; rows with no allowed key are exactly 0 (as in the model) -> [batch, head, query, key]."""
+    allowed = allowed.expand_as(theta)
+    z = theta.masked_fill(~allowed, float("-inf")).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return z.softmax(-1) * allowed
+
+
+def adversarial_attention(model, batch: Batch, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
+                          lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0,
+                          seed: int = 0) -> AdversarialResult:
+    """Search attention maximally different from the original with almost the same output.
+
+    New attention = softmax over allowed keys of free logits (one per layer, head, query, key), started
+    at log(original) + `init_noise`·N(0, 1) (seeded; JSD has zero gradient at the original) and moved by
+    Adam (`lr`, `n_steps`) to maximise, per example, mean JSD(new, original) − penalty·relu(TVD(output) − ε).
+    Examples are independent (the objective is a sum over examples). The reported JSD is the best one
+    among the steps where TVD ≤ ε held; where none did, the last step's, with `satisfied` False.
+    """
+    sites = layer_sites(model, layer)
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be a float >= 0 (a TVD bound); got {epsilon!r}.")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1; got {n_steps!r}.")
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def keep(site: str) -> Edit:
+        def edit(pattern: Tensor, allowed: Tensor) -> Tensor:
+            seen[site] = (pattern.detach().float(), allowed)
+            return pattern
+        return edit
+
+    with model.evaluating():
+        with torch.no_grad(), hooks(model, {s: keep(s) for s in sites}):
+            base = model(batch).float().softmax(-1)                               # [batch, n_classes]
+        gen = torch.Generator().manual_seed(seed)
+        thetas, originals, alloweds = [], [], []
+        for s in sites:
+            orig, allowed = seen[s]                                               # [batch, head, query, key], [batch, 1, query, key]
+            noise = torch.randn(orig.shape, generator=gen).to(orig.device)
+            thetas.append((orig.clamp_min(1e-6).log() + init_noise * noise).requires_grad_(True))
+            originals.append(orig)
+            alloweds.append(allowed)
+        opt = torch.optim.Adam(thetas, lr=lr)
+        b = len(batch)
+        best_jsd = torch.full((b,), -1.0)
+        best_tvd = torch.full((b,), float("nan"))
+        last_jsd = last_tvd = None
+        for step in range(n_steps + 1):                                           # the last pass only evaluates
+            with torch.enable_grad():
+                news = [_softmax_allowed(t, a) for t, a in zip(thetas, alloweds)]
+                with hooks(model, {s: _fixed(p) for s, p in zip(sites, news)}):
+                    probs = model(batch).float().softmax(-1)                      # [batch, n_classes]
+                out_tvd = tvd(probs, base)                                        # [batch]
+                att_jsd = torch.stack([_row_mean(jsd(n, o), a) for n, o, a in zip(news, originals, alloweds)]).mean(0)
+                objective = att_jsd - penalty * torch.relu(out_tvd - epsilon)     # [batch]
+            last_jsd, last_tvd = att_jsd.detach().cpu(), out_tvd.detach().cpu()
+            better = (last_tvd <= epsilon) & (last_jsd > best_jsd)
+            best_jsd = torch.where(better, last_jsd, best_jsd)
+            best_tvd = torch.where(better, last_tvd, best_tvd)
+            if step == n_steps:
+                break
+            grads = torch.autograd.grad(-objective.sum(), thetas)                 # only the free logits, never the weights
+            for t, g in zip(thetas, grads):
+                t.grad = g
+            opt.step()
+    satisfied = best_jsd >= 0
+    return AdversarialResult(jsd=torch.where(satisfied, best_jsd, last_jsd),
+                             tvd=torch.where(satisfied, best_tvd, last_tvd), satisfied=satisfied)
+
+
+def _fixed(new: Tensor) -> Edit:
+    return lambda pattern, allowed: new
+
+
+def _row_mean(per_row: Tensor, allowed: Tensor) -> Tensor:
+    """[batch, head, query] -> [batch]: mean over heads and the query rows that attend something."""
+    rows = allowed.any(-1).to(per_row.dtype)                                      # [batch, 1, query]
+    return (per_row * rows).sum((1, 2)) / (rows.sum((1, 2)) * per_row.shape[1]).clamp_min(1.0)
+
+
+# -- erasure (Serrano & Smith 2019) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ErasureResult:
+    """Per example: the erased keys and the output change for each (all [batch])."""
+
+    key_max: Tensor       # position with the highest [CLS]-row attention (mean over heads; and layers for "all")
+    key_random: Tensor    # a seeded random scored position
+    jsd_max: Tensor
+    jsd_random: Tensor
+    flip_max: Tensor      # bool: the predicted class changed
+    flip_random: Tensor
+
+
+def erasure(model, batch: Batch, *, layer: Layer, seed: int = 0, cls_rows: Tensor | None = None) -> ErasureResult:
+    """Zero one key at `layer` (all its heads and query rows, renormalised): the most attended vs a random one.
+
+    Both keys are drawn from the scored positions (real, not special). `cls_rows` [layer, batch, head, key]
+    may be passed to reuse `cls_attention(model, batch)`.
+    """
+    sites = layer_sites(model, layer)
+    scored = (batch.attention_mask & ~batch.special_mask).cpu()                   # [batch, seq]
+    empty = (~scored.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"erasure needs at least one real non-special token per example; examples {empty} have none.")
+    rows = cls_attention(model, batch) if cls_rows is None else cls_rows
+    att = _per_layer(rows, layer).mean(1)                                         # [batch, key]
+    key_max = att.masked_fill(~scored, float("-inf")).argmax(1)                   # [batch]
+    rand = torch.rand(scored.shape, generator=torch.Generator().manual_seed(seed))
+    key_random = rand.masked_fill(~scored, -1.0).argmax(1)                        # [batch]
+    base = output_probs(model, batch)
+    p_max = output_probs(model, batch, {s: zero_key(key_max) for s in sites})
+    p_rand = output_probs(model, batch, {s: zero_key(key_random) for s in sites})
+    pred = base.argmax(-1)
+    return ErasureResult(key_max=key_max, key_random=key_random, jsd_max=jsd(p_max, base), jsd_random=jsd(p_rand, base),
+                         flip_max=p_max.argmax(-1) != pred, flip_random=p_rand.argmax(-1) != pred)
+
+
+# -- head ablation --------------------------------------------------------------------------------
+def head_ablation(model, batch: Batch, *, cls_rows: Tensor | None = None) -> pd.DataFrame:
+    """Each head's importance (output change when zeroed) and its attention mass on the decisive tokens.
+
+    Returns one row per (layer, head): importance_tvd (mean output TVD), importance_prob_drop (mean drop
+    in the originally predicted class's probability) and decisive_mass (the [CLS]-row attention summed
+    over `batch.rationale` positions, averaged over examples; NaN when the batch has no rationale).
+    """
+    base = output_probs(model, batch)                                             # [batch, n_classes]
+    pred = base.argmax(-1)
+    rows = cls_attention(model, batch) if cls_rows is None else cls_rows          # [layer, batch, head, key]
+    if batch.rationale is not None:
+        mass = (rows * batch.rationale.cpu().float()[None, :, None, :]).sum(-1).mean(1)   # [layer, head]
+    else:
+        mass = torch.full((rows.shape[0], rows.shape[2]), float("nan"))              # [layer, head]
+    out = []
+    for layer, site in enumerate(model.attention_sites):
+        for head in range(model.n_heads):
+            probs = output_probs(model, batch, {site: zero_head(head)})
+            drop = base.gather(1, pred[:, None]) - probs.gather(1, pred[:, None])
+            out.append((layer, head, float(tvd(probs, base).mean()), float(drop.mean()), float(mass[layer, head])))
+    return pd.DataFrame(out, columns=["layer", "head", "importance_tvd", "importance_prob_drop", "decisive_mass"])
+
+
+# -- the table ------------------------------------------------------------------------------------
+def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None,
+                         n_permutations: int = 100, epsilon: float = 0.01, adversarial_steps: int = 40,
+                         adversarial_lr: float = 0.1, penalty: float = 10.0, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Run the chosen tests at each layer and at all layers at once -> {"summary": ..., test: per-example frame}.
+
+    summary columns: test, layer, head, statistic, value (layer and head are strings: "0", "1", …, "all").
+    Per-example frames: permutation (example_id, layer, max_attention, median_tvd), adversarial (example_id,
+    layer, jsd, tvd, satisfied), uniform (example_id, layer, tvd, flipped), erasure (example_id, layer,
+    key_max, key_random, jsd_max, jsd_random, flip_max, flip_random) and head_ablation (one row per head).
+    `layers` defaults to every layer and "all".
+    """
+    unknown = [t for t in tests if t not in TESTS]
+    if isinstance(tests, str) or unknown:
+        raise ValueError(f"tests must be a tuple drawn from {TESTS}; got {tests!r}.")
+    layers = [*range(model.n_layers), "all"] if layers is None else list(layers)
+    for layer in layers:
+        layer_sites(model, layer)
+    ids = example_ids(batch)
+    rows = cls_attention(model, batch)                                            # [layer, batch, head, key]
+    base = output_probs(model, batch)
+    summary: list[tuple] = []
+    frames: dict[str, list[pd.DataFrame]] = {t: [] for t in tests}
+
+    def add(test, layer, statistic, value, head="all"):
+        summary.append((test, str(layer), str(head), statistic, float(value)))
+
+    for layer in layers:
+        if "permutation" in tests:
+            med = permutation_tvd(model, batch, layer=layer, n_permutations=n_permutations, seed=seed).median(1).values
+            top = _per_layer(rows.amax(dim=(2, 3)), layer)                        # [batch]
+            add("permutation", layer, "median_tvd", med.median())
+            add("permutation", layer, "mean_tvd", med.mean())
+            add("permutation", layer, "max_attention_tvd_spearman", _spearman(top.numpy(), med.numpy()))
+            frames["permutation"].append(pd.DataFrame({"example_id": ids, "layer": str(layer),
+                                                       "max_attention": top.numpy(), "median_tvd": med.numpy()}))
+        if "adversarial" in tests:
+            adv = adversarial_attention(model, batch, layer=layer, epsilon=epsilon, n_steps=adversarial_steps,
+                                        lr=adversarial_lr, penalty=penalty, seed=seed)
+            add("adversarial", layer, "jsd_reached", adv.jsd.mean())
+            add("adversarial", layer, "median_jsd_reached", adv.jsd.median())
+            add("adversarial", layer, "constraint_satisfied_fraction", adv.satisfied.float().mean())
+            frames["adversarial"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), "jsd": adv.jsd.numpy(),
+                                                       "tvd": adv.tvd.numpy(), "satisfied": adv.satisfied.numpy()}))
+        if "uniform" in tests:
+            probs = output_probs(model, batch, {s: uniform() for s in layer_sites(model, layer)})
+            dist, flipped = tvd(probs, base), probs.argmax(-1) != base.argmax(-1)
+            add("uniform", layer, "mean_tvd", dist.mean())
+            add("uniform", layer, "median_tvd", dist.median())
+            add("uniform", layer, "flip_rate", flipped.float().mean())
+            if batch.labels is not None:
+                labels = batch.labels.cpu()
+                add("uniform", layer, "accuracy", (probs.argmax(-1) == labels).float().mean())
+                add("uniform", layer, "accuracy_original", (base.argmax(-1) == labels).float().mean())
+            frames["uniform"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), "tvd": dist.numpy(),
+                                                   "flipped": flipped.numpy()}))
+        if "erasure" in tests:
+            er = erasure(model, batch, layer=layer, seed=seed, cls_rows=rows)
+            add("erasure", layer, "flip_rate_max", er.flip_max.float().mean())
+            add("erasure", layer, "flip_rate_random", er.flip_random.float().mean())
+            add("erasure", layer, "jsd_max", er.jsd_max.mean())
+            add("erasure", layer, "jsd_random", er.jsd_random.mean())
+            add("erasure", layer, "jsd_max_exceeds_random_fraction", (er.jsd_max > er.jsd_random).float().mean())
+            frames["erasure"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), **{
+                f.name: getattr(er, f.name).numpy() for f in fields(er)}}))
+    if "head_ablation" in tests:
+        heads = head_ablation(model, batch, cls_rows=rows)
+        for r in heads.itertuples(index=False):
+            for stat in ("importance_tvd", "importance_prob_drop", "decisive_mass"):
+                add("head_ablation", r.layer, stat, getattr(r, stat), head=r.head)
+        add("head_ablation", "all", "importance_tvd_mass_spearman", _spearman(heads.importance_tvd, heads.decisive_mass))
+        add("head_ablation", "all", "prob_drop_mass_spearman", _spearman(heads.importance_prob_drop, heads.decisive_mass))
+        frames["head_ablation"] = [heads]
+    out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
+    out.update({t: pd.concat(f, ignore_index=True) for t, f in frames.items() if f})
+    return out
