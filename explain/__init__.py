@@ -2,5 +2,7 @@
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
 from attnaudit.explain.registry import ATTENTION_FAMILY, UnknownExplainerError, get_explainer, list_explainers
+from attnaudit.explain.run import explain_all
 
-__all__ = ["Attribution", "Explainer", "get_explainer", "list_explainers", "ATTENTION_FAMILY", "UnknownExplainerError"]
+__all__ = ["Attribution", "Explainer", "get_explainer", "list_explainers", "explain_all", "ATTENTION_FAMILY",
+           "UnknownExplainerError"]

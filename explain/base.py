@@ -51,19 +51,25 @@ class Explainer:
                 probs = model(batch).float().softmax(-1).cpu()                   # [batch, n_classes]
             tgt = resolve_target(model, target, probs)                            # [batch]
             out = self.scores(model, batch, tgt)
-        scores, extras = out if isinstance(out, tuple) else (out, {})
-        scores = scores.detach().float().cpu()
-        if tuple(scores.shape) != tuple(batch.input_ids.shape):
-            raise RuntimeError(f"{self.name} produced scores of shape {tuple(scores.shape)}; expected "
-                               f"{tuple(batch.input_ids.shape)} (an explainer bug, please report it).")
-        scores = scores.masked_fill(~batch.attention_mask.cpu(), 0.0)            # exactly 0 on padding
-        return Attribution(
-            scores=scores, input_ids=batch.input_ids.cpu(), attention_mask=batch.attention_mask.cpu(),
-            special_mask=batch.special_mask.cpu(), tokens=batch.tokens, target=tgt.cpu(),
-            target_prob=probs.gather(1, tgt.cpu()[:, None])[:, 0], method=self.name, params=self.get_params(),
-            seconds=time.perf_counter() - start, extras={k: v.detach().float().cpu() for k, v in extras.items()},
-            ids=batch.ids, texts=batch.texts,
-        )
+        return package_attribution(self, batch, out, tgt, probs, time.perf_counter() - start)
+
+
+def package_attribution(explainer: Explainer, batch: Batch, out, target: Tensor, probs: Tensor,
+                        seconds: float) -> Attribution:
+    """Scores [batch, seq] (or (scores, extras)) -> Attribution: padding zeroed, provenance attached."""
+    scores, extras = out if isinstance(out, tuple) else (out, {})
+    scores = scores.detach().float().cpu()
+    if tuple(scores.shape) != tuple(batch.input_ids.shape):
+        raise RuntimeError(f"{explainer.name} produced scores of shape {tuple(scores.shape)}; expected "
+                           f"{tuple(batch.input_ids.shape)} (an explainer bug, please report it).")
+    scores = scores.masked_fill(~batch.attention_mask.cpu(), 0.0)                # exactly 0 on padding
+    return Attribution(
+        scores=scores, input_ids=batch.input_ids.cpu(), attention_mask=batch.attention_mask.cpu(),
+        special_mask=batch.special_mask.cpu(), tokens=batch.tokens, target=target.cpu(),
+        target_prob=probs.gather(1, target.cpu()[:, None])[:, 0], method=explainer.name,
+        params=explainer.get_params(), seconds=seconds,
+        extras={k: v.detach().float().cpu() for k, v in extras.items()}, ids=batch.ids, texts=batch.texts,
+    )
 
 
 def as_batch(model, batch_or_texts) -> Batch:

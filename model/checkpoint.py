@@ -22,6 +22,8 @@ from attnaudit.model.vocab import Vocab
 FORMAT = "attnaudit"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -33,6 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)          # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +69,7 @@ def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, 
         save_file(state, tmp, metadata={"format": FORMAT})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, out / WEIGHTS)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

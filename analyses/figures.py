@@ -1,0 +1,367 @@
+"""Figures for the report: each function takes tidy tables and returns a matplotlib Figure.
+
+    fig = curves_figure(curves)                  # deletion / insertion curves with 95% bands
+    png = figure_png(fig)                        # bytes, dpi 110; the report embeds and saves them
+
+Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so nothing is
+shown, no global state changes and nothing needs closing. Every user string drawn (tokens, explainer
+names, layer labels) passes through `_text`, which escapes matplotlib's mathtext `$` and shortens it.
+The attention-line view follows the lecture's picture (and Vig 2019's head view): queries on one row,
+lines to the keys below, width and opacity proportional to the weight, one colour per head.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+
+from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
+from attnaudit.analyses.sanity import DEFAULT_THRESHOLD as RANDOMIZATION_THRESHOLD
+from attnaudit.analyses.sanity import step_index
+from attnaudit.analyses.stats import HIGHER_IS_BETTER
+from attnaudit.analyses.verdict import TVD_LARGE, TVD_SMALL, headline_settings
+from attnaudit.explain.registry import ATTENTION_FAMILY, REGISTRY
+
+DPI = 110
+Z95 = 1.959964    # normal quantile for the 95% bands of mean curves
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_png(fig: Figure, *, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes (no metadata beyond matplotlib's version: same data, same bytes)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _text(s, n: int = 22) -> str:
+    """A user string made safe for matplotlib: `$` escaped (no mathtext), cut to n characters."""
+    s = str(s).replace("\n", " ")
+    s = s if len(s) <= n else s[: n - 1] + "…"
+    return s.replace("\\", "\\\\").replace("$", r"\$")
+
+
+def explainer_order(names: Sequence[str]) -> list[str]:
+    """Attention family first, then the registry's order, then unknown names sorted."""
+    known = [n for n in REGISTRY if n in set(names)]
+    return known + sorted(set(names) - set(known))
+
+
+def explainer_colors(names: Sequence[str]) -> dict[str, tuple]:
+    """Warm colours for the attention family, cool ones for the others, black for random."""
+    fam = [n for n in explainer_order(names) if n in ATTENTION_FAMILY]
+    rest = [n for n in explainer_order(names) if n not in ATTENTION_FAMILY and n != "random"]
+    warm = sns.color_palette("YlOrRd", len(fam) + 2)[2:] if fam else []
+    cool = sns.color_palette("viridis", max(len(rest), 1))
+    colors = {n: tuple(c) for n, c in zip(fam, warm[::-1])}
+    colors.update({n: tuple(c) for n, c in zip(rest, cool)})
+    colors["random"] = (0.0, 0.0, 0.0)
+    return colors
+
+
+def _empty(message: str) -> Figure:
+    fig = _figure(5, 1.2)
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, _text(message, 80), ha="center", va="center")
+    return fig
+
+
+# -- faithfulness --------------------------------------------------------------------------------
+def curves_figure(curves: pd.DataFrame) -> Figure:
+    """Mean deletion and insertion curves per explainer with 95% bands (mean ± 1.96·SE over examples).
+
+    Args:
+        curves: columns example_id, explainer, curve ("deletion"/"insertion"), fraction, prob.
+    """
+    if curves is None or curves.empty:
+        return _empty("no deletion/insertion curves")
+    names = explainer_order(curves["explainer"].unique())
+    colors = explainer_colors(names)
+    fig = _figure(10, 4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, curve in zip(axes, ("deletion", "insertion")):
+        part = curves[curves["curve"] == curve]
+        for name in names:
+            g = part[part["explainer"] == name].groupby("fraction")["prob"]
+            if not len(g):
+                continue
+            mean, sem = g.mean(), g.sem().fillna(0.0)
+            style = "-" if name in ATTENTION_FAMILY else ":" if name == "random" else "--"
+            ax.plot(mean.index, mean.to_numpy(), style, color=colors[name], label=_text(name), lw=1.6)
+            ax.fill_between(mean.index, mean - Z95 * sem, mean + Z95 * sem, color=colors[name], alpha=0.15, lw=0)
+        better = "lower" if curve == "deletion" else "higher"
+        ax.set(title=f"{curve} curve ({better} area is better)", xlabel="fraction of tokens "
+               + ("removed" if curve == "deletion" else "restored"), ylabel="probability of the predicted class")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return fig
+
+
+def _interval_panels(summary: pd.DataFrame, metrics: Sequence[str], title: str) -> Figure:
+    """One panel per metric: mean and CI per explainer (horizontal), the attention family highlighted."""
+    chosen = {m: s for m, s in headline_settings(summary).items()}
+    rows = []
+    for m in metrics:
+        g = summary[summary["metric"] == m]
+        if g.empty:
+            continue
+        setting = chosen.get(m) or ("aopc" if "aopc" in set(g["setting"]) else sorted(g["setting"].astype(str))[0])
+        rows.append((m, setting, g[g["setting"].astype(str) == setting]))
+    if not rows:
+        return _empty(f"no {title} metrics")
+    names = explainer_order(summary["explainer"].unique())
+    colors = explainer_colors(names)
+    ncols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig = _figure(max(7.0, 3.2 * ncols + 1.2), 0.22 * len(names) * nrows + 1.0 * nrows + 0.4)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    y = {n: i for i, n in enumerate(names)}
+    for ax, (m, setting, g) in zip(axes, rows):
+        for r in g.itertuples():
+            lo, hi = r.ci_low - r.mean, r.ci_high - r.mean
+            err = [[-lo], [hi]] if np.isfinite([lo, hi]).all() else None
+            ax.errorbar(r.mean, y[r.explainer], xerr=err, fmt="o", color=colors[r.explainer], ms=4, capsize=2)
+        arrow = "↑" if HIGHER_IS_BETTER.get(m, True) else "↓"
+        ax.set_title(_text(f"{m} {arrow}" + (f" ({setting})" if setting else ""), 40), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(rows):]:
+        ax.axis("off")
+    axes[0].set_yticks(range(len(names)), [_text(n) for n in names])
+    axes[0].invert_yaxis()
+    for label in axes[0].get_yticklabels():
+        if label.get_text() in ATTENTION_FAMILY:
+            label.set_fontweight("bold")
+    fig.suptitle(f"{title}: mean with 95% bootstrap interval (attention family in bold)", fontsize=10)
+    return fig
+
+
+def metric_summary_figure(summary: pd.DataFrame) -> Figure:
+    """Metric × explainer: mean and 95% interval, one panel per faithfulness metric."""
+    order = ["comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "tau_loo",
+             "decision_flip_fraction", "infidelity", "sensitivity_max"]
+    return _interval_panels(summary, [m for m in order if m in set(summary["metric"])], "faithfulness")
+
+
+def gold_figure(summary: pd.DataFrame) -> Figure:
+    """Ground-truth recovery per explainer: gold_* and rationale_* metrics with intervals."""
+    metrics = [m for m in HIGHER_IS_BETTER if m.startswith(("gold_", "rationale_")) and m in set(summary["metric"])]
+    return _interval_panels(summary, metrics, "ground-truth recovery")
+
+
+def agreement_matrix(records: Sequence[dict]) -> pd.DataFrame:
+    """Kendall τ-b between explainers' token scores, per example, then averaged -> square DataFrame.
+
+    Special tokens are left out; a pair counts only on examples where both explainers scored the same
+    tokens. With s_a = sign(a_i − a_j) over token pairs, τ-b = Σ s_a·s_b / √(Σ s_a² · Σ s_b²).
+    """
+    by_example: dict = {}
+    for r in records:
+        by_example.setdefault((r.get("task"), r["id"]), {})[r["explainer"]] = r
+    names = explainer_order({r["explainer"] for r in records})
+    idx = {n: i for i, n in enumerate(names)}
+    total = np.zeros((len(names), len(names)))
+    count = np.zeros_like(total)
+    for recs in by_example.values():
+        n_tok = {len(r["scores"]) for r in recs.values()}
+        if len(n_tok) != 1 or len(recs) < 2:
+            continue
+        first = next(iter(recs.values()))
+        keep = ~np.asarray(first.get("special") or [False] * len(first["scores"]), dtype=bool)
+        if keep.sum() < 2:
+            continue
+        present = [n for n in names if n in recs]
+        x = np.array([np.asarray(recs[n]["scores"], dtype=float)[keep] for n in present])     # [explainer, token]
+        i, j = np.triu_indices(x.shape[1], k=1)
+        s = np.sign(x[:, i] - x[:, j])                                                     # [explainer, pair]
+        norm = np.sqrt((s ** 2).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tau = (s @ s.T) / np.outer(norm, norm)                                         # [explainer, explainer]
+        ok = np.isfinite(tau)
+        pos = np.array([idx[n] for n in present])
+        total[np.ix_(pos, pos)] += np.where(ok, tau, 0.0)
+        count[np.ix_(pos, pos)] += ok
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return pd.DataFrame(mean, index=names, columns=names)
+
+
+def agreement_figure(matrix: pd.DataFrame) -> Figure:
+    """Heatmap of the mean Kendall τ between explainers (from `agreement_matrix`)."""
+    if matrix is None or matrix.empty:
+        return _empty("no attributions to compare")
+    n = len(matrix)
+    fig = _figure(0.42 * n + 2.6, 0.36 * n + 1.6)
+    ax = fig.subplots()
+    labels = [_text(s) for s in matrix.index]
+    sns.heatmap(matrix.to_numpy(), ax=ax, vmin=-1, vmax=1, cmap="RdBu_r", annot=n <= 16, fmt=".2f",
+                annot_kws={"fontsize": 6}, xticklabels=labels, yticklabels=labels, square=True,
+                cbar_kws={"label": "mean Kendall τ"})
+    ax.tick_params(labelsize=7)
+    ax.set_title("agreement between explainers (Kendall τ per example, averaged)", fontsize=9)
+    return fig
+
+
+# -- sanity and counterfactual tests -------------------------------------------------------------
+def sanity_figure(summary: pd.DataFrame) -> Figure:
+    """Cascading randomisation: mean Spearman similarity to the original map vs layers randomised."""
+    g = summary[summary["metric"] == RANDOMIZATION_METRIC].copy()
+    if g.empty:
+        return _empty("randomisation check not run")
+    g["step"] = g["setting"].map(step_index)
+    names = explainer_order(g["explainer"].unique())
+    colors = explainer_colors(names)
+    fig = _figure(8, 4)
+    ax = fig.subplots()
+    for name in names:
+        h = g[g["explainer"] == name].sort_values("step")
+        style = "-" if name in ATTENTION_FAMILY else ":" if name == "random" else "--"
+        ax.plot(h["step"], h["mean"], style, marker="o", ms=3, color=colors[name], label=_text(name))
+        ax.fill_between(h["step"], h["ci_low"], h["ci_high"], color=colors[name], alpha=0.12, lw=0)
+    steps = g.drop_duplicates("step").sort_values("step")
+    ax.set_xticks(steps["step"], [_text(s.split(":", 1)[-1], 22) for s in steps["setting"]], rotation=30,
+                  ha="right", fontsize=7)
+    ax.axhline(RANDOMIZATION_THRESHOLD, color="grey", lw=1, ls="--")
+    ax.text(steps["step"].iloc[0], RANDOMIZATION_THRESHOLD, f" fail above {RANDOMIZATION_THRESHOLD}", fontsize=7,
+            va="bottom", color="grey")
+    ax.set(ylabel="Spearman ρ to the original map", xlabel="randomised (cumulative, from the output down)",
+           title="sanity check: cascading parameter randomisation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return fig
+
+
+def permutation_figure(permutation: pd.DataFrame) -> Figure:
+    """Per example: median output TVD under permuted attention vs the example's maximum attention weight."""
+    if permutation is None or permutation.empty:
+        return _empty("no per-example permutation results")
+    fig = _figure(6.5, 4)
+    ax = fig.subplots()
+    layers = sorted(permutation["layer"].astype(str).unique(), key=lambda s: (s == "all", s))
+    palette = sns.color_palette("colorblind", len(layers))
+    for layer, color in zip(layers, palette):
+        g = permutation[permutation["layer"].astype(str) == layer]
+        ax.scatter(g["max_attention"], g["median_tvd"], s=10, alpha=0.6, color=color, label=f"layer {_text(layer)}")
+    for v in (TVD_SMALL, TVD_LARGE):
+        ax.axhline(v, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="maximum attention weight", ylabel="median output TVD over permutations",
+           title=f"permuting attention (dashed: small < {TVD_SMALL}, large ≥ {TVD_LARGE})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def uniform_figure(counterfactual: pd.DataFrame) -> Figure:
+    """Accuracy with uniform attention at each layer (bars) against the original accuracy (line)."""
+    cf = counterfactual if counterfactual is not None else pd.DataFrame(columns=["test", "statistic"])
+    g = cf[(cf["test"] == "uniform") & (cf["head"].astype(str) == "all")]
+    stat = "accuracy" if (g["statistic"] == "accuracy").any() else "median_tvd"
+    g = g[g["statistic"] == stat]
+    if g.empty:
+        return _empty("uniform-attention test not run")
+    g = g.assign(layer=g["layer"].astype(str))
+    layers = sorted(g["layer"].unique(), key=lambda s: (s == "all", s))
+    fig = _figure(6, 3.6)
+    ax = fig.subplots()
+    values = g.set_index("layer")["value"].reindex(layers)
+    ax.bar(range(len(layers)), values.to_numpy(), color=sns.color_palette("colorblind")[0])
+    ax.set_xticks(range(len(layers)), [f"layer {_text(s)}" for s in layers])
+    orig = cf[(cf["test"] == "uniform") & (cf["statistic"] == "accuracy_original")]["value"]
+    if stat == "accuracy" and len(orig):
+        ax.axhline(float(orig.iloc[0]), color="black", ls="--", lw=1, label="original accuracy")
+        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.05)
+    ax.set(ylabel=stat.replace("_", " "), title=f"uniform attention: {stat.replace('_', ' ')} per layer")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# -- attention pictures --------------------------------------------------------------------------
+def _check_attention(attention, tokens) -> np.ndarray:
+    a = np.asarray(attention, dtype=float)
+    if a.ndim != 4 or a.shape[2] != a.shape[3]:
+        raise ValueError(f"attention must be [layer, head, query, key] with query == key; got shape {a.shape}.")
+    if len(tokens) != a.shape[2]:
+        raise ValueError(f"tokens must have one entry per query position ({a.shape[2]}); got {len(tokens)}.")
+    return a
+
+
+def attention_lines_figure(attention, tokens: Sequence[str], *, min_weight: float = 0.02) -> Figure:
+    """The lecture's view: per layer, queries on the top row, lines to the keys below, one colour per head.
+
+    Args:
+        attention: [layer, head, query, key], rows summing to 1.
+        tokens: one string per position. Weights below `min_weight` are not drawn.
+    """
+    a = _check_attention(attention, tokens)
+    n_layer, n_head, n = a.shape[:3]
+    colors = sns.color_palette("tab10", n_head)
+    fig = _figure(max(6.0, 0.42 * n + 1.5), 2.3 * n_layer + 0.4)
+    axes = np.atleast_1d(fig.subplots(n_layer, 1, squeeze=False)).ravel()
+    x = np.arange(n)
+    for layer, ax in enumerate(axes):
+        segs, rgba, widths = [], [], []
+        for h in range(n_head):
+            q, k = np.nonzero(a[layer, h] >= min_weight)
+            w = a[layer, h, q, k]
+            segs += [((x[i], 1.0), (x[j], 0.0)) for i, j in zip(q, k)]
+            rgba += [to_rgba(colors[h], alpha=float(min(1.0, 0.15 + 0.85 * v))) for v in w]
+            widths += list(0.3 + 3.0 * w)
+        ax.add_collection(LineCollection(segs, colors=rgba, linewidths=widths))
+        for i, t in enumerate(tokens):
+            ax.text(i, 1.04, _text(t, 12), ha="center", va="bottom", rotation=60, fontsize=7)
+            ax.text(i, -0.04, _text(t, 12), ha="center", va="top", rotation=60, fontsize=7)
+        ax.set_xlim(-0.7, n - 0.3)
+        ax.set_ylim(-0.5, 1.5)
+        ax.axis("off")
+        ax.set_title(f"layer {layer}: queries (top) attend to keys (bottom)", fontsize=8)
+    handles = [axes[0].plot([], [], color=c, lw=2)[0] for c in colors]
+    axes[0].legend(handles, [f"head {h}" for h in range(n_head)], fontsize=7, ncols=min(n_head, 8),
+                   loc="upper right", bbox_to_anchor=(1.0, 1.35), frameon=False)
+    return fig
+
+
+def attention_grid_figure(attention, tokens: Sequence[str]) -> Figure:
+    """Layer × head grid of attention heatmaps (rows: queries, columns: keys)."""
+    a = _check_attention(attention, tokens)
+    n_layer, n_head, n = a.shape[:3]
+    side = min(2.6, max(1.6, 0.12 * n))
+    fig = _figure(side * n_head + 1.2, side * n_layer + 0.8)
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    labels = [_text(t, 10) for t in tokens]
+    show = n <= 40
+    for layer in range(n_layer):
+        for h in range(n_head):
+            ax = axes[layer, h]
+            im = ax.imshow(a[layer, h], vmin=0, vmax=1, cmap="Blues", aspect="equal", interpolation="nearest")
+            ax.set_xticks(range(n) if show and layer == n_layer - 1 else [],
+                          labels if show and layer == n_layer - 1 else [], rotation=90, fontsize=5)
+            ax.set_yticks(range(n) if show and h == 0 else [], labels if show and h == 0 else [], fontsize=5)
+            if layer == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if layer == n_layer - 1:
+                ax.set_xlabel("key", fontsize=7)
+            if h == 0:
+                ax.set_ylabel(f"layer {layer}: query", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight")
+    return fig
+
+
+__all__ = ["figure_png", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
+           "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
+           "attention_grid_figure", "explainer_order", "explainer_colors"]

@@ -1,0 +1,109 @@
+"""Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers", ACL).
+
+Each layer's heads are fused (mean, max or min), the residual connection is modelled by adding the identity,
+Â_l = norm_rows(0.5·A_l + 0.5·I), and the layers are multiplied bottom-up from a start layer:
+R_l = Â_l · R_{l-1}, with R_{start-1} = I. Row q of R_l says how much of token q's representation after layer
+l comes from each input token; rows of real tokens sum to 1. Padding carries no mass: the identity is added
+on real positions only, so padded rows and columns stay 0.
+
+    >>> r = rollout(patterns)            # [layer, batch, head, query, key] -> [layer, batch, query, key]
+    >>> scores = r[-1, :, 0]             # the [CLS] row after the last layer -> [batch, key]
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnaudit.explain.attention import READOUTS, check_choice, read_out
+from attnaudit.explain.capture import AttentionExplainer, Capture
+from attnaudit.model.interface import Batch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def real_positions(patterns: Tensor) -> Tensor:
+    """[batch, seq] bool inferred from patterns [layer, batch, head, query, key]: rows holding any mass."""
+    return patterns.sum(-1).amax(dim=(0, 2)) > 0
+
+
+def residual_attention(patterns: Tensor, attention_mask: Tensor | None = None, *, head_fusion: str = "mean",
+                       add_residual: bool = True) -> Tensor:
+    """Fuse heads and add the residual: norm_rows(0.5·A + 0.5·I) on real positions.
+
+    Args:
+        patterns: [layer, batch, head, query, key], real rows summing to 1.
+        attention_mask: [batch, seq] bool; None infers it (rows with any mass are real).
+        head_fusion: "mean", "max" or "min" over heads.
+        add_residual: add the identity before renormalising (False: only renormalise the fused rows).
+    Returns:
+        [layer, batch, query, key]: real rows sum to 1; padded rows and columns are 0.
+    """
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    mask = real_positions(patterns) if attention_mask is None else attention_mask.to(patterns.device)
+    if head_fusion == "mean":
+        fused = patterns.mean(2)                                                   # [layer, batch, query, key]
+    else:
+        fused = patterns.amax(2) if head_fusion == "max" else patterns.amin(2)     # [layer, batch, query, key]
+    real = mask[:, :, None] & mask[:, None, :]                                    # [batch, query, key]
+    fused = fused * real                                                          # nothing to or from padding
+    if add_residual:
+        eye = torch.diag_embed(mask.to(fused.dtype))                              # [batch, query, key], I on real
+        fused = 0.5 * fused + 0.5 * eye                                           # 0.5·A + 0.5·I
+    total = fused.sum(-1, keepdim=True)                                           # [layer, batch, query, 1]
+    return torch.where(total > 0, fused / total.clamp_min(1e-30), fused)          # padded rows stay 0
+
+
+def rollout(patterns: Tensor, *, add_residual: bool = True, head_fusion: str = "mean", start_layer: int = 0,
+            attention_mask: Tensor | None = None) -> Tensor:
+    """Accumulate attention across layers: R_l = Â_l · R_{l-1} from `start_layer`.
+
+    Args:
+        patterns: [layer, batch, head, query, key], real rows summing to 1.
+        add_residual: model the residual connection (the paper's 0.5·(A + I)).
+        head_fusion: "mean", "max" or "min" over heads.
+        start_layer: first layer multiplied in; earlier entries of the result are the identity.
+        attention_mask: [batch, seq] bool; None infers it from the patterns.
+    Returns:
+        [layer, batch, query, key]: the rollout up to and including each layer (real rows sum to 1).
+    """
+    n_layers = patterns.shape[0]
+    if not (isinstance(start_layer, int) and not isinstance(start_layer, bool) and 0 <= start_layer < n_layers):
+        raise ValueError(f"start_layer must be an int in [0, {n_layers - 1}]; got {start_layer!r} "
+                         f"(the patterns have {n_layers} layers).")
+    mask = real_positions(patterns) if attention_mask is None else attention_mask.to(patterns.device)
+    a_hat = residual_attention(patterns, mask, head_fusion=head_fusion, add_residual=add_residual)
+    joint = torch.diag_embed(mask.to(a_hat.dtype))                                # [batch, query, key] = I on real
+    out = []
+    for layer in range(n_layers):
+        if layer >= start_layer:
+            joint = a_hat[layer] @ joint                                          # R_l = Â_l · R_{l-1}
+        out.append(joint)
+    return torch.stack(out)                                                       # [layer, batch, query, key]
+
+
+class Rollout(AttentionExplainer):
+    """Attention rollout (Abnar & Zuidema 2020): multiply residual-augmented patterns across layers."""
+
+    name = "rollout"
+
+    def __init__(self, *, add_residual: bool = True, head_fusion: str = "mean", start_layer: int = 0,
+                 readout: str = "cls"):
+        self.add_residual = add_residual
+        self.head_fusion = head_fusion
+        self.start_layer = start_layer
+        self.readout = readout
+
+    def validate(self, model) -> None:
+        if not isinstance(self.add_residual, bool):
+            raise ValueError(f"add_residual must be True or False; got {self.add_residual!r}.")
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
+        if not (isinstance(self.start_layer, int) and not isinstance(self.start_layer, bool)
+                and 0 <= self.start_layer < model.n_layers):
+            raise ValueError(f"start_layer must be an int in [0, {model.n_layers - 1}]; got {self.start_layer!r} "
+                             f"(this model has {model.n_layers} layers).")
+        check_choice("readout", self.readout, READOUTS[:2])
+
+    def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        joint = rollout(capture.patterns, add_residual=self.add_residual, head_fusion=self.head_fusion,
+                        start_layer=self.start_layer, attention_mask=capture.attention_mask)
+        return read_out(joint[-1], capture.attention_mask, self.readout)          # [batch, key]

@@ -1,0 +1,102 @@
+"""The HTML report in a real headless browser (Debian's chromium): it loads with no console message and no
+network request, renders something visible, and shows hostile tokens as text.
+
+Console messages come from `--enable-logging=stderr` (lines with ":CONSOLE"); network requests from the
+page come from Chrome's NetLog (`--log-net-log`): URL_REQUEST_START_JOB events whose network isolation
+key is the file:// page (the browser's own background traffic has other keys). The page's CSP would also
+block and log any fetch. A negative control proves the two detectors fire on a page that misbehaves.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnaudit.analyses.report import write_report
+from test_report import IMG_TOKEN, SCRIPT_TOKEN, synthetic_report_inputs
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
+                                                         "the browser test of the HTML report is skipped.")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--enable-logging=stderr", "--v=0", "--window-size=1200,2000"]
+
+
+def run_chromium(page: Path, tmp: Path, mode: list[str]) -> tuple[str, list[str], list[str]]:
+    """Open `page` once -> (stdout, console lines, URLs the page itself requested)."""
+    net = tmp / "net.json"
+    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", f"--log-net-log={net}", *mode,
+                           page.resolve().as_uri()], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    return proc.stdout, console, page_requests(net)
+
+
+def page_requests(netlog: Path) -> list[str]:
+    text = netlog.read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:            # a NetLog cut short at exit lacks its closing brackets
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return [ev["params"]["url"] for ev in log["events"] if ev["type"] == start
+            and "file://" in str(ev["params"].get("network_isolation_key", "")) + str(ev["params"].get("initiator", ""))]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return write_report(tmp_path_factory.mktemp("browser_report"), **synthetic_report_inputs(n=8)) / "index.html"
+
+
+def test_detectors_fire_on_a_misbehaving_page(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><body><p>x</p><img src="http://example.invalid/x.png">'
+                   "<script>console.error('boom'); undefinedFunction();</script></body></html>")
+    _, console, requests = run_chromium(bad, tmp_path, ["--dump-dom"])
+    assert any("boom" in line for line in console) and any("undefinedFunction" in line for line in console)
+    assert requests == ["http://example.invalid/x.png"]
+
+
+def test_report_loads_cleanly_and_is_not_blank(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    _, console, requests = run_chromium(report, tmp_path, [f"--screenshot={shot}"])
+    assert console == [], console
+    assert requests == [], requests
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)                      # [height, width, channels] in [0, 1]
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels[..., :3].std() > 0.05                         # text, tables and figures, not one colour
+    assert (pixels[..., :3].mean(-1) < 0.5).mean() > 0.005      # some dark ink
+
+
+class DomCollect(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_injected_tokens_stay_text_in_the_live_dom(report, tmp_path):
+    dom, console, requests = run_chromium(report, tmp_path, ["--dump-dom"])
+    assert console == [] and requests == []
+    parsed = DomCollect()
+    parsed.feed(dom)
+    tags = [t for t, _ in parsed.tags]
+    assert "script" not in tags
+    assert all(a.get("src", "").startswith("data:image/png;base64,") for t, a in parsed.tags if t == "img")
+    assert not any(k.startswith("on") for _, a in parsed.tags for k in a)
+    text = "".join(parsed.text)
+    assert SCRIPT_TOKEN in text and IMG_TOKEN in text
+    assert np.sum([t == "meta" and a.get("http-equiv") == "Content-Security-Policy" for t, a in parsed.tags]) == 1
