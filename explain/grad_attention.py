@@ -1,0 +1,72 @@
+"""Gradient-weighted attention (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability for
+Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV) and plain attention × gradient.
+
+grad_attention, the paper's self-attention rule (eqs. 5-6): per layer Ā = mean_h((∇A ⊙ A)⁺) with
+∇A = d(logit of target)/dA, accumulated from R = I as R ← R + Ā·R over the layers; the score of token k is
+R[cls, k], with the [CLS] self entry R[cls, cls] set to 0 (it is 1 + ... by construction, not evidence).
+attention_x_grad: A ⊙ ∇A of one layer (or the layer mean), heads averaged, the [CLS] row (signed).
+
+    >>> relevance = grad_attention_relevance(patterns, grads, mask)   # -> [batch, query, key]
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnaudit.explain.attention import check_layer, pick_layer, read_out
+from attnaudit.explain.capture import AttentionExplainer, Capture
+from attnaudit.model.interface import Batch
+
+
+def grad_attention_relevance(patterns: Tensor, grads: Tensor, attention_mask: Tensor) -> Tensor:
+    """Chefer et al.'s relevance map R after the last layer.
+
+    Args:
+        patterns, grads: [layer, batch, head, query, key]: A and d(logit of target)/dA.
+        attention_mask: [batch, seq] bool.
+    Returns:
+        [batch, query, key]; padded rows and columns 0.
+    """
+    mask = attention_mask.to(patterns.device)
+    relevance = torch.diag_embed(mask.to(patterns.dtype))                        # [batch, query, key], I on real
+    for layer in range(patterns.shape[0]):
+        a_bar = (grads[layer] * patterns[layer]).clamp_min(0).mean(1)             # [batch, query, key], eq. 5
+        relevance = relevance + a_bar @ relevance                                 # R ← R + Ā·R, eq. 6
+    return relevance
+
+
+def grad_attention_scores(patterns: Tensor, grads: Tensor, attention_mask: Tensor) -> Tensor:
+    """The [CLS] row of the relevance map without its self entry -> [batch, key]."""
+    row = grad_attention_relevance(patterns, grads, attention_mask)[:, 0].clone()   # [batch, key]
+    row[:, 0] = 0.0                                                               # R[cls, cls] := 0
+    return row.masked_fill(~attention_mask.to(row.device), 0.0)
+
+
+class GradAttention(AttentionExplainer):
+    """Chefer et al. 2021: positive gradient-weighted attention, accumulated across layers."""
+
+    name = "grad_attention"
+    needs_grads = True
+
+    def __init__(self):
+        pass
+
+    def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        return grad_attention_scores(capture.patterns, capture.grads, capture.attention_mask)
+
+
+class AttentionXGrad(AttentionExplainer):
+    """A ⊙ dlogit/dA of one layer (index, "last" or "mean"), heads averaged, the [CLS] row."""
+
+    name = "attention_x_grad"
+    needs_grads = True
+
+    def __init__(self, *, layer: int | str = "last"):
+        self.layer = layer
+
+    def validate(self, model) -> None:
+        check_layer(self.layer, model)
+
+    def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        per_layer = (capture.patterns * capture.grads).mean(2)                    # [layer, batch, query, key]
+        return read_out(pick_layer(per_layer, self.layer), capture.attention_mask, "cls")   # [batch, key]
