@@ -2,7 +2,8 @@
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
 from attnaudit.explain.registry import ATTENTION_FAMILY, UnknownExplainerError, get_explainer, list_explainers
+from attnaudit.explain.gradients import CaptumExplainer
 from attnaudit.explain.run import explain_all
 
-__all__ = ["Attribution", "Explainer", "get_explainer", "list_explainers", "explain_all", "ATTENTION_FAMILY",
+__all__ = ["Attribution", "Explainer", "get_explainer", "list_explainers", "explain_all", "CaptumExplainer", "ATTENTION_FAMILY",
            "UnknownExplainerError"]
