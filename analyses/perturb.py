@@ -1,0 +1,365 @@
+"""The one perturbation engine: every perturbed forward of every metric runs here.
+
+A perturbed input is a boolean keep-mask over one source example's tokens (True = the token stays),
+plus the index of that example in the batch. The engine normalises the mask (special tokens always
+kept, padding never), de-duplicates identical (example, policy, mask) triples against everything it
+has already evaluated, materialises the new ones at the token-id level with the replacement policy,
+sorts them by length, and runs them in chunks of `max_batch` under `torch.inference_mode` (bf16
+autocast on CUDA). It caches the full class distribution, so metrics, explainers and targets share
+forwards: comprehensiveness at k is the deletion curve at step ⌈k·n⌉, leave-one-out is step 1, ...
+
+    engine = PerturbationEngine(model, batch, policy="mask", max_batch=128)
+    keep = remove_top_k(attribution, 0.2)                 # [batch, seq] bool
+    p = engine.probs(keep, attribution.target)            # [batch]: probability of the explained class
+    engine.stats                                          # requested, forwards, cache hits, seconds
+
+Replacement policies (recorded in `engine.policy` and in every table built on the engine):
+    "mask"      removed tokens become [MASK] (`model.mask_id`); the length is unchanged.
+    "attention" removed tokens stay in the input but leave the attention mask: no query attends them.
+    "delete"    removed tokens are cut out and the rest shifts left (a shorter sequence).
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attnaudit.explain.attribution import Attribution
+from attnaudit.model.interface import Batch
+
+POLICIES = ("mask", "attention", "delete")
+DEFAULT_MAX_BATCH = 128
+
+
+# -- plans: keep-masks built from an attribution ------------------------------------------------
+def rationale_counts(attribution: Attribution, k: float, *, rounding: str = "ceil") -> Tensor:
+    """[batch] long: tokens in the top-k rationale, ⌈k·n⌉ (ERASER) or ⌊k·n⌋ (`rounding="floor"`, ferret)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0.0 <= float(k) <= 1.0:
+        raise ValueError(f"k must be a fraction of the scored tokens in [0, 1]; got {k!r}.")
+    n = attribution.lengths().double()
+    if rounding == "ceil":
+        return torch.ceil(float(k) * n - 1e-9).long()        # ⌈k·n⌉, robust to 0.1·30 = 3.0000000000000004
+    if rounding == "floor":
+        return torch.floor(float(k) * n).long()              # ferret: int(k·n), no tolerance
+    raise ValueError(f"rounding must be 'ceil' or 'floor'; got {rounding!r}.")
+
+
+def rank_positions(attribution: Attribution) -> Tensor:
+    """[batch, seq] long: the rank of each position (0 = highest score); unscored positions rank last."""
+    order = attribution.ranking()                                                   # [batch, seq]
+    steps = torch.arange(order.shape[1]).expand_as(order).contiguous()              # [batch, seq]
+    return torch.empty_like(order).scatter_(1, order, steps)                        # [batch, seq]
+
+
+def top_k_mask(attribution: Attribution, k: float, *, only_pos: bool = False, rounding: str = "ceil") -> Tensor:
+    """[batch, seq] bool: the rationale, the top-⌈k·n⌉ scored tokens by score.
+
+    With `only_pos`, tokens whose score is not > 0 never join the rationale (it may then be smaller).
+    """
+    counts = rationale_counts(attribution, k, rounding=rounding)                    # [batch]
+    top = (rank_positions(attribution) < counts[:, None]) & attribution.scored_mask  # [batch, seq]
+    return top & (attribution.scores > 0) if only_pos else top
+
+
+def remove_top_k(attribution: Attribution, k: float, *, only_pos: bool = False, rounding: str = "ceil") -> Tensor:
+    """[batch, seq] bool keep-mask: every real token except the top-k rationale (comprehensiveness)."""
+    return attribution.attention_mask & ~top_k_mask(attribution, k, only_pos=only_pos, rounding=rounding)
+
+
+def keep_top_k(attribution: Attribution, k: float, *, only_pos: bool = False, rounding: str = "ceil") -> Tensor:
+    """[batch, seq] bool keep-mask: the special tokens and the top-k rationale only (sufficiency)."""
+    special = attribution.special_mask & attribution.attention_mask
+    return special | top_k_mask(attribution, k, only_pos=only_pos, rounding=rounding)
+
+
+def deletion_path(attribution: Attribution) -> tuple[Tensor, Tensor]:
+    """Remove tokens one at a time, most relevant first (RISE deletion).
+
+    Returns:
+        keep [batch, step, seq] bool: step s has the top-s tokens removed, s = 0..max n;
+        valid [batch, step] bool: s <= n for that example (n = its number of scored tokens).
+    """
+    rank = rank_positions(attribution)                                              # [batch, seq]
+    n_steps = int(attribution.lengths().max()) + 1 if len(attribution) else 1
+    s = torch.arange(n_steps)                                                       # [step]
+    removed = (rank[:, None, :] < s[None, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
+    keep = attribution.attention_mask[:, None, :] & ~removed                        # [batch, step, seq]
+    return keep, s[None, :] <= attribution.lengths()[:, None]
+
+
+def insertion_path(attribution: Attribution) -> tuple[Tensor, Tensor]:
+    """Insert tokens one at a time, most relevant first, starting from the special tokens alone (RISE insertion).
+
+    Returns keep [batch, step, seq] (step s holds the specials and the top-s tokens) and valid [batch, step].
+    """
+    rank = rank_positions(attribution)                                              # [batch, seq]
+    n_steps = int(attribution.lengths().max()) + 1 if len(attribution) else 1
+    s = torch.arange(n_steps)                                                       # [step]
+    inserted = (rank[:, None, :] < s[None, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
+    special = (attribution.special_mask & attribution.attention_mask)[:, None, :]   # [batch, 1, seq]
+    return special | inserted, s[None, :] <= attribution.lengths()[:, None]
+
+
+def leave_one_out_path(attention_mask: Tensor, special_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove each scored token alone (occlusion with a window of 1).
+
+    Returns keep [batch, position, seq] (row j lacks token j) and valid [batch, position] (j is scored).
+    """
+    scored = attention_mask & ~special_mask                                         # [batch, seq]
+    eye = torch.eye(attention_mask.shape[1], dtype=torch.bool)                      # [position, seq]
+    return attention_mask[:, None, :] & ~eye[None], scored
+
+
+# -- materialising perturbed inputs -------------------------------------------------------------
+def materialize(input_ids: Tensor, attention_mask: Tensor, keep: Tensor, *, policy: str,
+                pad_id: int, mask_id: int) -> tuple[Tensor, Tensor]:
+    """Build perturbed token ids and attention masks from keep-masks.
+
+    Args:
+        input_ids, attention_mask: [n, seq], the source example of each perturbed input (rows repeated).
+        keep: [n, seq] bool, True = the token stays. Padding stays padding whatever keep says;
+            the caller keeps special tokens (the engine does).
+        policy: "mask", "attention" or "delete" (see the module docstring).
+    Returns:
+        (input_ids [n, seq], attention_mask [n, seq]); "delete" left-packs the kept tokens and pads the rest.
+    """
+    check_policy(policy)
+    keep = keep & attention_mask                                                    # [n, seq]
+    if policy == "mask":
+        ids = torch.where(attention_mask & ~keep, torch.full_like(input_ids, mask_id), input_ids)
+        return ids, attention_mask.clone()
+    if policy == "attention":
+        return input_ids.clone(), keep.clone()
+    # delete: a stable sort on "removed" moves kept tokens to the front in their original order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)               # [n, seq]
+    n_kept = keep.sum(1, keepdim=True)                                              # [n, 1]
+    mask = torch.arange(keep.shape[1])[None, :] < n_kept                            # [n, seq]
+    ids = input_ids.gather(1, order).masked_fill(~mask, pad_id)                     # [n, seq]
+    return ids, mask
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}.")
+    return policy
+
+
+# -- the engine ---------------------------------------------------------------------------------
+@dataclass
+class EngineStats:
+    """Counters since the engine was built: what metrics asked for and what actually ran."""
+
+    requested: int = 0      # perturbed inputs asked for (valid entries only)
+    unique: int = 0         # distinct (example, policy, keep-mask) among them, summed over calls
+    forwards: int = 0       # sequences actually run through the model
+    batches: int = 0        # forward calls (chunks)
+    seconds: float = 0.0    # total time inside the engine
+    forward_seconds: float = 0.0
+
+    @property
+    def saved(self) -> int:
+        """Forwards avoided by de-duplication and the cache."""
+        return self.requested - self.forwards
+
+    def as_dict(self) -> dict:
+        return {"requested": self.requested, "unique": self.unique, "forwards": self.forwards,
+                "saved": self.saved, "batches": self.batches, "seconds": round(self.seconds, 4),
+                "forward_seconds": round(self.forward_seconds, 4)}
+
+
+class PerturbationEngine:
+    """Evaluates perturbed versions of the examples of one batch, with a cache shared by every caller.
+
+    Args:
+        model: the model interface (`logits(input_ids, attention_mask)`, `evaluating()`, `pad_id`, `mask_id`).
+        batch: the source examples; keep-masks are [batch, ..., seq] over its positions.
+        policy: the default replacement policy ("mask", "attention" or "delete"); each call may override it.
+        max_batch: most sequences per forward.
+        autocast: bf16 autocast when the model is on CUDA (ignored on CPU).
+    """
+
+    def __init__(self, model, batch: Batch, *, policy: str = "mask", max_batch: int = DEFAULT_MAX_BATCH,
+                 autocast: bool = True):
+        check_policy(policy)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1 (sequences per forward); got {max_batch!r}.")
+        self.model = model
+        self.batch = batch
+        self.policy = policy
+        self.max_batch = max_batch
+        self.autocast = autocast
+        self.input_ids = batch.input_ids.cpu()                                      # [batch, seq]
+        self.attention_mask = batch.attention_mask.cpu().bool()                     # [batch, seq]
+        self.special_mask = batch.special_mask.cpu().bool() & self.attention_mask   # [batch, seq]
+        self.stats = EngineStats()
+        self._slot: dict[tuple[int, str, bytes], int] = {}   # (example, policy, packed keep-mask) -> row
+        self._table = torch.zeros(0, 0)                      # [n_cached, n_classes] probabilities
+
+    def __repr__(self) -> str:
+        return (f"PerturbationEngine(policy={self.policy!r}, max_batch={self.max_batch}, "
+                f"examples={len(self.batch)}, cached={len(self._slot)})")
+
+    # -- public calls --------------------------------------------------------------------------
+    def probs(self, keep: Tensor, target: Tensor, *, valid: Tensor | None = None, policy: str | None = None) -> Tensor:
+        """Probability of class `target` [batch] for keep-masks [batch, ..., seq] -> [batch, ...] (NaN where not valid)."""
+        p = self.class_probs(keep, valid=valid, policy=policy)                      # [batch, ..., n_classes]
+        target = torch.as_tensor(target).long().cpu()
+        if tuple(target.shape) != (keep.shape[0],):
+            raise ValueError(f"target must have shape ({keep.shape[0]},), one class per example; "
+                             f"got {tuple(target.shape)}.")
+        idx = target.view(-1, *([1] * (p.dim() - 1))).expand(*p.shape[:-1], 1)     # [batch, ..., 1]
+        return p.gather(-1, idx)[..., 0]                                            # [batch, ...]
+
+    def full_probs(self, target: Tensor, *, policy: str | None = None) -> Tensor:
+        """[batch]: p(target | x), the unperturbed input, through the same path as every perturbation."""
+        return self.probs(self.attention_mask, target, policy=policy)
+
+    def class_probs(self, keep: Tensor, *, valid: Tensor | None = None, policy: str | None = None) -> Tensor:
+        """Class distributions for keep-masks [batch, ..., seq] -> [batch, ..., n_classes] (NaN where not valid)."""
+        keep = torch.as_tensor(keep).cpu().bool()
+        b, seq = self.attention_mask.shape
+        if keep.dim() < 2 or keep.shape[0] != b or keep.shape[-1] != seq:
+            raise ValueError(f"keep must have shape [batch={b}, ..., seq={seq}] over this engine's batch; "
+                             f"got {tuple(keep.shape)}.")
+        middle = keep.shape[1:-1]
+        source = torch.arange(b).view(b, *([1] * len(middle))).expand(b, *middle).reshape(-1)  # [n]
+        flat = keep.reshape(-1, seq)                                                # [n, seq]
+        ok = torch.ones(len(flat), dtype=torch.bool) if valid is None else torch.as_tensor(valid).cpu().bool().reshape(-1)
+        if len(ok) != len(flat):
+            raise ValueError(f"valid must have shape {tuple(keep.shape[:-1])}; got {tuple(valid.shape)}.")
+        out = torch.full((len(flat), self._n_classes()), float("nan"))              # [n, n_classes]
+        if ok.any():
+            out[ok] = self.evaluate(source[ok], flat[ok], policy=policy)
+        return out.view(*keep.shape[:-1], -1)
+
+    def evaluate(self, source: Tensor, keep: Tensor, *, policy: str | None = None) -> Tensor:
+        """The primitive: source example indices [n] and keep-masks [n, seq] -> class probabilities [n, n_classes]."""
+        start = time.perf_counter()
+        policy = check_policy(policy or self.policy)
+        source = torch.as_tensor(source).long().cpu()
+        keep = self.normalize(source, keep)                                         # [n, seq]
+        keys = self._keys(source, keep, policy)
+        rows, new, first = [], {}, []                       # first: where each new key first appears
+        for i, key in enumerate(keys):
+            row = self._slot.get(key)
+            if row is None:
+                row = new.get(key)
+                if row is None:
+                    row = new[key] = len(self._slot) + len(new)
+                    first.append(i)
+            rows.append(row)
+        self.stats.requested += len(keys)
+        self.stats.unique += len(set(keys))
+        if new:
+            pick = torch.tensor(first)                                              # [n_new]
+            self._store(new, self._forward(source[pick], keep[pick], policy))
+        self.stats.seconds += time.perf_counter() - start
+        return self._table[torch.tensor(rows, dtype=torch.long)]                    # [n, n_classes]
+
+    def normalize(self, source: Tensor, keep: Tensor) -> Tensor:
+        """[n, seq]: keep-masks with the source's special tokens forced in and padding forced out."""
+        keep = torch.as_tensor(keep).cpu().bool()
+        if keep.dim() != 2 or keep.shape[1] != self.attention_mask.shape[1] or keep.shape[0] != source.shape[0]:
+            raise ValueError(f"keep must have shape [n={source.shape[0]}, seq={self.attention_mask.shape[1]}]; "
+                             f"got {tuple(keep.shape)}.")
+        if len(source) and (int(source.min()) < 0 or int(source.max()) >= len(self.batch)):
+            raise ValueError(f"source indices must lie in [0, {len(self.batch) - 1}]; got {int(source.min())}"
+                             f" to {int(source.max())}.")
+        return (keep | self.special_mask[source]) & self.attention_mask[source]
+
+    def materialize(self, source: Tensor, keep: Tensor, *, policy: str | None = None) -> tuple[Tensor, Tensor]:
+        """The exact (input_ids, attention_mask) [n, seq] the engine would run for these perturbations."""
+        source = torch.as_tensor(source).long().cpu()
+        keep = self.normalize(source, keep)
+        return materialize(self.input_ids[source], self.attention_mask[source], keep,
+                           policy=check_policy(policy or self.policy),
+                           pad_id=self.model.pad_id, mask_id=self.model.mask_id)
+
+    def clear(self) -> None:
+        """Forget every cached probability (e.g. after the model's weights changed)."""
+        self._slot.clear()
+        self._table = torch.zeros(0, 0)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _keys(self, source: Tensor, keep: Tensor, policy: str) -> list[tuple[int, str, bytes]]:
+        packed = np.packbits(keep.numpy(), axis=1)                                  # [n, ceil(seq/8)] uint8
+        rows = [r.tobytes() for r in packed]
+        return [(s, policy, r) for s, r in zip(source.tolist(), rows)]
+
+    def _store(self, new: dict, probs: Tensor) -> None:
+        if self._table.numel() == 0:
+            self._table = torch.zeros(0, probs.shape[1])
+        self._table = torch.cat([self._table, probs])
+        self._slot.update(new)                                                      # rows in insertion order
+
+    def _n_classes(self) -> int:
+        if self._table.shape[1]:
+            return self._table.shape[1]
+        return int(getattr(self.model, "n_classes", 0)) or self.evaluate(torch.zeros(1, dtype=torch.long),
+                                                                         self.attention_mask[:1]).shape[1]
+
+    def _forward(self, source: Tensor, keep: Tensor, policy: str) -> Tensor:
+        """Sort by length, materialise and run in chunks of max_batch -> probabilities [n, n_classes] in input order."""
+        positions = torch.arange(keep.shape[1])[None, :] + 1                        # [1, seq]
+        if policy == "delete":
+            width = keep.sum(1)                                                     # [n] kept tokens
+        elif policy == "attention":                                                 # the tail past the last kept
+            width = torch.where(keep, positions, 0).amax(1)                         # token is never attended: cut it
+        else:
+            width = self.attention_mask[source].sum(1)                              # [n] the source's length
+        order = torch.argsort(width, stable=True)
+        device = _device(self.model)
+        amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+               if self.autocast and device.type == "cuda" else contextlib.nullcontext())
+        start = time.perf_counter()
+        chunks = []
+        with self.model.evaluating(), torch.inference_mode(), amp:
+            for lo in range(0, len(order), self.max_batch):
+                idx = order[lo: lo + self.max_batch]
+                w = max(int(width[idx].max()), 1)
+                src = source[idx]
+                ids, mask = materialize(self.input_ids[src], self.attention_mask[src], keep[idx], policy=policy,
+                                        pad_id=self.model.pad_id, mask_id=self.model.mask_id)  # each [chunk, seq]
+                logits = self.model.logits(ids[:, :w].to(device), mask[:, :w].to(device))      # [chunk, n_classes]
+                chunks.append(logits.float().softmax(-1).cpu())
+                self.stats.batches += 1
+        self.stats.forward_seconds += time.perf_counter() - start
+        self.stats.forwards += len(source)
+        probs = torch.cat(chunks)                                                   # [n, n_classes], sorted order
+        out = torch.empty_like(probs)
+        out[order] = probs
+        return out
+
+
+def _device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+def as_engine(engine_or_model, batch: Batch, *, policy: str | None = None,
+              max_batch: int | None = None) -> PerturbationEngine:
+    """An engine for `batch`: the one given (checked to be built on this batch) or a fresh one for a model."""
+    if isinstance(engine_or_model, PerturbationEngine):
+        engine = engine_or_model
+        if engine.batch is not batch and not (
+                engine.input_ids.shape == batch.input_ids.shape and torch.equal(engine.input_ids, batch.input_ids.cpu())):
+            raise ValueError("the engine was built on a different batch; pass the batch it was built on, "
+                             "or a model to build a fresh engine.")
+        return engine
+    return PerturbationEngine(engine_or_model, batch, policy=policy or "mask",
+                              max_batch=max_batch or DEFAULT_MAX_BATCH)
+
+
+def check_attribution(batch: Batch, attribution: Attribution) -> None:
+    """Metrics need the attribution's tokens to be the batch's tokens, position by position."""
+    if tuple(attribution.input_ids.shape) != tuple(batch.input_ids.shape) or not torch.equal(
+            attribution.input_ids, batch.input_ids.cpu()):
+        raise ValueError(
+            f"attribution {attribution.method!r} does not match the batch: input_ids of shape "
+            f"{tuple(attribution.input_ids.shape)} vs {tuple(batch.input_ids.shape)} (or different ids); "
+            "explain and evaluate the same Batch (an Attribution loaded from JSON has no ids: re-explain it).")

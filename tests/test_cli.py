@@ -1,0 +1,143 @@
+"""The command line: a tiny training run succeeds, and every user error is one `error:` line with status 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnaudit import cli
+from attnaudit.model.train import TrainSettings
+
+TINY = TrainSettings(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32, epochs=1, batch_size=32,
+                     warmup=20, n_train=96, n_valid=32, n_test=32)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run no faster on two threads, and on a busy 2-core machine two threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(autouse=True)
+def tiny_defaults(monkeypatch):
+    """The CLI trains with `defaults_for(task)`; here those are a seconds-long tiny model."""
+    monkeypatch.setattr(cli, "defaults_for", lambda task=None: TINY)
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in out + err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} film {i},{i % 2}\n" for i in range(40)))
+    return path
+
+
+def test_train_task_writes_a_model_and_prints_where(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith(f"model saved to {tmp_path / 'm'} (test accuracy ")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["training"]["settings"]["epochs"] == 2
+    # the identical configuration may retrain into its own folder; another seed may not
+    assert run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")[0] == 0
+    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2",
+                          "--seed", "1"), "different model", "settings.seed 0 there, 1 now", "--overwrite")
+    assert_user_error(run(capsys, "train", "--task", "majority", "--out", tmp_path / "m"), "different model")
+    code, out, _ = run(capsys, "train", "--task", "majority", "--out", tmp_path / "m", "--overwrite")
+    assert code == 0 and "majority: test accuracy" in out
+
+
+def test_train_data_file_summary_and_held_out_split(capsys, tmp_path, table):
+    code, out, err = run(capsys, "train", "--data", table, "--text-col", "text", "--label-col", "label",
+                         "--out", tmp_path / "m", "--device", "cpu")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["n_valid"] == 4 and "held-out 10% of reviews.csv" in metrics["test_set"]
+    assert "reviews.csv: test accuracy" in out
+
+
+def test_non_empty_folder_that_is_not_a_model_is_refused(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path), "holds no attnaudit model",
+                      "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--task", "needles"], ["Unknown task 'needles'", "keywords, majority, needle, reorder"]),
+    ([], ["exactly one of --task", "neither"]),
+    (["--task", "needle", "--data", "x.csv"], ["exactly one of --task", "both"]),
+    (["--task", "needle", "--device", "tpu"], ["device must be one of auto, cpu, cuda"]),
+    (["--data", "missing.csv", "--text-col", "text", "--label-col", "label"], ["missing.csv", "does not exist"]),
+    (["--data", "{table}"], ["--data needs --text-col and --label-col"]),
+])
+def test_train_usage_errors(capsys, tmp_path, table, args, fragments):
+    args = [str(table) if a == "{table}" else a for a in args]
+    assert_user_error(run(capsys, "train", "--out", tmp_path / "m", *args), *fragments)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_asked_but_unavailable(capsys, tmp_path):
+    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path, "--device", "cuda"),
+                      "CUDA is not available")
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("", ["is empty"]),
+    ("text,label\n", ["no data rows"]),
+    ("sentence,label\nfine,1\n", ["no column 'text'", "Columns present: sentence, label"]),
+    ("text,label\ngood,1\nbad,1\n", ["single class '1'"]),
+])
+def test_bad_data_files(capsys, tmp_path, content, fragments):
+    data = tmp_path / "bad.csv"
+    data.write_text(content)
+    assert_user_error(run(capsys, "train", "--data", data, "--text-col", "text", "--label-col", "label",
+                          "--out", tmp_path / "m"), *fragments)
+
+
+def test_option_errors_are_one_line_too(capsys, tmp_path):
+    assert_user_error(run(capsys, "train", "--task", "needle"), "Missing option '--out'")
+    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path, "--epochs", "many"), "--epochs")
+    assert_user_error(run(capsys, "trian"), "No such command 'trian'")
+
+
+def test_tasks_export_writes_jsonl_with_one_rationale_entry_per_word(capsys, tmp_path):
+    out = tmp_path / "kw.jsonl"
+    code, stdout, err = run(capsys, "tasks", "export", "--task", "keywords", "--split", "test", "--out", out,
+                            "--n", "25", "--seed", "3")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 25 and f"wrote 25 keywords test examples to {out}" in stdout
+    for r in records:
+        assert len(r["rationale"]) == len(r["text"].split()) and r["label"] in (0, 1)
+    assert_user_error(run(capsys, "tasks", "export", "--task", "keywords", "--split", "dev", "--out", out),
+                      "split must be one of train, valid, test")
+
+
+def test_python_dash_m_entry_point_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "attnaudit", "train", "--task", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: Unknown task 'nope'") and "Traceback" not in proc.stderr
