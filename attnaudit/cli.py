@@ -4,7 +4,7 @@
     attnaudit train --data reviews.csv --text-col text --label-col label --out runs/reviews
     attnaudit tasks export --task keywords --split test --out keywords-test.jsonl
 
-Library functions raise ValueError / FileNotFoundError / TypeError; `main` turns them (and usage
+Library functions raise ValueError / TypeError / OSError (FileNotFoundError...); `main` turns them (and usage
 errors) into one `error: ...` line on stderr and exit status 2, without a traceback.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 tasks_app = typer.Typer(no_args_is_help=True, help="The built-in tasks with known evidence.")
 app.add_typer(tasks_app, name="tasks")
 
-USER_ERRORS = (ValueError, FileNotFoundError, TypeError)
+USER_ERRORS = (ValueError, TypeError, OSError)   # OSError: missing files, folders, permissions
 
 
 def _headline(metrics: dict) -> str:

@@ -6,9 +6,10 @@
     path, metrics = train_to_folder("runs/needle", task="needle")   # what `attnaudit train` calls
 
 Adam(β1=0.9, β2=0.98, ε=1e-9) with lr = factor·d_model^-0.5·min(step^-0.5, step·warmup^-1.5); the
-vocabulary comes from the training texts only; the weights of the epoch with the best validation
-accuracy (classification) or exact match (seq2seq) are kept. On CPU the same seed gives bitwise
-identical weights: the initialisation and dropout draw from `torch.manual_seed(seed)`, shuffling
+vocabulary comes from the training texts only; matrices start Glorot-uniform; the weights of the
+epoch with the best validation accuracy (classification) or exact match (seq2seq), ties going to the
+lower validation loss, are kept. On CPU the same seed gives bitwise identical weights (for the same
+number of torch threads): initialisation and dropout draw from `torch.manual_seed(seed)`, shuffling
 from its own seeded `torch.Generator`. On CUDA the forward and backward run under bf16 autocast.
 """
 from __future__ import annotations
@@ -196,7 +197,7 @@ def _fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tenso
             net.eval()
             score, valid_loss = evaluate()
             scores.append(round(score, 5))
-            losses.append(round(valid_loss, 5))
+            losses.append(float(f"{valid_loss:.4g}"))
             bar.set_postfix(epoch=epoch, loss=f"{log[-1][3]:.3f}", valid=f"{score:.3f}")
             if (score, -valid_loss) > best:
                 best, best_epoch, since_best = (score, -valid_loss), epoch, 0
@@ -212,7 +213,7 @@ def _fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tenso
     last = [row[3] for row in log if row[1] == epoch]
     return {"best_epoch": best_epoch, "epochs_run": epoch, "steps": step,
             "train_seconds": round(time.perf_counter() - start, 2),
-            "last_epoch_loss": round(sum(last) / len(last), 5), "valid_scores": scores, "valid_losses": losses,
+            "last_epoch_loss": float(f"{sum(last) / len(last):.4g}"), "valid_scores": scores, "valid_losses": losses,
             "log": log}
 
 
@@ -323,7 +324,7 @@ def train_classifier(
     for name, split in (("valid", va), ("test", te)):
         if split is not None:
             scores = evaluate_classifier(model, split)
-            metrics.update({f"{name}_accuracy": scores["accuracy"], f"{name}_loss": round(scores["loss"], 5)})
+            metrics.update({f"{name}_accuracy": scores["accuracy"], f"{name}_loss": float(f"{scores['loss']:.4g}")})
     truncated = sum(sum(b.truncated) for b in (tr, va, te) if b is not None)
     metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(test) if test is not None else 0,
                    n_params=sum(p.numel() for p in model.net.parameters()), vocab_size=len(vocab),
@@ -414,7 +415,7 @@ def train_seq2seq(
         if split is not None:
             scores = evaluate_translator(model, split)
             metrics.update({f"{name}_exact_match": scores["exact_match"], f"{name}_bleu": round(scores["bleu"], 3),
-                            f"{name}_loss": round(scores["loss"], 5)})
+                            f"{name}_loss": float(f"{scores['loss']:.4g}")})
     metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(test) if test is not None else 0,
                    n_params=sum(p.numel() for p in model.net.parameters()),
                    vocab_size=len(src_vocab), tgt_vocab_size=len(tgt_vocab),

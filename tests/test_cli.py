@@ -141,3 +141,15 @@ def test_python_dash_m_entry_point_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: Unknown task 'nope'") and "Traceback" not in proc.stderr
+
+
+def test_train_data_file_with_a_valid_file(capsys, tmp_path, table):
+    valid = tmp_path / "dev.csv"
+    valid.write_text("text,label\ngood film,1\nbad film,0\n")
+    code, out, err = run(capsys, "train", "--data", table, "--valid", valid, "--text-col", "text",
+                         "--label-col", "label", "--out", tmp_path / "m", "--quiet")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_valid"]) == (40, 2) and "on dev.csv" in metrics["test_set"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["training"]["data"]["valid_sha256"] and cfg["training"]["data"]["holdout_fraction"] is None
