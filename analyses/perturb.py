@@ -6,16 +6,19 @@ kept, padding never), de-duplicates identical (example, policy, mask) triples ag
 has already evaluated, materialises the new ones at the token-id level with the replacement policy,
 sorts them by length, and runs them in chunks of `max_batch` under `torch.inference_mode` (bf16
 autocast on CUDA). It caches the full class distribution, so metrics, explainers and targets share
-forwards: comprehensiveness at k is the deletion curve at step ⌈k·n⌉, leave-one-out is step 1, ...
+forwards: comprehensiveness at k is the deletion curve at step ⌈k·n⌉, sufficiency the insertion curve
+at step ⌈k·n⌉, and leaving out the top token is deletion step 1.
 
     engine = PerturbationEngine(model, batch, policy="mask", max_batch=128)
     keep = remove_top_k(attribution, 0.2)                 # [batch, seq] bool
     p = engine.probs(keep, attribution.target)            # [batch]: probability of the explained class
-    engine.stats                                          # requested, forwards, cache hits, seconds
+    engine.stats                                          # requested, forwards run, saved, seconds
 
 Replacement policies (recorded in `engine.policy` and in every table built on the engine):
     "mask"      removed tokens become [MASK] (`model.mask_id`); the length is unchanged.
-    "attention" removed tokens stay in the input but leave the attention mask: no query attends them.
+    "attention" removed tokens stay in the input (positions unchanged) but leave the attention mask: no
+                query attends them (in the built-in model their own query attends nothing either, and
+                mean pooling skips them).
     "delete"    removed tokens are cut out and the rest shifts left (a shorter sequence).
 """
 from __future__ import annotations

@@ -205,7 +205,12 @@ def main():
     ap.add_argument("--bert-examples", type=int, default=3, help="examples for the BERT-sized model (0 skips it)")
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="the engine's max_batch")
     ap.add_argument("--repeats", type=int, default=5, help="engine and plain timings: best of this many")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); pass 1 on a busy shared machine, where spinning "
+                         "OpenMP threads make timings erratic")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, CPU")
     model, batch = build(args.examples, args.length)

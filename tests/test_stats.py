@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from attnaudit.analyses.perturb import PerturbationEngine
 from attnaudit.analyses.stats import HIGHER_IS_BETTER, bootstrap_ci, direction, holm, paired_comparisons, wilcoxon_paired
