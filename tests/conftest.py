@@ -45,6 +45,15 @@ def tiny_batch(tiny_model, tiny_examples):
     return tiny_model.encode(tiny_examples)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a module: tiny models run no faster on two, and on a busy 2-core machine two wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     data = SHARED / "data"

@@ -17,12 +17,8 @@ TINY = TrainSettings(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32, epo
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on two threads, and on a busy 2-core machine two threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(autouse=True)
 def tiny_defaults(monkeypatch):
