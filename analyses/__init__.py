@@ -1,13 +1,18 @@
 """Analyses: perturbation faithfulness, counterfactual attention tests, sanity checks, plausibility, statistics, reports."""
+from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
 from attnaudit.analyses.counterfactual import counterfactual_table
 from attnaudit.analyses.perturb import PerturbationEngine
-from attnaudit.analyses.stats import paired_comparisons
-from attnaudit.analyses.tables import faithfulness_table, load_tables, save_tables, summarize
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.report import load_results, render_report, write_report
 from attnaudit.analyses.sanity import cascading_layers, randomization_table, randomization_verdict
+from attnaudit.analyses.seq2seq import audit_translator
+from attnaudit.analyses.stats import paired_comparisons
+from attnaudit.analyses.store import ItemStore, check_output_dir, frame_payload, interruptible, payload_frame
+from attnaudit.analyses.tables import faithfulness_table, load_tables, save_tables, summarize
 from attnaudit.analyses.verdict import Verdict, derive_verdict
 
-__all__ = ["PerturbationEngine", "faithfulness_table", "summarize", "paired_comparisons", "save_tables", "load_tables",
-           "counterfactual_table", "gold_table", "rationale_table", "randomization_table", "randomization_verdict",
-           "cascading_layers", "write_report", "render_report", "load_results", "derive_verdict", "Verdict"]
+__all__ = ["audit", "AuditSettings", "AuditResult", "PerturbationEngine", "faithfulness_table", "summarize",
+           "paired_comparisons", "save_tables", "load_tables", "counterfactual_table", "gold_table", "rationale_table",
+           "randomization_table", "randomization_verdict", "cascading_layers", "audit_translator", "write_report",
+           "render_report", "load_results", "derive_verdict", "Verdict", "ItemStore", "check_output_dir",
+           "interruptible", "frame_payload", "payload_frame"]

@@ -30,7 +30,7 @@ from attnaudit.analyses.stats import HIGHER_IS_BETTER
 from attnaudit.analyses.verdict import TVD_LARGE, TVD_SMALL, headline_settings
 from attnaudit.explain.registry import ATTENTION_FAMILY, REGISTRY
 
-DPI = 110
+DPI = 90
 Z95 = 1.959964    # normal quantile for the 95% bands of mean curves
 
 

@@ -233,13 +233,13 @@ def unguard_cell(value):
 
 
 def guarded_csv(frame: pd.DataFrame) -> str:
-    """CSV text with every text cell guarded (numbers are left as numbers)."""
+    """CSV text with every text cell guarded (numbers are left as numbers, to 6 significant digits)."""
     f = frame.copy()
     for c in f.columns:
         if f[c].dtype == object or pd.api.types.is_string_dtype(f[c]):
             f[c] = f[c].map(guard_cell)
     f.columns = [guard_cell(str(c)) for c in f.columns]
-    return f.to_csv(index=False, lineterminator="\n")
+    return f.to_csv(index=False, lineterminator="\n", float_format="%.6g")   # 6 significant digits: plenty, and small
 
 
 def read_guarded_csv(path: Path, text_columns: Sequence[str]) -> pd.DataFrame:

@@ -3,9 +3,15 @@
     attnaudit train --task needle --out runs/needle
     attnaudit train --data reviews.csv --text-col text --label-col label --out runs/reviews
     attnaudit tasks export --task keywords --split test --out keywords-test.jsonl
+    attnaudit run [--quick] [--config FILE.toml]       # the main job: train, explain, analyse, report
+    attnaudit analyze --model runs/needle --task needle --out reports/needle
+    attnaudit report reports/default                    # re-render from the saved results
+    attnaudit explain --model runs/needle --text "a b c" --explainer rollout,occlusion
 
 Library functions raise ValueError / TypeError / OSError (FileNotFoundError...); `main` turns them (and usage
-errors) into one `error: ...` line on stderr and exit status 2, without a traceback.
+errors) into one `error: ...` line on stderr and exit status 2, without a traceback. Ctrl-C or SIGTERM:
+the item in flight is abandoned, finished items stay saved, exit status 130 (continue with --resume).
+Items that failed (the others finished): listed, exit status 3.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from pathlib import Path
 import torch
 import typer
 
-from attnaudit.model.data import write_jsonl
+from attnaudit.model.data import read_texts, write_jsonl
 from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
 from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
 
@@ -77,6 +83,123 @@ def train_cli(
     typer.echo(f"model saved to {path} ({_headline(metrics)})")
 
 
+@app.command("run")
+def run_cli(
+    out: Path = typer.Option(Path("reports/default"), "--out", help="Report folder to write."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller models and samples: the whole pipeline in about 2 minutes."),
+    config: Path = typer.Option(None, "--config", help="TOML file choosing tasks, explainers, analyses, sizes, seeds."),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    runs: Path = typer.Option(None, "--runs", help="Where trained models are kept and reused (default runs/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out; finished items are kept."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different report (or its saved items) in --out."),
+    threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only the last line."),
+):
+    """The main job: train (or reuse) each built-in task's model, run every explainer and analysis, write the report."""
+    from attnaudit.jobs import run_job
+    _job(run_job, threads, quiet, out, quick=quick, config=config, device=device, runs=runs, resume=resume,
+         overwrite=overwrite)
+
+
+@app.command("analyze")
+def analyze_cli(
+    model: Path = typer.Option(..., "--model", help="A trained model folder (attnaudit train, or HuggingFace)."),
+    out: Path = typer.Option(..., "--out", help="Report folder to write."),
+    task: str = typer.Option(None, "--task", help=f"Analyse on a built-in task's test split: {', '.join(TASK_NAMES)}."),
+    data: Path = typer.Option(None, "--data", help="Or your labelled file (.csv, .tsv, .jsonl, optionally .gz)."),
+    text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
+    label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
+    config: Path = typer.Option(None, "--config", help="TOML file with [audit] choices (explainers, analyses, sizes)."),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted analysis in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different report in --out."),
+    threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only the last line."),
+):
+    """Run every explainer and analysis on a trained model and a dataset; write the report."""
+    from attnaudit.jobs import analyze_job
+    _job(analyze_job, threads, quiet, model, out, task=task, data=data, text_col=text_col, label_col=label_col,
+         config=config, device=device, resume=resume, overwrite=overwrite)
+
+
+@app.command("report")
+def report_cli(out: Path = typer.Argument(..., help="A report folder written by run or analyze.")):
+    """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation)."""
+    from attnaudit.analyses.report import render_report
+    path = render_report(out)
+    typer.echo(f"report written to {path / 'index.html'}")
+
+
+@app.command("explain")
+def explain_cli(
+    model: Path = typer.Option(..., "--model", help="A trained model folder."),
+    text: str = typer.Option(None, "--text", help="One text to explain."),
+    data: Path = typer.Option(None, "--data", help="Or a .jsonl/.csv/.tsv file of texts."),
+    text_col: str = typer.Option("text", "--text-col", help="Column of --data holding the text."),
+    explainer: str = typer.Option("attention,rollout,grad_attention,integrated_gradients,occlusion", "--explainer",
+                                  help="Comma-separated registry names ('all' for every one)."),
+    jsonl: Path = typer.Option(None, "--jsonl", help="Also write one JSON object per (example, explainer) here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+):
+    """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
+    from attnaudit.explain.registry import REGISTRY
+    from attnaudit.explain.run import explain_all
+    from attnaudit.model.checkpoint import atomic_write_text, load_model
+    import json
+    if (text is None) == (data is None):
+        raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")
+    names = list(REGISTRY) if explainer.strip() == "all" else [n.strip() for n in explainer.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown or not names:
+        raise ValueError(f"--explainer must be registry names separated by commas; got {unknown[0] if unknown else explainer!r}. "
+                         f"Available: {', '.join(REGISTRY)}, or all.")
+    if jsonl is not None and jsonl.is_dir():
+        raise ValueError(f"--jsonl must be a file path; {str(jsonl)!r} is a folder.")
+    m = load_model(model, device=resolve_device(device))
+    inputs = [text] if text is not None else read_texts(data, text_col=text_col)
+    batch = m.encode(inputs, truncate=True)
+    attributions = explain_all(m, batch, names)
+    records = [r for a in attributions.values() for r in a.to_records()]
+    for i in range(len(batch)):
+        n = int(batch.attention_mask[i].sum())
+        first = next(iter(attributions.values()))
+        label = m.label_names[int(first.target[i])]
+        typer.echo(f"\n{batch.ids[i] if batch.ids else i}: predicted {label} (p = {float(first.target_prob[i]):.3f})")
+        width = max(8, *(len(t) for t in batch.tokens[i][:n]))
+        typer.echo(f"{'token':<{width}} " + " ".join(f"{name[:12]:>12}" for name in names))
+        for j in range(n):
+            cells = " ".join(f"{float(attributions[name].scores[i, j]):>12.4f}" for name in names)
+            typer.echo(f"{batch.tokens[i][j]:<{width}} {cells}")
+    if jsonl is not None:
+        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        typer.echo(f"wrote {len(records)} records to {jsonl}")
+
+
+def _threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _job(job, threads: int, quiet: bool, *args, **options) -> None:
+    """Run a report job with SIGTERM acting as Ctrl-C; print the verdict lines and where the report is."""
+    from attnaudit.analyses.store import interruptible
+    _threads(threads)
+    with interruptible():
+        path = job(*args, **options, progress=not quiet, echo=(lambda _: None) if quiet else typer.echo)
+    _verdict_lines(path, quiet)
+    typer.echo(f"report written to {path / 'index.html'}")
+
+
+def _verdict_lines(path: Path, quiet: bool) -> None:
+    if quiet:
+        return
+    import json
+    results = json.loads((path / "results.json").read_text(encoding="utf-8"))
+    for task, v in results.get("verdicts", {}).items():
+        first = str(v.get("paragraph", "")).split(". ")[0].rstrip(".")
+        typer.echo(f"{task}: {str(v.get('answer', '')).upper()}: {first}.")
+
+
 @tasks_app.command("list")
 def tasks_list_cli():
     """Print the built-in tasks with their classes and default sizes."""
@@ -113,9 +236,20 @@ def main(argv: list[str] | None = None) -> None:
         if message:                                # empty when the help was shown for a bare command
             typer.echo(f"error: {message}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished items are saved; run the same command with --resume to continue.", err=True)
+        sys.exit(130)
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RuntimeError as e:
+        from attnaudit.jobs import ItemsFailed
+        if not isinstance(e, ItemsFailed):
+            raise
+        typer.echo(f"error: {len(e.failures)} item(s) failed; the others are saved:", err=True)
+        for item, reason in e.failures.items():
+            typer.echo(f"  {item}: {reason}", err=True)
+        sys.exit(3)
     sys.exit(code if isinstance(code, int) else 0)
 
 

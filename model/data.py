@@ -130,8 +130,15 @@ def read_table(
 
 
 def write_jsonl(examples, path: str | os.PathLike) -> Path:
-    """Write `Example.to_json()` one per line, atomically: readers see the old file or the whole new one."""
+    """Write `Example.to_json()` one per line, atomically: readers see the old file or the whole new one.
+
+    `path` names the file (an existing one is replaced; missing parent folders are created); it may not
+    be an existing folder.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path must name a file to write, not an existing folder; got {str(path)!r}. "
+                         f"Pass a file name inside it, e.g. {str(path / 'examples.jsonl')!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -209,3 +216,19 @@ def _sorted_labels(labels: set[str]) -> tuple[str, ...]:
     if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
         return tuple(sorted(labels, key=lambda label: (int(label), label)))
     return tuple(sorted(labels))
+
+
+def read_texts(path: str | os.PathLike, *, text_col: str = "text") -> list[Example]:
+    """Unlabelled Examples from a .csv/.tsv/.jsonl file's `text_col` (ids from an `id` column, else row numbers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data must be a .csv, .tsv or .jsonl file; {str(path)!r} does not exist.")
+    suffix = _table_suffix(path)
+    rows = _read_jsonl_rows(path, [text_col]) if suffix in (".jsonl", ".json") else _read_delimited_rows(path, suffix, [text_col])
+    if not rows:
+        raise ValueError(f"{path} holds no rows; expected at least one text in column {text_col!r}.")
+    examples = [Example(id=r.get("id") or str(i), text=r[text_col]) for i, (_, r) in enumerate(rows)]
+    empty = [line for line, r in rows if not r[text_col].split()]
+    if empty:
+        raise ValueError(f"{path}, line {empty[0]}: column {text_col!r} is empty; every row needs a text.")
+    return examples

@@ -1,0 +1,317 @@
+"""One entry point: the chosen explainers and analyses on a model and a dataset -> tidy tables.
+
+    result = audit(model, examples)                  # every explainer, every analysis, defaults
+    result.metrics                                   # example_id, explainer, metric, setting, value, note
+    result.summary()                                 # mean and 95% bootstrap interval per explainer × metric × setting
+    result.write_report("reports/mine", model_card=card)
+
+The data flow, chunk by chunk (`chunk_size` examples at a time, so memory stays bounded and each
+chunk is one unit of saved work when a `store` is given):
+
+    model.encode(chunk) -> explain_all (one attention capture serves the attention family) -> Attributions
+      -> one PerturbationEngine per chunk: deletion/insertion curves, faithfulness_table (its forwards are
+         cache hits for the curves' perturbations), gold_table / rationale_table where rationales are known
+then once, on the first examples: counterfactual_table (attention interventions) and randomization_table
+(cascading weight randomisation, the sanity check).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnaudit.analyses import faithfulness as F
+from attnaudit.analyses.counterfactual import TESTS, counterfactual_table
+from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
+from attnaudit.analyses.plausibility import gold_table, rationale_table
+from attnaudit.analyses.sanity import randomization_table
+from attnaudit.analyses.tables import COLUMNS, METRICS, faithfulness_table, summarize
+from attnaudit.explain.registry import REGISTRY, get_explainer
+from attnaudit.explain.run import explain_all
+from attnaudit.model.hooks import record
+from attnaudit.model.interface import Batch
+
+ANALYSES = ("faithfulness", "plausibility", "counterfactual", "sanity")
+CURVE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)     # curves are resampled here so examples line up
+CHEAP_METRICS = METRICS[:6]                              # the engine's; infidelity/sensitivity_max are opt-in
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What an audit runs. Every field is recorded in the report's settings.
+
+    explainers: registry names; explainer_params: name -> keyword options for that explainer.
+    analyses: a subset of ANALYSES. max_examples: the first N examples (None: all).
+    chunk_size: examples explained and perturbed together. policy: "mask", "attention" or "delete".
+    metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset.
+    counterfactual_examples / sanity_examples: how many of the first examples those (costlier) analyses use.
+    """
+
+    explainers: tuple[str, ...] = tuple(REGISTRY)
+    explainer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    analyses: tuple[str, ...] = ANALYSES
+    max_examples: int | None = 100
+    chunk_size: int = 64
+    policy: str = "mask"
+    bins: tuple[float, ...] = F.ERASER_BINS
+    metrics: tuple[str, ...] = CHEAP_METRICS
+    ferret: bool = True
+    counterfactual_tests: tuple[str, ...] = TESTS
+    counterfactual_examples: int = 128
+    n_permutations: int = 50
+    adversarial_steps: int = 40
+    sanity_examples: int = 32
+    seed: int = 0
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self):
+        for name in ("explainers", "analyses", "bins", "metrics", "counterfactual_tests"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a list; got {value!r}.")
+            object.__setattr__(self, name, tuple(value))
+        _subset("explainers", self.explainers, tuple(REGISTRY))
+        _subset("analyses", self.analyses, ANALYSES)
+        _subset("metrics", self.metrics, METRICS)
+        _subset("counterfactual_tests", self.counterfactual_tests, TESTS)
+        if not self.explainers:
+            raise ValueError("explainers must name at least one explainer; got an empty list.")
+        extra = sorted(set(self.explainer_params) - set(self.explainers))
+        if extra:
+            raise ValueError(f"explainer_params has options for {extra}, which are not among the explainers "
+                             f"{list(self.explainers)}; add them to explainers or drop their options.")
+        for name in ("chunk_size", "counterfactual_examples", "n_permutations", "adversarial_steps",
+                     "sanity_examples", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if self.max_examples is not None and (isinstance(self.max_examples, bool)
+                                              or not isinstance(self.max_examples, int) or self.max_examples < 1):
+            raise ValueError(f"max_examples must be a positive integer or None (all); got {self.max_examples!r}.")
+        check_policy(self.policy)
+        F.check_bins(self.bins)
+
+    def with_(self, **changes) -> "AuditSettings":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown audit setting {unknown[0]!r}; known: {', '.join(f.name for f in fields(self))}.")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["explainer_params"] = {k: dict(v) for k, v in self.explainer_params.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _subset(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name} must be drawn from {', '.join(allowed)}; got {bad[0]!r}.")
+
+
+@dataclass
+class AuditResult:
+    """The tables of one audit; `write_report` renders them (see attnaudit.analyses.report)."""
+
+    metrics: pd.DataFrame                      # example_id, explainer, metric, setting, value, note
+    counterfactual: dict[str, pd.DataFrame]    # "summary" (test, layer, head, statistic, value) + per-test frames
+    curves: pd.DataFrame                       # example_id, explainer, curve, fraction, prob
+    attributions: list[dict]                   # Attribution.to_records() rows, every example × explainer
+    examples: list[dict]                       # id, label, prediction, gold (0/1 per token or None)
+    attention_example: dict | None             # id, tokens, attention [layer, head, query, key]
+    settings: dict
+    timings: dict[str, float]
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def summary(self, **options) -> pd.DataFrame:
+        return summarize(self.metrics, **options)
+
+    def write_report(self, out_dir, *, model_card: Mapping | None = None, task: str = "default",
+                     title: str | None = None, overwrite: bool = False):
+        from attnaudit.analyses.report import write_report
+        return write_report(out_dir, metrics=self.metrics.assign(task=task), counterfactual=_tag(self.counterfactual, task),
+                            curves=self.curves.assign(task=task), attributions=[{**r, "task": task} for r in self.attributions],
+                            examples=[{**x, "task": task} for x in self.examples],
+                            attention_examples=[{**self.attention_example, "task": task}] if self.attention_example else None,
+                            model_cards={task: dict(model_card or {})}, settings={"task": task, **self.settings},
+                            timings=self.timings, **({"title": title} if title else {}))
+
+
+def _tag(cf: Mapping[str, pd.DataFrame], task: str) -> dict | None:
+    keep = {k: cf[k].assign(task=task) for k in ("summary", "permutation") if k in cf}
+    return keep or None
+
+
+Runner = Callable[[str, Callable[[], Any]], Any]
+
+
+def _direct(item: str, compute: Callable[[], Any]) -> Any:
+    return compute()
+
+
+# -- the audit ------------------------------------------------------------------------------------
+def audit(model, data, settings: AuditSettings | None = None, *, progress: bool = False,
+          runner: Runner | None = None, **changes) -> AuditResult:
+    """Run the chosen explainers and analyses on `model` over `data` -> AuditResult.
+
+    Args:
+        model: the model interface (TextClassifier, or a HuggingFace model through attnaudit.load_model).
+        data: Examples (with label and rationale where known), texts, or a Batch.
+        settings: AuditSettings; keyword `changes` override its fields (audit(model, xs, max_examples=50)).
+        progress: a tqdm bar over the stages.
+        runner: runner(item_name, compute) -> payload; lets a caller save each finished item (chunk of
+            examples, counterfactual, sanity) and skip it on resume (see `attnaudit.analyses.store`).
+            Payloads are dicts of DataFrames and lists. A runner may return None for a failed item;
+            the audit goes on without it and lists it in `failures`.
+    """
+    settings = (settings or AuditSettings()).with_(**changes) if changes else (settings or AuditSettings())
+    batch = _as_batch(model, data, settings.max_examples)
+    run = runner or _direct
+    explainers = [get_explainer(n, **dict(settings.explainer_params.get(n, {}))) for n in settings.explainers]
+    chunks = [list(range(s, min(s + settings.chunk_size, len(batch)))) for s in range(0, len(batch), settings.chunk_size)]
+    stages = [f"chunk {i + 1}/{len(chunks)}" for i in range(len(chunks))]
+    stages += [a for a in ("counterfactual", "sanity") if a in settings.analyses]
+    timings: dict[str, float] = {}
+    parts, failures = [], {}
+    bar = _bar(len(stages), progress)
+    with model.evaluating():
+        for i, idx in enumerate(chunks):
+            item = f"chunk-{i:04d}-of-{len(chunks):04d}"
+            bar.set_description(f"explain + faithfulness, {stages[i]}")
+            start = time.perf_counter()
+            out = run(item, lambda idx=idx: _chunk(model, batch.select(idx), explainers, settings))
+            timings["explain_and_faithfulness"] = timings.get("explain_and_faithfulness", 0.0) + time.perf_counter() - start
+            if out is None:
+                failures[item] = f"examples {idx[0]}..{idx[-1]} failed"
+            else:
+                parts.append(out)
+            bar.update()
+        cf: dict[str, pd.DataFrame] = {}
+        sub = batch.select(range(min(len(batch), settings.counterfactual_examples)))
+        if "counterfactual" in settings.analyses:
+            bar.set_description("counterfactual attention tests")
+            start = time.perf_counter()
+            cf = run("counterfactual", lambda: counterfactual_table(
+                model, sub, tests=settings.counterfactual_tests, n_permutations=settings.n_permutations,
+                adversarial_steps=settings.adversarial_steps, seed=settings.seed)) or {}
+            timings["counterfactual"] = time.perf_counter() - start
+            bar.update()
+        sanity = None
+        if "sanity" in settings.analyses:
+            bar.set_description("randomisation sanity check")
+            start = time.perf_counter()
+            small = batch.select(range(min(len(batch), settings.sanity_examples)))
+            sanity = run("sanity", lambda: {"metrics": randomization_table(model, small, explainers, seed=settings.seed)
+                                            .assign(note="")})
+            timings["sanity"] = time.perf_counter() - start
+            bar.update()
+    bar.close()
+    if not parts:
+        raise RuntimeError(f"every chunk of the audit failed: {failures}")
+    metrics = pd.concat([p["metrics"] for p in parts] + ([sanity["metrics"]] if sanity else []), ignore_index=True)
+    return AuditResult(
+        metrics=metrics[COLUMNS], counterfactual=cf,
+        curves=pd.concat([p["curves"] for p in parts], ignore_index=True),
+        attributions=[r for p in parts for r in p["attributions"]],
+        examples=[x for p in parts for x in p["examples"]],
+        attention_example=parts[0]["attention_example"],
+        settings={**settings.to_dict(), "n_examples": len(batch)}, timings=timings, failures=failures)
+
+
+def _as_batch(model, data, max_examples: int | None) -> Batch:
+    if isinstance(data, Batch):
+        batch = data
+    else:
+        if isinstance(data, str):
+            data = [data]
+        data = list(data)
+        if not data:
+            raise ValueError("data must hold at least one example; got none.")
+        batch = model.encode(data[:max_examples] if max_examples else data, truncate=True)
+    if max_examples is not None and len(batch) > max_examples:
+        batch = batch.select(range(max_examples))
+    if batch.ids is None:
+        batch = replace(batch, ids=[str(i) for i in range(len(batch))])
+    if len(set(batch.ids)) != len(batch.ids):
+        dup = next(i for i in batch.ids if batch.ids.count(i) > 1)
+        raise ValueError(f"example ids must be unique (rows of the tables are keyed by them); {dup!r} repeats.")
+    return batch
+
+
+def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
+    """Explain one chunk with every explainer and score it -> {"metrics", "curves", "attributions", "examples", ...}."""
+    attributions = explain_all(model, batch, explainers)                 # name -> Attribution
+    with model.evaluating():
+        engine = PerturbationEngine(model, batch, policy=settings.policy, max_batch=settings.max_batch)
+        curves = pd.concat([_curves(engine, batch, a, name) for name, a in attributions.items()], ignore_index=True)
+        frames = []
+        if "faithfulness" in settings.analyses:
+            frames.append(faithfulness_table(model, batch, attributions, bins=settings.bins, policy=settings.policy,
+                                             metrics=settings.metrics, ferret=settings.ferret, engine=engine,
+                                             seed=settings.seed, explainers={e.name: e for e in explainers}))
+    if "plausibility" in settings.analyses and batch.rationale is not None:
+        named = list(attributions.values())
+        frames.append(gold_table(named, batch).assign(note=""))
+        frames.append(rationale_table(named, batch).assign(note=""))
+    first = next(iter(attributions.values()))
+    pred = first.target.tolist()
+    examples = []
+    for i in range(len(batch)):
+        n = int(batch.attention_mask[i].sum())
+        gold = batch.rationale[i, :n].round().int().tolist() if batch.rationale is not None else None
+        label = int(batch.labels[i]) if batch.labels is not None and int(batch.labels[i]) >= 0 else None
+        examples.append({"id": batch.ids[i], "label": label, "prediction": int(pred[i]), "gold": gold})
+    return {"metrics": pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS),
+            "curves": curves, "attributions": [_rounded(r) for a in attributions.values() for r in a.to_records()],
+            "examples": examples, "attention_example": attention_example(model, batch, 0)}
+
+
+def _rounded(record: dict) -> dict:
+    """Scores to 6 significant digits: the report's JSONL stays small and reproducible."""
+    return {**record, "scores": [float(f"{x:.6g}") for x in record["scores"]]}
+
+
+def _curves(engine: PerturbationEngine, batch: Batch, attribution, name: str) -> pd.DataFrame:
+    """Deletion and insertion curves resampled on CURVE_GRID (linear interpolation) -> tidy rows."""
+    rows = []
+    for kind, curve in (("deletion", F.deletion_curve), ("insertion", F.insertion_curve)):
+        values = curve(engine, batch, attribution).double().numpy()                  # [batch, step] NaN-padded
+        for i, row in enumerate(values):
+            y = row[~np.isnan(row)]
+            if len(y) < 2:
+                continue
+            probs = np.interp(CURVE_GRID, np.linspace(0.0, 1.0, len(y)), y)
+            rows += [(batch.ids[i], name, kind, float(f), float(p)) for f, p in zip(CURVE_GRID, probs)]
+    return pd.DataFrame(rows, columns=["example_id", "explainer", "curve", "fraction", "prob"])
+
+
+def attention_example(model, batch: Batch, i: int = 0) -> dict:
+    """Every encoder layer's and head's attention for example i -> {"id", "tokens", "attention" [layer, head, q, k]}."""
+    one = batch.select([i])
+    with torch.no_grad():
+        _, cache = record(model, one)
+    att = cache.stack("*self_attn.pattern")[:, 0].float().cpu()                  # [layer, head, query, key]
+    return {"id": one.ids[0] if one.ids else str(i), "tokens": list(one.tokens[0]), "attention": att.numpy().round(5).tolist()}
+
+
+class _NoBar:
+    def set_description(self, _):
+        pass
+
+    def update(self, n: int = 1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, progress: bool):
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="stage", leave=False)

@@ -1,0 +1,124 @@
+"""The audit entry point: tidy tables from explainers + analyses, chunking that changes nothing, saved items."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from attnaudit.analyses.audit import CURVE_GRID, AuditSettings, audit
+from attnaudit.analyses.tables import COLUMNS
+from attnaudit.model.data import Example
+
+FAST = dict(explainers=("attention", "rollout", "saliency", "occlusion", "random"), n_permutations=4,
+            adversarial_steps=3, sanity_examples=3, counterfactual_examples=6)
+WORDS = "the a film plot was not good bad great boring and with story actor".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread_module):
+    yield
+
+
+@pytest.fixture
+def examples() -> list[Example]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(10):
+        words = list(rng.choice(WORDS, size=3 + i % 6))
+        out.append(Example(id=f"ex{i}", text=" ".join(words), label=i % 2,
+                           rationale=tuple(int(w in ("good", "bad", "great", "boring")) for w in words)))
+    return out
+
+
+def test_audit_returns_tidy_tables_for_every_explainer_and_analysis(tiny_model, examples):
+    result = audit(tiny_model, examples, **FAST)
+    m = result.metrics
+    assert list(m.columns) == COLUMNS
+    assert set(m["explainer"]) == set(FAST["explainers"])
+    assert {"comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "decision_flip_fraction", "tau_loo",
+            "gold_auprc", "gold_precision_at_k", "rationale_token_f1", "randomization_spearman"} <= set(m["metric"])
+    per = m[m["metric"] == "deletion_auc"].groupby("explainer")["example_id"].nunique()
+    assert (per == len(examples)).all()
+    assert set(result.counterfactual) >= {"summary", "permutation"}
+    assert sorted(result.curves["fraction"].unique()) == pytest.approx(list(CURVE_GRID))
+    assert len(result.attributions) == len(examples) * len(FAST["explainers"])
+    assert [x["id"] for x in result.examples] == [x.id for x in examples]
+    att = np.asarray(result.attention_example["attention"])                     # [layer, head, query, key]
+    assert att.shape[:2] == (tiny_model.n_layers, tiny_model.n_heads)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
+    assert set(result.timings) == {"explain_and_faithfulness", "counterfactual", "sanity"}
+
+
+def test_deletion_curve_starts_at_the_explained_probability(tiny_model, examples):
+    result = audit(tiny_model, examples, analyses=("faithfulness",), **{**FAST, "explainers": ("random",)})
+    start = result.curves[(result.curves["curve"] == "deletion") & (result.curves["fraction"] == 0.0)]
+    probs = {r["id"]: r["prob"] for r in result.attributions}
+    for row in start.itertuples():
+        assert row.prob == pytest.approx(probs[row.example_id], abs=1e-5)
+
+
+def test_chunk_size_changes_no_number(tiny_model, examples):
+    """Chunks are independent units of work: 3 at a time or all at once give the same tables."""
+    a = audit(tiny_model, examples, analyses=("faithfulness", "plausibility"), chunk_size=3, **FAST)
+    b = audit(tiny_model, examples, analyses=("faithfulness", "plausibility"), chunk_size=64, **FAST)
+    key = ["example_id", "explainer", "metric", "setting"]
+    ma, mb = a.metrics.sort_values(key).reset_index(drop=True), b.metrics.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ma[key], mb[key])
+    np.testing.assert_allclose(ma["value"], mb["value"], atol=1e-5, equal_nan=True)
+
+
+def test_runner_sees_every_item_and_a_failed_item_is_listed(tiny_model, examples):
+    seen = []
+
+    def runner(item, compute):
+        seen.append(item)
+        return None if item.startswith("chunk-0001") else compute()
+
+    result = audit(tiny_model, examples, chunk_size=4, runner=runner, **FAST)
+    assert seen == ["chunk-0000-of-0003", "chunk-0001-of-0003", "chunk-0002-of-0003", "counterfactual", "sanity"]
+    assert list(result.failures) == ["chunk-0001-of-0003"]
+    faith = result.metrics[result.metrics["metric"] == "deletion_auc"]
+    assert sorted(faith["example_id"].unique()) == sorted(x.id for x in examples[:4] + examples[8:])
+
+
+def test_texts_without_labels_or_rationales_are_audited(tiny_model):
+    result = audit(tiny_model, ["the film was good", "a boring plot"], **FAST)
+    assert "gold_auprc" not in set(result.metrics["metric"])
+    assert all(x["label"] is None and x["gold"] is None for x in result.examples)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"explainers": ("attention", "nope")}, "explainers must be drawn from"),
+    ({"explainers": "attention"}, "explainers must be a list"),
+    ({"analyses": ("faithfulness", "vibes")}, "analyses must be drawn from"),
+    ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+    ({"max_examples": -1}, "max_examples must be a positive integer or None"),
+    ({"policy": "blur"}, "policy"),
+    ({"explainer_params": {"lime": {"n_samples": 5}}, "explainers": ("attention",)}, "explainer_params has options for"),
+    ({"colour": "red"}, "unknown audit setting 'colour'"),
+])
+def test_bad_settings_name_the_setting(changes, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        AuditSettings().with_(**changes)
+
+
+def test_duplicate_ids_are_refused(tiny_model):
+    xs = [Example(id="same", text="good film"), Example(id="same", text="bad plot")]
+    with pytest.raises(ValueError, match="example ids must be unique"):
+        audit(tiny_model, xs, **FAST)
+
+
+def test_settings_round_trip_to_plain_data():
+    d = AuditSettings(explainers=("attention", "lime"), explainer_params={"lime": {"n_samples": 10}}).to_dict()
+    assert d["explainers"] == ["attention", "lime"] and d["explainer_params"] == {"lime": {"n_samples": 10}}
+    assert AuditSettings().with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).to_dict() == d
+
+
+def test_write_report_from_an_audit(tiny_model, examples, tmp_path):
+    result = audit(tiny_model, examples, **FAST)
+    out = result.write_report(tmp_path / "rep", model_card={"architecture": {"n_layers": 2, "n_heads": 2}}, task="tiny")
+    assert (out / "index.html").is_file() and (out / "metrics.csv").is_file()
+    back = pd.read_csv(out / "metrics.csv", keep_default_na=False, na_values=[""])
+    assert set(back["task"]) == {"tiny"} and len(back) == len(result.metrics)
+    assert torch.get_num_threads() == 1
