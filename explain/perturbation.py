@@ -8,13 +8,16 @@ the outputs on random subsets of the tokens, through captum.
 
 What is explained: f = the target class's probability (softmax of the logits), the scale on which
 "removing this word lowers the probability by 0.3" reads naturally. [CLS]/[SEP] are never perturbed
-or removed and get score 0; padding stays padding.
+or removed and get score 0; padding stays padding. Every perturbed forward runs through the project's
+one engine, `attnaudit.analyses.perturb.PerturbationEngine` (in float32: no bf16 autocast on CUDA, as
+explanation scores are small differences of probabilities), so identical perturbations run once.
 """
 from __future__ import annotations
 
 import captum.attr
 import torch
 from captum._utils.models.linear_model import SkLearnRidge
+from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor
 
 from attnaudit.explain.base import Explainer
@@ -26,7 +29,10 @@ POLICIES = ("mask", "delete")
 
 
 def target_probs(model, input_ids: Tensor, attention_mask: Tensor, target: Tensor, *, max_batch: int) -> Tensor:
-    """P(target | input) for each row, in chunks of at most `max_batch` rows -> [rows] (CPU)."""
+    """P(target | input) for each row, in chunks of at most `max_batch` rows -> [rows] (CPU).
+
+    A plain forward with no perturbation logic: tests use it as the reference the engine must match.
+    """
     out = []
     with torch.no_grad():
         for start in range(0, input_ids.shape[0], max_batch):
@@ -38,14 +44,21 @@ def target_probs(model, input_ids: Tensor, attention_mask: Tensor, target: Tenso
     return torch.cat(out)
 
 
+def _engine(model, batch: Batch, *, policy: str, max_batch: int):
+    """The perturbation engine for one explain call (imported here: attnaudit.analyses imports explain)."""
+    from attnaudit.analyses.perturb import PerturbationEngine
+
+    return PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=False)
+
+
 class Occlusion(Explainer):
     """score_i = f(x) − f(x without token i), f the target probability.
 
     Args:
         policy: "mask" replaces token i by [MASK]; "delete" removes it (later tokens shift left, the
             attention mask loses one position), so the model sees a shorter, well-formed input.
-        max_batch: at most this many perturbed inputs per forward pass. All perturbed inputs of a
-            batch (one per real, non-special token) are built as one stacked tensor and run in chunks.
+        max_batch: at most this many perturbed inputs per forward pass. The perturbed inputs of a batch
+            (one per real, non-special token) are `leave_one_out` on the perturbation engine.
     """
 
     name = "occlusion"
@@ -60,33 +73,21 @@ class Occlusion(Explainer):
         check_positive_int("max_batch", self.max_batch)
 
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()            # [batch, seq]
-        b, seq = ids.shape
-        row, pos = (mask & ~batch.special_mask.cpu()).nonzero(as_tuple=True)     # [n] each: one per removal
-        ids_p, mask_p = ids[row], mask[row]                                        # [n, seq]
-        if self.policy == "mask":
-            ids_p = ids_p.index_put((torch.arange(len(row)), pos), torch.tensor(model.mask_id))
-        else:
-            cols = torch.arange(seq)[None, :]                                      # [1, seq]
-            src = cols + (cols >= pos[:, None]).long()                             # from pos on, read one to the right
-            beyond = src >= seq
-            ids_p = ids_p.gather(1, src.clamp_max(seq - 1)).masked_fill(beyond, model.pad_id)
-            mask_p = mask_p.gather(1, src.clamp_max(seq - 1)) & ~beyond           # one real position fewer
-        target = target.cpu()
-        p_full = target_probs(model, ids, mask, target, max_batch=self.max_batch)             # [batch]
-        p_without = target_probs(model, ids_p, mask_p, target[row], max_batch=self.max_batch)  # [n]
-        out = torch.zeros(b, seq)
-        out[row, pos] = p_full[row] - p_without
-        return out
+        from attnaudit.analyses.faithfulness import leave_one_out
+
+        engine = _engine(model, batch, policy=self.policy, max_batch=self.max_batch)
+        return leave_one_out(engine, batch, target=target.cpu())                  # [batch, seq], 0 on specials
 
 
 class _Sampled(Explainer):
     """LIME / KernelSHAP through captum: one binary feature per real, non-special token.
 
-    A token that is "absent" in a sample has its embedding replaced by the [MASK] embedding (the
-    attention mask is unchanged). captum fits one surrogate per example, so examples are explained one
-    at a time, each with draws seeded from `seed` and its token ids (`example_seed`): an example gets
-    the same scores alone or in a batch. The samples of one example run `max_batch` per forward pass.
+    A token that is "absent" in a sample is replaced by [MASK] (the engine's "mask" policy; the
+    attention mask is unchanged). captum sees each example as its vector of token presences (all ones,
+    baseline all zeros) and the forward turns a sample into a keep-mask for the engine, so repeated
+    coalitions run once. captum fits one surrogate per example, so examples are explained one at a
+    time, each with draws seeded from `seed` and its token ids (`example_seed`): an example gets the
+    same scores alone or in a batch. New coalitions run `max_batch` per forward pass.
     """
 
     family = "perturbation"
@@ -97,40 +98,36 @@ class _Sampled(Explainer):
         check_positive_int("max_batch", self.max_batch)
         check_seed(self.seed)
 
-    def make_method(self, forward):
+    def make_method(self, forward, model, one: Batch, pos: Tensor):
+        """The captum method for one example `one` whose features are the word positions `pos`."""
         raise NotImplementedError
 
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
-        def forward(embeds: Tensor, attention_mask: Tensor) -> Tensor:          # -> [rows, n_classes]
-            return model.logits_from_embeds(embeds, attention_mask).float().softmax(-1)
-
-        method = self.make_method(forward)
+        engine = _engine(model, batch, policy="mask", max_batch=self.max_batch)
+        words = engine.attention_mask & ~engine.special_mask                       # [batch, seq]
         out = torch.zeros(batch.input_ids.shape)                                   # [batch, seq]
         for i in range(len(batch)):
-            one = batch.select([i])                                                # trimmed to its length
-            pos = (one.attention_mask[0] & ~one.special_mask[0]).nonzero()[:, 0]   # [n_features]
+            pos = words[i].nonzero()[:, 0]                                         # [n_features]
             if len(pos) == 0:
                 continue
-            with torch.no_grad():
-                embeds = model.embed(one.input_ids)                                # [1, seq, d_model]
-                baselines = baseline_embeds(model, one, embeds, "mask")            # [MASK] on words only
-            # Each word is its own feature; [CLS]/[SEP] join feature 0 but their baseline equals the
-            # input, so switching that feature off changes only the word.
-            features = torch.zeros(1, embeds.shape[1], 1, dtype=torch.long, device=embeds.device)
-            features[0, pos.to(embeds.device), 0] = torch.arange(len(pos), device=embeds.device)
-            mask = one.attention_mask.to(embeds.device)                            # [1, seq]
-            if len(pos) == 1 and self.exact_for_one_word:
-                with torch.no_grad():                                              # Shapley value of a lone player
-                    p = forward(torch.cat([embeds, baselines]), mask.expand(2, -1))[:, int(target[i])]
-                out[i, pos] = float(p[0] - p[1])
+
+            def forward(present: Tensor, i=i, pos=pos) -> Tensor:                 # [rows, n_features] 0/1
+                keep = engine.attention_mask[i].repeat(len(present), 1)            # [rows, seq]
+                keep[:, pos] = present.cpu() > 0.5
+                return engine.evaluate(torch.full((len(present),), i), keep)      # [rows, n_classes]
+
+            everything = torch.ones(1, len(pos))                                   # [1, n_features]
+            if len(pos) == 1 and self.exact_for_one_word:                          # Shapley value of a lone player
+                p = forward(torch.cat([everything, torch.zeros_like(everything)]))[:, int(target[i])]
+                out[i, pos] = p[0] - p[1]
                 continue
-            real = one.input_ids[0][one.attention_mask[0]].tolist()
+            method = self.make_method(forward, model, batch.select([i]), pos)
+            real = batch.input_ids[i][batch.attention_mask[i]].tolist()
             with seeded(example_seed(self.seed, real)), torch.no_grad():
                 coef = method.attribute(
-                    embeds, baselines=baselines, target=target[i : i + 1].to(embeds.device),
-                    additional_forward_args=(mask,), feature_mask=features,
-                    n_samples=self.n_samples, perturbations_per_eval=min(self.max_batch, self.n_samples),
-                    return_input_shape=False,
+                    everything, baselines=torch.zeros_like(everything), target=int(target[i]),
+                    feature_mask=torch.arange(len(pos))[None], n_samples=self.n_samples,
+                    perturbations_per_eval=min(self.max_batch, self.n_samples), return_input_shape=False,
                 )                                                                  # [1, n_features]
             out[i, pos] = coef[0].detach().float().cpu()
         return out
@@ -145,8 +142,8 @@ class Lime(_Sampled):
             coefficient when the probability barely moves, as on an untrained model).
         max_batch: samples per forward pass.
         seed: with the example's token ids, seeds its samples (the same scores alone or in a batch).
-    Samples are weighted by exp(−d²/2) with d the cosine distance between the sample's embeddings and
-    the input's (captum's default kernel, width 1).
+    Samples are weighted by exp(−d²/2) with d the cosine distance between the sample's token embeddings
+    (absent words as the [MASK] embedding) and the input's (captum's default kernel, width 1).
     """
 
     name = "lime"
@@ -162,8 +159,22 @@ class Lime(_Sampled):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0 (the ridge penalty); got {self.alpha!r}.")
 
-    def make_method(self, forward):
-        return captum.attr.Lime(forward, interpretable_model=SkLearnRidge(alpha=float(self.alpha)))
+    def make_method(self, forward, model, one: Batch, pos: Tensor):
+        with torch.no_grad():
+            embeds = model.embed(one.input_ids)                                    # [1, seq, d_model]
+            masked = baseline_embeds(model, one, embeds, "mask")                   # [MASK] on words only
+        kernel = get_exp_kernel_similarity_function("cosine", kernel_width=1.0)
+
+        def as_embeds(present: Tensor) -> Tensor:                                 # [1, n_features] -> [1, seq, d_model]
+            on = torch.ones(embeds.shape[1], dtype=torch.bool)
+            on[pos] = present[0].cpu() > 0.5
+            return torch.where(on[None, :, None].to(embeds.device), embeds, masked)
+
+        def similarity(original: Tensor, perturbed: Tensor, interpretable: Tensor, **kwargs) -> float:
+            return kernel(as_embeds(original), as_embeds(perturbed), interpretable)
+
+        return captum.attr.Lime(forward, interpretable_model=SkLearnRidge(alpha=float(self.alpha)),
+                                similarity_func=similarity)
 
 
 class KernelShap(_Sampled):
@@ -184,5 +195,5 @@ class KernelShap(_Sampled):
         self.max_batch = max_batch
         self.seed = seed
 
-    def make_method(self, forward):
+    def make_method(self, forward, model, one: Batch, pos: Tensor):
         return captum.attr.KernelShap(forward)

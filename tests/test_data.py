@@ -93,3 +93,12 @@ def test_write_jsonl_round_trips_and_leaves_no_temp_file(tmp_path):
     assert len(path.read_text().splitlines()) == 1
     back, names = read_table(path, text_col="text", label_col="label", label_names=("0", "1"))
     assert back == [Example("0", "a b", label=1)]
+
+
+def test_write_jsonl_refuses_an_existing_folder_and_writes_nothing(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"path must name a file to write, not an existing folder; got '.*exports'\. "
+                                         r"Pass a file name inside it, e\.g\. '.*exports/examples\.jsonl'"):
+        write_jsonl([Example("0", "a b", label=1)], folder)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["exports"]

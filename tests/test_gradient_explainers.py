@@ -135,6 +135,42 @@ def test_occlusion_delete_equals_the_text_without_the_word(tiny_model):
         assert attr.scores[0, j + 1].item() == pytest.approx(p(text) - p(shorter), abs=1e-5)
 
 
+def spy_on_engines(monkeypatch) -> list:
+    """Every PerturbationEngine built while the test runs, in order."""
+    from attnaudit.analyses.perturb import PerturbationEngine
+
+    built, original = [], PerturbationEngine.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(PerturbationEngine, "__init__", init)
+    return built
+
+
+@pytest.mark.parametrize("policy", ["mask", "delete"])
+def test_occlusion_is_leave_one_out_on_the_one_engine(policy, tiny_model, tiny_batch, monkeypatch):
+    from attnaudit.analyses.faithfulness import leave_one_out
+
+    engines = spy_on_engines(monkeypatch)
+    attr = get_explainer("occlusion", policy=policy).explain(tiny_model, tiny_batch)
+    assert len(engines) == 1 and engines[0].policy == policy
+    n_words = int((tiny_batch.attention_mask & ~tiny_batch.special_mask).sum())
+    assert engines[0].stats.requested == n_words + len(tiny_batch)          # one per removed word + each full input
+    torch.testing.assert_close(attr.scores, leave_one_out(tiny_model, tiny_batch, target=attr.target, policy=policy))
+
+
+@pytest.mark.parametrize("name", ["lime", "kernel_shap"])
+def test_sampled_explainers_run_their_samples_through_the_engine(name, tiny_model, tiny_batch, monkeypatch):
+    engines = spy_on_engines(monkeypatch)
+    get_explainer(name, n_samples=48).explain(tiny_model, tiny_batch)
+    (engine,) = engines
+    assert engine.policy == "mask" and engine.stats.requested >= 48 * 3     # 3 examples have several words
+    # "a boring plot" has 2³ coalitions and "good" one word: repeated samples run once
+    assert engine.stats.forwards < engine.stats.requested
+
+
 def test_random_is_reproducible_and_redrawn_for_other_weights(tiny_model, tiny_batch):
     a = get_explainer("random", seed=7).explain(tiny_model, tiny_batch)
     again = get_explainer("random", seed=7).explain(make_tiny_model(seed=0), tiny_batch)   # same weights

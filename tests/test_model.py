@@ -15,7 +15,9 @@ from attnaudit.model.interventions import permute, replace, uniform, zero_head, 
 from attnaudit.model.positional import sinusoidal_table
 from attnaudit.model.schedule import NoamLR, noam_lr
 from attnaudit.model.seq2seq import Translator
-from attnaudit.model.transformer import TransformerConfig, TransformerSeq2Seq, causal_allowed, padding_allowed
+from attnaudit.model.transformer import (
+    TransformerClassifier, TransformerConfig, TransformerSeq2Seq, causal_allowed, padding_allowed,
+)
 from attnaudit.model.vocab import Vocab
 
 from conftest import make_tiny_model
@@ -132,6 +134,35 @@ def test_mean_pooling_ignores_padding():
     one = model(model.encode(["the film was good"]))
     padded = model(model.encode(["the film was good", "a boring plot and the story was bad"]))[:1]
     torch.testing.assert_close(one, padded, atol=1e-6, rtol=1e-5)
+
+
+# -- initialisation ----------------------------------------------------------------------------------
+def glorot_bound(w: torch.Tensor) -> float:
+    fan_out, fan_in = w.shape                                              # nn.Linear / nn.Embedding layout
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+@pytest.mark.parametrize("kind", ["classifier", "seq2seq"])
+def test_constructors_start_glorot_uniform_with_zero_pad_rows(kind):
+    cfg = TransformerConfig(vocab_size=50, n_classes=3, tgt_vocab_size=40 if kind == "seq2seq" else 0,
+                            d_model=64, n_heads=4, n_layers=2, d_ff=128)
+    torch.manual_seed(0)
+    net = TransformerClassifier(cfg) if kind == "classifier" else TransformerSeq2Seq(cfg)
+    embeddings = [m for m in net.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(embeddings) == (1 if kind == "classifier" else 2)
+    for m in embeddings:
+        assert (m.weight[cfg.pad_id] == 0).all()                            # [PAD] contributes nothing
+    for name, w in net.named_parameters():
+        if w.dim() < 2:
+            continue
+        real = torch.cat([w[: cfg.pad_id], w[cfg.pad_id + 1 :]]) if "embed" in name else w
+        bound = glorot_bound(w)
+        assert real.abs().max() <= bound, name
+        # U(-b, b) has standard deviation b/√3; N(0, 1) embeddings or Kaiming-uniform linears would not
+        assert real.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15), name
+    torch.manual_seed(0)
+    again = TransformerClassifier(cfg) if kind == "classifier" else TransformerSeq2Seq(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
 # -- hooks -----------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ import torch
 from attnaudit.model.checkpoint import load_model, save_checkpoint
 from attnaudit.model.data import Example
 from attnaudit.model.schedule import noam_lr
+from attnaudit.model import train as train_module
 from attnaudit.model.train import (
     TrainSettings, check_out_dir, defaults_for, resolve_device, train_classifier, train_seq2seq, train_task,
     train_to_folder,
 )
+from attnaudit.model.transformer import TransformerClassifier, TransformerSeq2Seq
 
 # A 1-layer, d_model=32 model on a few hundred examples: each run takes well under a second of compute.
 TINY = TrainSettings(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32, epochs=2, batch_size=32,
@@ -75,6 +77,40 @@ def test_same_seed_gives_bitwise_identical_weights_other_seed_does_not():
     sa, sb, sc = a.net.state_dict(), b.net.state_dict(), c.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("task", ["needle", "reorder"])
+def test_training_starts_from_the_constructors_weights(task, monkeypatch):
+    """train.py seeds torch and builds the model; it does not re-initialise what the constructor drew."""
+    seen = {}
+
+    def no_steps(net, *args, **kwargs):                                      # stands in for the loop
+        seen.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return {"best_epoch": 0, "epochs_run": 0, "steps": 0, "train_seconds": 0.0, "last_epoch_loss": 0.0,
+                "valid_scores": [], "valid_losses": [], "log": []}
+
+    monkeypatch.setattr(train_module, "fit", no_steps)
+    small = TINY.replace(n_train=32, n_valid=8, n_test=8, seed=3, max_len=16)
+    model, _ = train_task(task, small, device="cpu", progress=False)
+    torch.manual_seed(small.seed)
+    if task == "needle":
+        fresh = TransformerClassifier(small.architecture(vocab_size=len(model.vocab), n_classes=4,
+                                                         pad_id=model.vocab.pad_id))
+    else:
+        fresh = TransformerSeq2Seq(small.architecture(vocab_size=len(model.src_vocab),
+                                                      tgt_vocab_size=len(model.tgt_vocab), pad_id=model.src_vocab.pad_id))
+    assert seen.keys() == fresh.state_dict().keys()
+    assert all(torch.equal(seen[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_split_modules_are_re_exported_from_train():
+    from attnaudit.model import evaluate, fit, run_folder, settings
+
+    assert train_module.TrainSettings is settings.TrainSettings and train_module.defaults_for is settings.defaults_for
+    assert train_module.resolve_device is settings.resolve_device and train_module.fit is fit.fit
+    assert train_module.evaluate_classifier is evaluate.evaluate_classifier
+    assert train_module.check_out_dir is run_folder.check_out_dir and train_module._identity is run_folder.run_identity
+    assert all(hasattr(train_module, name) for name in train_module.__all__)
 
 
 def test_retraining_same_configuration_is_allowed_a_different_one_refused(needle_run, tmp_path):

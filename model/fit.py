@@ -1,0 +1,106 @@
+"""The optimisation loop both model kinds share: Adam with the warm-up schedule of Vaswani et al. 2017
+(section 5.3), best-epoch selection and the per-step log.
+
+    result = fit(net, n_train, step_loss, evaluate, settings, torch.device("cpu"), progress=False, desc="train")
+    result["best_epoch"], result["log"][0]          # (step, epoch, lr, loss) of the first step
+
+Adam(β1=0.9, β2=0.98, ε=1e-9) with lr = factor·d_model^-0.5·min(step^-0.5, step·warmup^-1.5).
+Shuffling draws from its own `torch.Generator` seeded with `settings.seed`; dropout draws from torch's
+global RNG. On CUDA the forward and backward run under bf16 autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attnaudit.model.schedule import NoamLR
+from attnaudit.model.settings import TrainSettings
+
+LOG_COLUMNS = ("step", "epoch", "lr", "loss")
+
+
+def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor],
+        evaluate: Callable[[], tuple[float, float]], settings: TrainSettings, dev: torch.device,
+        *, progress: bool, desc: str) -> dict:
+    """Adam + Noam over shuffled minibatches; keeps the best epoch's weights (loaded at the end).
+
+    Args:
+        step_loss: example indices [batch] (on `dev`) -> the mean loss of those training examples.
+        evaluate: () -> (valid score, valid loss), called after each epoch in eval mode. The best epoch
+            has the highest score, ties going to the lower loss: a later epoch that classifies as well
+            but more confidently wins.
+    Returns:
+        {"best_epoch", "epochs_run", "steps", "train_seconds", "last_epoch_loss", "valid_scores",
+        "valid_losses", "log"}: log holds one (step, epoch, lr, loss) per step, lr the one that step used.
+    """
+    opt = torch.optim.Adam(net.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9,
+                           weight_decay=settings.weight_decay)
+    sched = NoamLR(opt, d_model=settings.d_model, warmup=settings.warmup, factor=settings.lr_factor)
+    shuffle = torch.Generator().manual_seed(settings.seed)
+    bs = settings.batch_size
+    steps_per_epoch = math.ceil(n_train / bs)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                else contextlib.nullcontext())
+    bar = tqdm(total=settings.epochs * steps_per_epoch, desc=desc, unit="step", leave=False,
+               disable=not progress or not sys.stderr.isatty())
+    log: list[tuple[int, int, float, float]] = []
+    scores: list[float] = []                                                     # per epoch
+    losses: list[float] = []
+    best, best_epoch, best_state, since_best, epoch, step = (-1.0, 0.0), 0, None, 0, 0, 0
+    start = time.perf_counter()
+    try:
+        for epoch in range(1, settings.epochs + 1):
+            net.train()
+            order = torch.randperm(n_train, generator=shuffle)                      # [n_train]
+            for i in range(0, n_train, bs):
+                lr = opt.param_groups[0]["lr"]
+                with autocast:
+                    loss = step_loss(order[i : i + bs].to(dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), settings.clip_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                log.append((step, epoch, lr, loss.item()))
+                bar.update(1)
+            net.eval()
+            score, valid_loss = evaluate()
+            scores.append(round(score, 5))
+            losses.append(float(f"{valid_loss:.4g}"))
+            bar.set_postfix(epoch=epoch, loss=f"{log[-1][3]:.3f}", valid=f"{score:.3f}")
+            if (score, -valid_loss) > best:
+                best, best_epoch, since_best = (score, -valid_loss), epoch, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                since_best += 1
+            if settings.patience is not None and since_best >= settings.patience:
+                break
+    finally:
+        bar.close()
+    net.load_state_dict(best_state)
+    net.eval()
+    last = [row[3] for row in log if row[1] == epoch]
+    return {"best_epoch": best_epoch, "epochs_run": epoch, "steps": step,
+            "train_seconds": round(time.perf_counter() - start, 2),
+            "last_epoch_loss": float(f"{sum(last) / len(last):.4g}"), "valid_scores": scores, "valid_losses": losses,
+            "log": log}
+
+
+def log_csv(log: Sequence[tuple[int, int, float, float]]) -> str:
+    """The per-step training log as CSV text: step, epoch, lr, loss."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(LOG_COLUMNS)
+    writer.writerows((s, e, f"{lr:.6g}", f"{loss:.6f}") for s, e, lr, loss in log)
+    return out.getvalue()

@@ -1,0 +1,93 @@
+"""The folder `attnaudit train` writes, and what it records about where its data came from.
+
+A model folder holds model.safetensors + config.json (`save_checkpoint`), metrics.json and
+train_log.csv. Its identity is the task, the settings (seed included) and the data files' contents
+(sha256), not their paths: retraining the identical run into its own folder is allowed, anything else
+that is already there is refused unless the caller asks to overwrite.
+
+    train, valid, names, info = table_splits("reviews.csv", text_col="text", label_col="label")
+    check_out_dir("runs/reviews", run_identity(task_info, training))   # raises if it holds something else
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from attnaudit.model.checkpoint import CONFIG, FORMAT, read_config
+from attnaudit.model.data import read_table
+
+METRICS, TRAIN_LOG = "metrics.json", "train_log.csv"
+HOLDOUT = 0.1   # fraction of a data file held out for validation when no valid file is given
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def table_splits(data, *, text_col: str, label_col: str, valid=None, seed: int = 0):
+    """Train and valid Examples from a labelled file -> (train, valid, label_names, provenance dict).
+
+    Without `valid`, a seeded random HOLDOUT (10%) of `data` is held out for validation.
+    """
+    examples, label_names = read_table(data, text_col=text_col, label_col=label_col)
+    info = {"path": str(Path(data).resolve()), "sha256": file_sha256(data), "text_col": text_col,
+            "label_col": label_col, "valid_path": None, "valid_sha256": None, "holdout_fraction": None}
+    if valid is not None:
+        held, _ = read_table(valid, text_col=text_col, label_col=label_col, label_names=label_names)
+        info.update(valid_path=str(Path(valid).resolve()), valid_sha256=file_sha256(valid))
+        return examples, held, label_names, info
+    if len(examples) < 2:
+        raise ValueError(f"{data} has {len(examples)} row; holding out a validation split needs at least 2 "
+                         "(or pass a separate valid file).")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_valid = max(1, round(HOLDOUT * len(examples)))
+    info["holdout_fraction"] = HOLDOUT
+    return ([examples[i] for i in sorted(order[n_valid:])], [examples[i] for i in sorted(order[:n_valid])],
+            label_names, info)
+
+
+def run_identity(task: dict, training: dict) -> dict:
+    """What makes two runs the same model: task, settings (seed included) and data contents, not paths."""
+    data = training.get("data") or {}
+    return json.loads(json.dumps({
+        "task": {k: task.get(k) for k in ("name", "kind", "source")},
+        "settings": training.get("settings"),
+        "data": {k: data.get(k) for k in ("sha256", "valid_sha256", "text_col", "label_col", "holdout_fraction")},
+    }))
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]} {old!r} there, {new!r} now"]
+
+
+def check_out_dir(out_dir, identity: dict, *, overwrite: bool = False) -> None:
+    """Refuse a folder that holds another model or other files (unless overwrite); the same run may retrain."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; pass a folder (new, empty, or holding this same model).")
+    present = sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp")) if out.is_dir() else []
+    if not present or overwrite:
+        return
+    how = "pass --overwrite (overwrite=True) to replace it, or choose another output folder"
+    if CONFIG not in present:
+        raise ValueError(f"out {str(out)!r} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}) "
+                         f"and holds no attnaudit model; {how}.")
+    try:
+        cfg = read_config(out)
+    except ValueError as e:
+        raise ValueError(f"out {str(out)!r} holds a config.json that is not an attnaudit model's ({e}); {how}.") from e
+    if cfg.get("format") != FORMAT or not isinstance(cfg.get("task"), dict) or not isinstance(cfg.get("training"), dict):
+        raise ValueError(f"out {str(out)!r} holds a config.json that was not written by `attnaudit train`; {how}.")
+    diffs = _differences(run_identity(cfg["task"], cfg["training"]), identity)
+    if diffs:
+        raise ValueError(f"out {str(out)!r} already holds a different model ({'; '.join(diffs[:3])}"
+                         f"{'; ...' if len(diffs) > 3 else ''}); {how}.")
