@@ -39,6 +39,8 @@ def cascading_layers(model) -> list[tuple[str, list[nn.Module]]]:
     then "encoder.layers.{L-1}" … "encoder.layers.0", then "embeddings" (the token embedding table; the
     sinusoidal positions have no weights).
     """
+    if hasattr(model, "cascading_layers"):           # adapters (HuggingFace) know their own order
+        return model.cascading_layers()
     net = getattr(model, "net", None)
     if not isinstance(net, TransformerClassifier):
         raise TypeError(f"cascading_layers knows the built-in TextClassifier (a model with `.net`, a "

@@ -95,8 +95,10 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> TextClassifier | Translator:
-    """Load a model folder (ours: config.json + model.safetensors) as the model interface, in eval mode.
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_options) -> TextClassifier | Translator:
+    """Load a model folder as the model interface, in eval mode: ours (config.json + model.safetensors) or a
+    HuggingFace one (config.json with `architectures`; see `attnaudit.model.hf.load_hf` for `hf_options`:
+    num_labels, label_names, seed).
 
     >>> model = load_model("runs/keywords")
     >>> model.predict_proba(["the plot was not good"])
@@ -104,10 +106,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> TextC
     folder = Path(path)
     cfg = read_config(folder)
     if "architectures" in cfg:
-        raise ValueError(
-            f"{str(folder)!r} is a HuggingFace model folder; HuggingFace support is not available in this "
-            "version of attnaudit (only folders written by `attnaudit train`)."
-        )
+        from attnaudit.model.hf import load_hf   # transformers is imported only for HuggingFace folders
+
+        return load_hf(folder, device=device, **hf_options)
+    if hf_options:
+        raise TypeError(f"{', '.join(sorted(hf_options))} apply only to HuggingFace folders; {str(folder)!r} is an "
+                        "attnaudit folder (load_model takes only path and device for it).")
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{str(folder / CONFIG)!r} is not an attnaudit config (format={cfg.get('format')!r}).")
     for bad in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):

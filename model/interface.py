@@ -74,7 +74,42 @@ class Batch:
         return Batch(**out)
 
 
-class TextClassifier:
+class ClassifierSurface:
+    """What every classifier interface shares (ours and the HuggingFace adapter): eval mode, predictions.
+
+    Subclasses have `net` (an nn.Module), `encode`, `__call__`, `label_names` and `n_classes`.
+    """
+
+    PREDICT_BATCH = 256
+
+    @contextmanager
+    def evaluating(self) -> Iterator["ClassifierSurface"]:
+        """Eval mode inside the block (no dropout: deterministic), the previous mode restored after."""
+        was = self.net.training
+        self.net.eval()
+        try:
+            yield self
+        finally:
+            self.net.train(was)
+
+    # -- notebook surface -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_proba(self, texts: str | Sequence[str], *, batch_size: int | None = None, truncate: bool = True) -> np.ndarray:
+        """Class probabilities -> numpy [n, n_classes] (columns in `label_names` order)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out, batch_size = [], batch_size or self.PREDICT_BATCH
+        with self.evaluating():
+            for start in range(0, len(texts), batch_size):
+                batch = self.encode(texts[start : start + batch_size], truncate=truncate)
+                out.append(self(batch).float().softmax(-1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes), dtype=np.float32)
+
+    def predict(self, texts: str | Sequence[str]) -> list[str]:
+        return [self.label_names[i] for i in self.predict_proba(texts).argmax(1)]
+
+
+class TextClassifier(ClassifierSurface):
     """The built-in Transformer classifier behind the model interface (see the module docstring)."""
 
     kind = "classifier"
@@ -205,29 +240,3 @@ class TextClassifier:
 
     def output_weight(self, layer: int) -> Tensor:
         return self.net.encoder.layers[layer].self_attn.output_weight()                     # [d_model, head, d_head]
-
-    @contextmanager
-    def evaluating(self) -> Iterator["TextClassifier"]:
-        """Eval mode inside the block (no dropout: deterministic), the previous mode restored after."""
-        was = self.net.training
-        self.net.eval()
-        try:
-            yield self
-        finally:
-            self.net.train(was)
-
-    # -- notebook surface -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def predict_proba(self, texts: str | Sequence[str], *, batch_size: int = 256, truncate: bool = True) -> np.ndarray:
-        """Class probabilities -> numpy [n, n_classes] (columns in `label_names` order)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        out = []
-        with self.evaluating():
-            for start in range(0, len(texts), batch_size):
-                batch = self.encode(texts[start : start + batch_size], truncate=truncate)
-                out.append(self(batch).float().softmax(-1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes), dtype=np.float32)
-
-    def predict(self, texts: str | Sequence[str]) -> list[str]:
-        return [self.label_names[i] for i in self.predict_proba(texts).argmax(1)]
