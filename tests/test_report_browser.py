@@ -100,3 +100,18 @@ def test_injected_tokens_stay_text_in_the_live_dom(report, tmp_path):
     text = "".join(parsed.text)
     assert SCRIPT_TOKEN in text and IMG_TOKEN in text
     assert np.sum([t == "meta" and a.get("http-equiv") == "Content-Security-Policy" for t, a in parsed.tags]) == 1
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "reports" / "default" / "index.html"
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="reports/default/index.html is not in this checkout (attnaudit run writes it).")
+def test_the_committed_default_report_loads_cleanly(tmp_path):
+    """The page `attnaudit run` wrote and the repository ships: no console message, no request, has its figures."""
+    dom, console, requests = run_chromium(COMMITTED, tmp_path, ["--dump-dom"])
+    assert console == [] and requests == [], (console, requests)
+    parsed = DomCollect()
+    parsed.feed(dom)
+    images = [a for t, a in parsed.tags if t == "img"]
+    assert len(images) >= 8 and all(a.get("src", "").startswith("data:image/png;base64,") for a in images)
+    assert "Verdict" in "".join(parsed.text)
