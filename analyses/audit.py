@@ -85,6 +85,10 @@ class AuditSettings:
         if extra:
             raise ValueError(f"explainer_params has options for {extra}, which are not among the explainers "
                              f"{list(self.explainers)}; add them to explainers or drop their options.")
+        for name, params in self.explainer_params.items():
+            if not isinstance(params, Mapping):
+                raise ValueError(f"explainer_params[{name!r}] must map option names to values; got {params!r}.")
+            get_explainer(name, **dict(params))       # unknown option names fail here, before any work
         for name in ("chunk_size", "counterfactual_examples", "n_permutations", "adversarial_steps",
                      "sanity_examples", "max_batch"):
             value = getattr(self, name)
@@ -168,11 +172,19 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
             examples, counterfactual, sanity) and skip it on resume (see `attnaudit.analyses.store`).
             Payloads are dicts of DataFrames and lists. A runner may return None for a failed item;
             the audit goes on without it and lists it in `failures`.
+
+    Limits are checked on the whole data before any work (each explainer's `check_limits`: flow's max_cells,
+    integrated gradients' max_memory_mb). A chunk that runs out of CUDA memory is computed once more as two
+    halves with half the perturbation batch (`max_batch`); a chunk whose model output is not finite fails.
+    Examples longer than the model's positions are cut and marked "truncated" in `examples`.
     """
     settings = (settings or AuditSettings()).with_(**changes) if changes else (settings or AuditSettings())
     batch = _as_batch(model, data, settings.max_examples)
     run = runner or _direct
     explainers = [get_explainer(n, **dict(settings.explainer_params.get(n, {}))) for n in settings.explainers]
+    for e in explainers:                       # before the first chunk: a refusal costs nothing
+        e.validate(model)
+        e.check_limits(model, batch)
     chunks = [list(range(s, min(s + settings.chunk_size, len(batch)))) for s in range(0, len(batch), settings.chunk_size)]
     stages = [f"chunk {i + 1}/{len(chunks)}" for i in range(len(chunks))]
     stages += [a for a in ("counterfactual", "sanity") if a in settings.analyses]
@@ -184,7 +196,8 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
             item = f"chunk-{i:04d}-of-{len(chunks):04d}"
             bar.set_description(f"explain + faithfulness, {stages[i]}")
             start = time.perf_counter()
-            out = run(item, lambda idx=idx: _chunk(model, batch.select(idx), explainers, settings))
+            out = run(item, lambda idx=idx: _retry_oom(lambda: _chunk(model, batch.select(idx), explainers, settings),
+                                                       lambda: _chunk_in_halves(model, batch, idx, explainers, settings)))
             timings["explain_and_faithfulness"] = timings.get("explain_and_faithfulness", 0.0) + time.perf_counter() - start
             if out is None:
                 failures[item] = f"examples {idx[0]}..{idx[-1]} failed"
@@ -220,7 +233,8 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
         attributions=[r for p in parts for r in p["attributions"]],
         examples=[x for p in parts for x in p["examples"]],
         attention_example=parts[0]["attention_example"],
-        settings={**settings.to_dict(), "n_examples": len(batch)}, timings=timings, failures=failures)
+        settings={**settings.to_dict(), "n_examples": len(batch), "n_truncated": sum(batch.truncated or [])},
+        timings=timings, failures=failures)
 
 
 def _as_batch(model, data, max_examples: int | None) -> Batch:
@@ -246,6 +260,11 @@ def _as_batch(model, data, max_examples: int | None) -> Batch:
 def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
     """Explain one chunk with every explainer and score it -> {"metrics", "curves", "attributions", "examples", ...}."""
     attributions = explain_all(model, batch, explainers)                 # name -> Attribution
+    prob = next(iter(attributions.values())).target_prob                  # [batch]
+    if not torch.isfinite(prob).all():
+        bad = [batch.ids[i] for i in (~torch.isfinite(prob)).nonzero()[:, 0].tolist()]
+        raise ValueError(f"the model's output is not finite (NaN or infinite) for example(s) {bad[:5]}; "
+                         "check the model's weights and these inputs.")
     with model.evaluating():
         engine = PerturbationEngine(model, batch, policy=settings.policy, max_batch=settings.max_batch)
         curves = pd.concat([_curves(engine, batch, a, name) for name, a in attributions.items()], ignore_index=True)
@@ -265,10 +284,33 @@ def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
         n = int(batch.attention_mask[i].sum())
         gold = batch.rationale[i, :n].round().int().tolist() if batch.rationale is not None else None
         label = int(batch.labels[i]) if batch.labels is not None and int(batch.labels[i]) >= 0 else None
-        examples.append({"id": batch.ids[i], "label": label, "prediction": int(pred[i]), "gold": gold})
+        cut = bool(batch.truncated[i]) if batch.truncated is not None else False
+        examples.append({"id": batch.ids[i], "label": label, "prediction": int(pred[i]), "gold": gold, "truncated": cut})
     return {"metrics": pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS),
             "curves": curves, "attributions": [_rounded(r) for a in attributions.values() for r in a.to_records()],
             "examples": examples, "attention_example": attention_example(model, batch, 0)}
+
+
+def _retry_oom(compute: Callable[[], Any], smaller: Callable[[], Any]) -> Any:
+    """compute(); after a CUDA out-of-memory error, smaller() once (a second one propagates)."""
+    try:
+        return compute()
+    except torch.cuda.OutOfMemoryError:
+        pass                                   # leave the except first, so the failed frames are freed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return smaller()
+
+
+def _chunk_in_halves(model, batch: Batch, idx: list[int], explainers, settings: AuditSettings) -> dict:
+    """`_chunk` on each half of the examples `idx`, with half the perturbation batch -> one merged payload."""
+    half = settings.with_(max_batch=max(1, settings.max_batch // 2))
+    middle = (len(idx) + 1) // 2                                         # one example: one "half"
+    parts = [_chunk(model, batch.select(p), explainers, half) for p in (idx[:middle], idx[middle:]) if p]
+    return {"metrics": pd.concat([p["metrics"] for p in parts], ignore_index=True),
+            "curves": pd.concat([p["curves"] for p in parts], ignore_index=True),
+            "attributions": [r for p in parts for r in p["attributions"]],
+            "examples": [x for p in parts for x in p["examples"]], "attention_example": parts[0]["attention_example"]}
 
 
 def _rounded(record: dict) -> dict:

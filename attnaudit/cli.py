@@ -31,6 +31,7 @@ tasks_app = typer.Typer(no_args_is_help=True, help="The built-in tasks with know
 app.add_typer(tasks_app, name="tasks")
 
 USER_ERRORS = (ValueError, TypeError, OSError)   # OSError: missing files, folders, permissions
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _headline(metrics: dict) -> str:
@@ -85,7 +86,8 @@ def train_cli(
 
 @app.command("run")
 def run_cli(
-    out: Path = typer.Option(Path("reports/default"), "--out", help="Report folder to write."),
+    out: Path = typer.Option(None, "--out", help="Report folder to write (default reports/default, "
+                             "or reports/quick with --quick)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller models and samples: the whole pipeline in about 2 minutes."),
     config: Path = typer.Option(None, "--config", help="TOML file choosing tasks, explainers, analyses, sizes, seeds."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
@@ -97,6 +99,7 @@ def run_cli(
 ):
     """The main job: train (or reuse) each built-in task's model, run every explainer and analysis, write the report."""
     from attnaudit.jobs import run_job
+    out = out or Path("reports/quick" if quick else "reports/default")
     _job(run_job, threads, quiet, out, quick=quick, config=config, device=device, runs=runs, resume=resume,
          overwrite=overwrite)
 
@@ -118,7 +121,7 @@ def analyze_cli(
 ):
     """Run every explainer and analysis on a trained model and a dataset; write the report."""
     from attnaudit.jobs import analyze_job
-    _job(analyze_job, threads, quiet, model, out, task=task, data=data, text_col=text_col, label_col=label_col,
+    _job(analyze_job, threads, quiet, _model_folder(model), out, task=task, data=data, text_col=text_col, label_col=label_col,
          config=config, device=device, resume=resume, overwrite=overwrite)
 
 
@@ -139,6 +142,7 @@ def explain_cli(
     explainer: str = typer.Option("attention,rollout,grad_attention,integrated_gradients,occlusion", "--explainer",
                                   help="Comma-separated registry names ('all' for every one)."),
     jsonl: Path = typer.Option(None, "--jsonl", help="Also write one JSON object per (example, explainer) here."),
+    target: str = typer.Option(None, "--target", help="Class to explain: a label name or index (default: the predicted one)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ):
     """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
@@ -155,24 +159,40 @@ def explain_cli(
                          f"Available: {', '.join(REGISTRY)}, or all.")
     if jsonl is not None and jsonl.is_dir():
         raise ValueError(f"--jsonl must be a file path; {str(jsonl)!r} is a folder.")
-    m = load_model(model, device=resolve_device(device))
+    m = load_model(_model_folder(model), device=resolve_device(device))
     inputs = [text] if text is not None else read_texts(data, text_col=text_col)
     batch = m.encode(inputs, truncate=True)
-    attributions = explain_all(m, batch, names)
-    records = [r for a in attributions.values() for r in a.to_records()]
+    if target is not None and target.strip().lstrip("+-").isdigit():
+        target = int(target)                        # "1" is class 1; a label name stays a name
+    attributions = explain_all(m, batch, names, target=target)
+    cut = batch.truncated or [False] * len(batch)
+    records = [{**r, "truncated": cut[i]} for a in attributions.values() for i, r in enumerate(a.to_records())]
     for i in range(len(batch)):
         n = int(batch.attention_mask[i].sum())
         first = next(iter(attributions.values()))
         label = m.label_names[int(first.target[i])]
-        typer.echo(f"\n{batch.ids[i] if batch.ids else i}: predicted {label} (p = {float(first.target_prob[i]):.3f})")
+        typer.echo(f"\n{batch.ids[i] if batch.ids else i}: {'predicted' if target is None else 'explaining'} {label} "
+                   f"(p = {float(first.target_prob[i]):.3f})")
         width = max(8, *(len(t) for t in batch.tokens[i][:n]))
         typer.echo(f"{'token':<{width}} " + " ".join(f"{name[:12]:>12}" for name in names))
         for j in range(n):
             cells = " ".join(f"{float(attributions[name].scores[i, j]):>12.4f}" for name in names)
             typer.echo(f"{batch.tokens[i][j]:<{width}} {cells}")
+    if any(cut):
+        typer.echo(f"note: {sum(cut)} text(s) had more words than the model's {m.max_len} positions and were cut "
+                   "(\"truncated\": true in --jsonl); a model trained with a larger max_len takes them whole")
     if jsonl is not None:
         atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         typer.echo(f"wrote {len(records)} records to {jsonl}")
+
+
+def _model_folder(path: Path) -> Path:
+    """Refuse a pickle file given as --model with how to convert it (nothing is unpickled, ever)."""
+    if path.is_file() and path.name.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"--model {str(path)!r} is a pickle-based checkpoint file, which attnaudit never loads "
+                         "(unpickling can run code); pass a model folder (config.json + model.safetensors). To convert, "
+                         "load it yourself where you trust it and save the weights with safetensors.torch.save_file.")
+    return path
 
 
 def _threads(threads: int) -> None:
@@ -237,8 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"error: {message}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
-        typer.echo("interrupted: finished items are saved; run the same command with --resume to continue.", err=True)
-        sys.exit(130)
+        code = 130
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -249,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {len(e.failures)} item(s) failed; the others are saved:", err=True)
         for item, reason in e.failures.items():
             typer.echo(f"  {item}: {reason}", err=True)
+        typer.echo("fix the cause and run the same command with --resume to compute only the failed items.", err=True)
         sys.exit(3)
+    if code == 130:                                # typer turns KeyboardInterrupt into exit code 130 itself
+        typer.echo("interrupted: finished items are saved; run the same command with --resume to continue.", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -225,12 +225,17 @@ def _audit_all(jobs: list[tuple[str, object, list, dict]], settings: AuditSettin
     fingerprint = {"identity": identity, "models": {t: card["checkpoint"]["sha256"] for t, _, _, card in jobs}}
     with ItemStore(out, fingerprint=fingerprint, resume=resume, overwrite=overwrite) as store:
         for task, model, examples, card in jobs:
-            echo(f"{task}: explaining and analysing {min(len(examples), settings.max_examples or len(examples))} examples "
-                 f"with {len(settings.explainers)} explainers")
+            n = min(len(examples), settings.max_examples or len(examples))
+            echo(f"{task}: explaining and analysing {n} examples with {len(settings.explainers)} explainers"
+                 + (f" (the first {n} of {len(examples)}: raise max_examples in [audit] for more)" if n < len(examples) else ""))
             if isinstance(model, Translator):
                 results[task] = _audit_translator(model, examples, settings, store_runner(store, task))
             else:
                 results[task] = audit(model, examples, settings, progress=progress, runner=store_runner(store, task))
+            if results[task].settings.get("n_truncated"):
+                echo(f"{task}: note: {results[task].settings['n_truncated']} examples were longer than the model's "
+                     f"{model.max_len} positions and were cut (marked \"truncated\" in examples.jsonl; a model trained "
+                     "with a larger max_len takes them whole)")
         failures = store.failures()
     if failures:
         raise ItemsFailed(failures)
@@ -278,6 +283,11 @@ def _write(out: Path, results: dict[str, AuditResult], cards: dict, settings: di
         model_cards=cards, settings=settings, timings=timings, title=title)
 
 
+def _provenance(settings: AuditSettings, device) -> dict:
+    """What reproducing the tables needs besides the settings (versions are in results.json's "versions")."""
+    return {"seed": settings.seed, "device": str(device), "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
 def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=None, device: str | None = None,
             runs: str | Path | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> Path:
@@ -301,9 +311,10 @@ def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=
     for task, r in results.items():
         timings.update({f"{task}.{k}": round(v, 2) for k, v in r.timings.items()})
     timings["total"] = round(time.perf_counter() - started, 2)
-    settings = {"quick": plan.quick, "device": str(dev), "threads": torch.get_num_threads(),
+    settings = {"quick": plan.quick, **_provenance(plan.audit, dev), "threads": torch.get_num_threads(),
                 "platform": platform.platform(), "audit": plan.audit.to_dict(), "identity": identity,
-                "policy": plan.audit.policy, "n_examples": {t: r.settings["n_examples"] for t, r in results.items()}}
+                "policy": plan.audit.policy, "n_examples": {t: r.settings["n_examples"] for t, r in results.items()},
+                "n_truncated": {t: r.settings.get("n_truncated", 0) for t, r in results.items()}}
     title = "Can attention explain these models' outputs? The built-in tasks" + (" (quick run)" if plan.quick else "")
     return _write(out, results, cards, settings, timings, title)
 
@@ -338,6 +349,7 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
                          overwrite=overwrite, progress=progress, echo=echo)
     timings = {f"{name}.{k}": round(v, 2) for k, v in results[name].timings.items()}
     timings["total"] = round(time.perf_counter() - started, 2)
-    settings = {"device": str(dev), "audit": plan.audit.to_dict(), "identity": identity, "policy": plan.audit.policy,
-                "n_examples": {name: results[name].settings["n_examples"]}}
+    settings = {**_provenance(plan.audit, dev), "audit": plan.audit.to_dict(), "identity": identity,
+                "policy": plan.audit.policy, "n_examples": {name: results[name].settings["n_examples"]},
+                "n_truncated": {name: results[name].settings.get("n_truncated", 0)}}
     return _write(out, results, {name: card}, settings, timings, f"Can attention explain this model's outputs? {name}")

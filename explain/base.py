@@ -38,6 +38,12 @@ class Explainer:
     def validate(self, model) -> None:
         """Check the stored parameters against the model; raise ValueError naming parameter, rule, value."""
 
+    def check_limits(self, model, batch: Batch) -> None:
+        """Refuse a batch this explainer would need too much time or memory for, before allocating anything.
+
+        Raise ValueError naming the limit, the value it would take and the option that raises it.
+        """
+
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Token scores [batch, seq] for class `target` [batch]; optionally (scores, extras)."""
         raise NotImplementedError
@@ -45,6 +51,7 @@ class Explainer:
     def explain(self, model, batch_or_texts, *, target=None) -> Attribution:
         batch = as_batch(model, batch_or_texts)
         self.validate(model)
+        self.check_limits(model, batch)
         start = time.perf_counter()
         with model.evaluating():
             with torch.no_grad():
@@ -75,6 +82,11 @@ def package_attribution(explainer: Explainer, batch: Batch, out, target: Tensor,
 def as_batch(model, batch_or_texts) -> Batch:
     """A Batch as is; a text, list of texts or list of Examples encoded with the model's tokenizer."""
     if isinstance(batch_or_texts, Batch):
+        empty = (~batch_or_texts.attention_mask.any(1)).nonzero()[:, 0].tolist()
+        if empty:
+            ids = batch_or_texts.ids
+            raise ValueError(f"every example needs at least one real token; example "
+                             f"{ids[empty[0]] if ids else empty[0]!r} is all padding (its attention_mask row is all False).")
         return batch_or_texts
     if isinstance(batch_or_texts, (str, Example)) or (
         isinstance(batch_or_texts, Sequence) and all(isinstance(x, (str, Example)) for x in batch_or_texts)

@@ -45,6 +45,7 @@ from attnaudit.model.interface import Batch
 
 INT_RANGE = 2**30 - 1   # integer capacities stay below 2^30: forward + backward residuals fit scipy's int32
 MAX_ROUNDS = 8
+MAX_CELLS = 1_000_000   # layers × tokens² per example; 12 × 256² took 27 s on one CPU thread (random patterns)
 
 
 @dataclass(frozen=True)
@@ -214,15 +215,22 @@ def flow(patterns: Tensor, attention_mask: Tensor | None = None, *, readout: str
 class Flow(AttentionExplainer):
     """Attention flow (Abnar & Zuidema 2020): max flow from the [CLS] output node to each input token.
 
+    Args:
+        readout: "cls" or "mean"; add_residual: the 0.5·(A + I) of rollout; tol: certified error per value.
+        max_cells: the most attention cells (layers × real tokens²) one example may have. The exact flow's time
+            grows like tokens⁵ (about 0.2 s at 6 layers × 128 tokens, 27 s at 12 × 256, one CPU thread), so a
+            longer example is refused before any flow is computed; raise max_cells to allow it.
     extras["flow_gap"] [batch]: the largest certified error of the example's values (<= tol).
     """
 
     name = "flow"
 
-    def __init__(self, *, readout: str = "cls", add_residual: bool = True, tol: float = 1e-7):
+    def __init__(self, *, readout: str = "cls", add_residual: bool = True, tol: float = 1e-7,
+                 max_cells: int = MAX_CELLS):
         self.readout = readout
         self.add_residual = add_residual
         self.tol = tol
+        self.max_cells = max_cells
 
     def validate(self, model) -> None:
         check_choice("readout", self.readout, ("cls", "mean"))
@@ -230,8 +238,26 @@ class Flow(AttentionExplainer):
             raise ValueError(f"add_residual must be True or False; got {self.add_residual!r}.")
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1:
             raise ValueError(f"tol must be a float in (0, 1), the certified error per flow value; got {self.tol!r}.")
+        if isinstance(self.max_cells, bool) or not isinstance(self.max_cells, int) or self.max_cells < 1:
+            raise ValueError(f"max_cells must be an int >= 1 (attention cells, layers × tokens², per example); "
+                             f"got {self.max_cells!r}.")
+
+    def check_limits(self, model, batch: Batch) -> None:
+        self._check_cells(len(model.attention_sites), batch)
+
+    def _check_cells(self, n_layers: int, batch: Batch) -> None:
+        lengths = batch.attention_mask.sum(1)                                    # [batch] real tokens
+        i = int(lengths.argmax())
+        n = int(lengths[i])
+        if n_layers * n * n > self.max_cells:
+            name = batch.ids[i] if batch.ids else i
+            raise ValueError(f"flow: example {name!r} has {n} tokens, so {n_layers} layers × {n}² = "
+                             f"{n_layers * n * n:,} attention cells, more than max_cells={self.max_cells:,} (the exact "
+                             f"flow's time grows like tokens⁵); pass max_cells={n_layers * n * n} to the flow "
+                             "explainer ([audit.explainer_params.flow] in a config) or shorten the example.")
 
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self._check_cells(capture.patterns.shape[0], batch)     # explain_all calls no check_limits
         mask = capture.attention_mask
         a_hat = residual_attention(capture.patterns.double(), mask, head_fusion="mean", add_residual=self.add_residual)
         values, gaps = flow_values(a_hat, mask, readout=self.readout, tol=self.tol)

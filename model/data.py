@@ -174,7 +174,9 @@ def _read_delimited_rows(path: Path, suffix: str, needed: list[str]) -> list[tup
         )
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{path} is empty; expected a header with the columns {', '.join(needed)}.") from e
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}, {_bad_row(path, tsv) or str(e).strip()}") from e
+    except (UnicodeDecodeError, OSError) as e:
         raise ValueError(f"while reading {path}: {e}") from e
     columns = [str(c) for c in frame.columns]
     for col in needed:
@@ -182,6 +184,25 @@ def _read_delimited_rows(path: Path, suffix: str, needed: list[str]) -> list[tup
             raise ValueError(f"{path} has no column {col!r}. Columns present: {', '.join(columns)}.")
     rows = frame.itertuples(index=False, name=None)
     return [(i + 2, dict(zip(columns, values))) for i, values in enumerate(rows)]
+
+
+def _bad_row(path: Path, tsv: bool) -> str | None:
+    """Where a delimited file that pandas refused goes wrong: "line N: what" (physical line numbers), or None."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                            strict=True)
+        width, start = None, 1
+        try:
+            for row in reader:
+                width = len(row) if width is None else width
+                if len(row) > width:
+                    return (f"line {start}: {len(row)} fields where the header has {width}; "
+                            + ("a tab inside a text splits it." if tsv else "put a text holding commas in double quotes."))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            return f"line {start}: malformed row ({e}); check its quotes (a quoted field must be closed)."
+    return None
 
 
 def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
@@ -228,6 +249,11 @@ def read_texts(path: str | os.PathLike, *, text_col: str = "text") -> list[Examp
     if not rows:
         raise ValueError(f"{path} holds no rows; expected at least one text in column {text_col!r}.")
     examples = [Example(id=r.get("id") or str(i), text=r[text_col]) for i, (_, r) in enumerate(rows)]
+    seen: dict[str, int] = {}
+    for (line, _), ex in zip(rows, examples):
+        if ex.id in seen:
+            raise ValueError(f"{path}, line {line}: id {ex.id!r} was already used on line {seen[ex.id]}; ids must be unique.")
+        seen[ex.id] = line
     empty = [line for line, r in rows if not r[text_col].split()]
     if empty:
         raise ValueError(f"{path}, line {empty[0]}: column {text_col!r} is empty; every row needs a text.")

@@ -169,7 +169,8 @@ def hooks(model, edits: dict[str, Edit]) -> Iterator[None]:
 
 
 def active_hook_count(module: nn.Module) -> int:
-    """How many forward / pre-forward / backward hooks remain anywhere in `module` (0 outside `with`)."""
+    """How many forward / pre-forward / backward / pre-backward hooks remain anywhere in `module` (0 outside `with`)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules()
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {})) for m in module.modules()
     )
