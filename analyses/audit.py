@@ -314,8 +314,9 @@ def _chunk_in_halves(model, batch: Batch, idx: list[int], explainers, settings: 
 
 
 def _rounded(record: dict) -> dict:
-    """Scores to 6 significant digits: the report's JSONL stays small and reproducible."""
-    return {**record, "scores": [float(f"{x:.6g}") for x in record["scores"]]}
+    """Scores to 6 significant digits and no wall time (that is in the timings): the JSONL stays small and
+    byte-identical from run to run."""
+    return {**{k: v for k, v in record.items() if k != "seconds"}, "scores": [float(f"{x:.6g}") for x in record["scores"]]}
 
 
 def _curves(engine: PerturbationEngine, batch: Batch, attribution, name: str) -> pd.DataFrame:
