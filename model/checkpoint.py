@@ -81,6 +81,10 @@ def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, 
 def read_config(path: str | Path) -> dict:
     """config.json of a model folder, checked to be ours."""
     folder = Path(path)
+    if folder.is_file() and folder.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"):
+        raise ValueError(f"model path {str(folder)!r} is a pickle-based checkpoint file, which attnaudit never loads "
+                         "(unpickling can run code); pass a model folder (config.json + model.safetensors). To convert, "
+                         "load it yourself where you trust it and save the weights with safetensors.torch.save_file.")
     if not folder.is_dir():
         raise FileNotFoundError(f"model path {str(folder)!r} is not a folder; pass the folder written by `attnaudit train`.")
     cfg_path = folder / CONFIG

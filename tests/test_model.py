@@ -372,3 +372,12 @@ def test_installed_names_import():
     assert attnaudit.model.__name__ == "attnaudit.model"
     import importlib.util
     assert importlib.util.find_spec("model") is None or "attnaudit" not in str(importlib.util.find_spec("model").origin)
+
+
+def test_a_pickle_file_path_is_refused_with_how_to_convert(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")     # a pickle that would run a command
+    with pytest.raises(ValueError, match="pickle-based checkpoint file.*safetensors.torch.save_file"):
+        load_model(path)
+    assert not marker.exists()

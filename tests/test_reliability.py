@@ -64,6 +64,11 @@ def reference(tmp_path_factory):
     return root
 
 
+def _done(out: Path) -> int:
+    path = out / ".attnaudit" / "manifest.json"
+    return sum(e["status"] == "done" for e in manifest_items(out).values()) if path.is_file() else 0
+
+
 def manifest_items(out: Path) -> dict:
     return json.loads((out / ".attnaudit" / "manifest.json").read_text())["items"]
 
@@ -80,11 +85,11 @@ def cli_run(capsys, *args) -> tuple[int, str, str]:
 def test_interrupted_run_exits_130_and_resume_equals_an_uninterrupted_run(reference, signum):
     out, args = reference / f"interrupted-{signum.name}", ("--config", reference / "tiny.toml", "--runs",
                                                             reference / "runs", "--quiet")
-    items = out / ".attnaudit" / "items"
     proc = attnaudit_process("run", "--out", out, *args)
     try:
         deadline = time.monotonic() + 300
-        while proc.poll() is None and not (items.is_dir() and any(items.glob("*.json"))):
+        # wait for an item the manifest records as done (its file lands a moment before the manifest does)
+        while proc.poll() is None and not _done(out):
             assert time.monotonic() < deadline, "no item was saved in 300 s"
             time.sleep(0.005)
         proc.send_signal(signum)
