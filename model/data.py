@@ -107,13 +107,9 @@ def read_table(
         if not row[label_col].strip():
             raise ValueError(f"{path}, line {line}: column {label_col!r} is empty; every row needs a label.")
     labels = [row[label_col].strip() for _, row in rows]
-    if label_names is None:
-        label_names = _sorted_labels(set(labels))
-        if len(label_names) < 2:
-            raise ValueError(f"{path}: column {label_col!r} has a single class {label_names[0]!r} in all "
-                             f"{len(rows)} rows; a classifier needs at least two labels.")
-    label_names = tuple(str(name) for name in label_names)
-    index = {name: i for i, name in enumerate(label_names)}
+    label_names, index = label_index(labels, label_names, single=lambda name: (
+        f"{path}: column {label_col!r} has a single class {name!r} in all {len(rows)} rows; a classifier needs "
+        "at least two labels."))
 
     examples, seen = [], {}
     for row_number, ((line, row), label) in enumerate(zip(rows, labels)):
@@ -230,6 +226,17 @@ def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str,
     except (UnicodeDecodeError, OSError) as e:
         raise ValueError(f"while reading {path}: {e}") from e
     return rows
+
+
+def label_index(labels, label_names, *, single) -> tuple[tuple[str, ...], dict[str, int]]:
+    """(label names, name -> class index): the given names, or the sorted distinct `labels` (at least two;
+    `single(name)` is the error message when there is only one)."""
+    if label_names is None:
+        label_names = _sorted_labels(set(labels))
+        if len(label_names) < 2:
+            raise ValueError(single(label_names[0]))
+    label_names = tuple(str(name) for name in label_names)
+    return label_names, {name: i for i, name in enumerate(label_names)}
 
 
 def _sorted_labels(labels: set[str]) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from attnaudit.model.data import Example, _sorted_labels, read_table
+from attnaudit.model.data import Example, _sorted_labels, label_index, read_table
 
 HATEXPLAIN_RULES = ("mean", "union")
 
@@ -103,13 +103,9 @@ def read_eraser(
         raise ValueError(f"{path} holds no annotations; expected one JSON object per line.")
     docs, docs_source = _eraser_documents(folder, {ann["docid"] for _, ann in records})
 
-    if label_names is None:
-        label_names = _sorted_labels({ann["label"] for _, ann in records})
-        if len(label_names) < 2:
-            raise ValueError(f"{path}: every annotation has classification {label_names[0]!r}; a classifier "
-                             f"needs at least two labels (pass the training split's label_names).")
-    label_names = tuple(str(name) for name in label_names)
-    index = {name: i for i, name in enumerate(label_names)}
+    label_names, index = label_index([ann["label"] for _, ann in records], label_names, single=lambda name: (
+        f"{path}: every annotation has classification {name!r}; a classifier needs at least two labels (pass the "
+        "training split's label_names)."))
 
     examples, seen = [], {}
     n_truncated = n_cut = n_emptied = n_no_evidence = n_empty_spans = 0

@@ -243,14 +243,6 @@ class HFClassifier(ClassifierSurface):
         limit = getattr(self.tokenizer, "model_max_length", None)
         return min(positions, int(limit)) if isinstance(limit, int) and limit < 10**6 else positions
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def to(self, device) -> "HFClassifier":
-        self.net.to(device)
-        return self
-
     def __repr__(self) -> str:
         head = self.config["head"]
         return (f"HFClassifier({self.config['architecture']}, layers={self.n_layers}, heads={self.n_heads}, "

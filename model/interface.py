@@ -82,6 +82,15 @@ class ClassifierSurface:
 
     PREDICT_BATCH = 256
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device):
+        """Move the weights to `device` -> self."""
+        self.net.to(device)
+        return self
+
     @contextmanager
     def evaluating(self) -> Iterator["ClassifierSurface"]:
         """Eval mode inside the block (no dropout: deterministic), the previous mode restored after."""
@@ -140,14 +149,6 @@ class TextClassifier(ClassifierSurface):
     @property
     def max_len(self) -> int:
         return self.net.cfg.max_len
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def to(self, device) -> "TextClassifier":
-        self.net.to(device)
-        return self
 
     def __repr__(self) -> str:
         c = self.net.cfg
