@@ -33,6 +33,7 @@ from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.tables import COLUMNS, METRICS, faithfulness_table, summarize
 from attnaudit.explain.registry import REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
+from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
 from attnaudit.model.interface import Batch
 
@@ -50,6 +51,8 @@ class AuditSettings:
     chunk_size: examples explained and perturbed together. policy: "mask", "attention" or "delete".
     metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset.
     counterfactual_examples / sanity_examples: how many of the first examples those (costlier) analyses use.
+    curve_steps: deletion/insertion curves of examples with more scored tokens take this many even steps
+        (plus the start) instead of one per token: long documents cost curve_steps + 1 forwards per curve.
     """
 
     explainers: tuple[str, ...] = tuple(REGISTRY)
@@ -66,6 +69,7 @@ class AuditSettings:
     n_permutations: int = 50
     adversarial_steps: int = 40
     sanity_examples: int = 32
+    curve_steps: int = 64
     seed: int = 0
     max_batch: int = DEFAULT_MAX_BATCH
 
@@ -90,7 +94,7 @@ class AuditSettings:
                 raise ValueError(f"explainer_params[{name!r}] must map option names to values; got {params!r}.")
             get_explainer(name, **dict(params))       # unknown option names fail here, before any work
         for name in ("chunk_size", "counterfactual_examples", "n_permutations", "adversarial_steps",
-                     "sanity_examples", "max_batch"):
+                     "sanity_examples", "curve_steps", "max_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -267,18 +271,21 @@ def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
                          "check the model's weights and these inputs.")
     with model.evaluating():
         engine = PerturbationEngine(model, batch, policy=settings.policy, max_batch=settings.max_batch)
-        curves = pd.concat([_curves(engine, batch, a, name) for name, a in attributions.items()], ignore_index=True)
+        curves = pd.concat([_curves(engine, batch, a, name, settings.curve_steps) for name, a in attributions.items()],
+                           ignore_index=True)
         frames = []
         if "faithfulness" in settings.analyses:
             frames.append(faithfulness_table(model, batch, attributions, bins=settings.bins, policy=settings.policy,
                                              metrics=settings.metrics, ferret=settings.ferret, engine=engine,
-                                             seed=settings.seed, explainers={e.name: e for e in explainers}))
+                                             seed=settings.seed, explainers={e.name: e for e in explainers},
+                                             curve_steps=settings.curve_steps))
     if "plausibility" in settings.analyses and batch.rationale is not None:
         named = list(attributions.values())
         frames.append(gold_table(named, batch).assign(note=""))
         frames.append(rationale_table(named, batch).assign(note=""))
     first = next(iter(attributions.values()))
     pred = first.target.tolist()
+    word_ids = model.word_ids(batch) if hasattr(model, "word_ids") and batch.texts is not None else None
     examples = []
     for i in range(len(batch)):
         n = int(batch.attention_mask[i].sum())
@@ -286,8 +293,11 @@ def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
         label = int(batch.labels[i]) if batch.labels is not None and int(batch.labels[i]) >= 0 else None
         cut = bool(batch.truncated[i]) if batch.truncated is not None else False
         examples.append({"id": batch.ids[i], "label": label, "prediction": int(pred[i]), "gold": gold, "truncated": cut})
+        if word_ids is not None:
+            examples[-1]["word_gold"] = _word_gold(gold, word_ids[i][:n])
+    records = [_rounded(r) for a in attributions.values() for r in _with_words(a, word_ids)]
     return {"metrics": pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS),
-            "curves": curves, "attributions": [_rounded(r) for a in attributions.values() for r in a.to_records()],
+            "curves": curves, "attributions": records,
             "examples": examples, "attention_example": attention_example(model, batch, 0)}
 
 
@@ -313,17 +323,42 @@ def _chunk_in_halves(model, batch: Batch, idx: list[int], explainers, settings: 
             "examples": [x for p in parts for x in p["examples"]], "attention_example": parts[0]["attention_example"]}
 
 
+def _with_words(attribution, word_ids) -> list[dict]:
+    """to_records(), plus "words" and "word_scores" (sub-word scores summed per whitespace word, which keeps
+    their total) when the model's tokenizer splits words (HuggingFace models), so reports can show words."""
+    records = attribution.to_records()
+    if word_ids is None:
+        return records
+    words = aggregate_words(attribution, "sum", word_ids=word_ids)
+    for i, rec in enumerate(records):
+        n = int(words.word_mask[i].sum())
+        rec.update(words=words.words[i], word_scores=[float(f"{x:.6g}") for x in words.scores[i, :n].tolist()],
+                   word_pooling="sum")
+    return records
+
+
+def _word_gold(gold: list[int] | None, word_ids: list[int | None]) -> list[int] | None:
+    """A word is gold when any of its tokens is (the rationale was spread from words to their tokens)."""
+    if gold is None:
+        return None
+    marks: dict[int, int] = {}
+    for g, w in zip(gold, word_ids):
+        if w is not None:
+            marks[w] = max(marks.get(w, 0), int(g))
+    return [marks[w] for w in sorted(marks)]
+
+
 def _rounded(record: dict) -> dict:
     """Scores to 6 significant digits and no wall time (that is in the timings): the JSONL stays small and
     byte-identical from run to run."""
     return {**{k: v for k, v in record.items() if k != "seconds"}, "scores": [float(f"{x:.6g}") for x in record["scores"]]}
 
 
-def _curves(engine: PerturbationEngine, batch: Batch, attribution, name: str) -> pd.DataFrame:
+def _curves(engine: PerturbationEngine, batch: Batch, attribution, name: str, max_steps: int | None) -> pd.DataFrame:
     """Deletion and insertion curves resampled on CURVE_GRID (linear interpolation) -> tidy rows."""
     rows = []
     for kind, curve in (("deletion", F.deletion_curve), ("insertion", F.insertion_curve)):
-        values = curve(engine, batch, attribution).double().numpy()                  # [batch, step] NaN-padded
+        values = curve(engine, batch, attribution, max_steps=max_steps).double().numpy()   # [batch, step] NaN-padded
         for i, row in enumerate(values):
             y = row[~np.isnan(row)]
             if len(y) < 2:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.analyses.perturb import (
-    as_engine, check_attribution, deletion_path, insertion_path, keep_top_k, leave_one_out_path,
+    as_engine, check_attribution, deletion_path, insertion_path, path_counts, keep_top_k, leave_one_out_path,
     remove_top_k, top_k_mask,
 )
 from attnaudit.explain.attribution import Attribution
@@ -141,20 +141,23 @@ def ferret_aopc(engine_or_model, batch: Batch, attribution: Attribution, *, kind
 
 # -- RISE deletion and insertion ------------------------------------------------------------------
 def deletion_curve(engine_or_model, batch: Batch, attribution: Attribution, *, policy: str | None = None,
-                   max_batch: int | None = None) -> Tensor:
-    """p(target) after removing the top-s tokens, s = 0..n -> [batch, step] (NaN past each example's n)."""
+                   max_batch: int | None = None, max_steps: int | None = None) -> Tensor:
+    """p(target) after removing the top-s tokens, s = 0..n -> [batch, step] (NaN past each example's n).
+
+    max_steps: examples longer than this take max_steps + 1 evenly spaced steps instead of n + 1 (`path_counts`).
+    """
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     check_attribution(batch, attribution)
-    keep, valid = deletion_path(attribution)                                        # [batch, step, seq], [batch, step]
+    keep, valid = deletion_path(attribution, max_steps=max_steps)                   # [batch, step, seq], [batch, step]
     return engine.probs(keep, attribution.target, valid=valid, policy=policy)
 
 
 def insertion_curve(engine_or_model, batch: Batch, attribution: Attribution, *, policy: str | None = None,
-                    max_batch: int | None = None) -> Tensor:
+                    max_batch: int | None = None, max_steps: int | None = None) -> Tensor:
     """p(target) with the special tokens and the top-s tokens only, s = 0..n -> [batch, step] (NaN past n)."""
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     check_attribution(batch, attribution)
-    keep, valid = insertion_path(attribution)
+    keep, valid = insertion_path(attribution, max_steps=max_steps)
     return engine.probs(keep, attribution.target, valid=valid, policy=policy)
 
 
@@ -184,7 +187,8 @@ def insertion_auc(engine_or_model, batch: Batch, attribution: Attribution, **opt
 
 # -- decision flip --------------------------------------------------------------------------------
 def decision_flip_fraction(engine_or_model, batch: Batch, attribution: Attribution, *, never: float = 1.0,
-                           policy: str | None = None, max_batch: int | None = None) -> Tensor:
+                           policy: str | None = None, max_batch: int | None = None,
+                           max_steps: int | None = None) -> Tensor:
     """Fraction of the n scored tokens removed, in ranked order, when the predicted class first changes -> [batch].
 
     The prediction compared against is the argmax on the unperturbed input (not the explained target).
@@ -193,12 +197,14 @@ def decision_flip_fraction(engine_or_model, batch: Batch, attribution: Attributi
     """
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     check_attribution(batch, attribution)
-    keep, valid = deletion_path(attribution)                                        # [batch, step, seq]
+    keep, valid = deletion_path(attribution, max_steps=max_steps)                  # [batch, step, seq]
+    counts, _ = path_counts(attribution.lengths(), max_steps)                       # [batch, step] tokens removed
     pred = engine.class_probs(keep, valid=valid, policy=policy).argmax(-1)         # [batch, step]
     flipped = (pred != pred[:, :1]) & valid                                         # [batch, step]
     first = torch.where(flipped.any(1), flipped.float().argmax(1), -1)              # [batch] first flipping step
+    removed = counts.gather(1, first.clamp_min(0)[:, None])[:, 0].float()           # [batch]
     n = attribution.lengths().float()
-    return torch.where(first >= 0, first.float() / n.clamp_min(1), torch.tensor(float(never)))
+    return torch.where(first >= 0, removed / n.clamp_min(1), torch.tensor(float(never)))
 
 
 # -- leave-one-out and τ_b ------------------------------------------------------------------------

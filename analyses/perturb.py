@@ -80,32 +80,50 @@ def keep_top_k(attribution: Attribution, k: float, *, only_pos: bool = False, ro
     return special | top_k_mask(attribution, k, only_pos=only_pos, rounding=rounding)
 
 
-def deletion_path(attribution: Attribution) -> tuple[Tensor, Tensor]:
-    """Remove tokens one at a time, most relevant first (RISE deletion).
+def path_counts(lengths: Tensor, max_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """How many tokens each step of a deletion/insertion path has moved -> counts, valid [batch, step].
+
+    One token per step, s = 0..n, for an example of n <= max_steps scored tokens (or max_steps None);
+    a longer one takes max_steps + 1 evenly spaced steps, round(j·n / max_steps) for j = 0..max_steps, so
+    long documents cost max_steps + 1 forwards and every curve still spans the fractions 0..1 evenly.
+    """
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be None (one token per step) or a positive int; got {max_steps!r}.")
+    n = lengths.long()                                                              # [batch]
+    n_max = int(n.max()) if len(n) else 0
+    if max_steps is None or n_max <= max_steps:
+        s = torch.arange(n_max + 1)                                                 # [step]
+        return s[None, :].expand(len(n), -1), s[None, :] <= n[:, None]
+    j = torch.arange(max_steps + 1)[None, :]                                        # [1, step]
+    spread = (2 * j * n[:, None] + max_steps) // (2 * max_steps)                    # round half up, integers only
+    long = n[:, None] > max_steps                                                   # [batch, 1]
+    return torch.where(long, spread, j), long | (j <= n[:, None])
+
+
+def deletion_path(attribution: Attribution, *, max_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Remove tokens most relevant first (RISE deletion): one per step, or max_steps even steps (`path_counts`).
 
     Returns:
-        keep [batch, step, seq] bool: step s has the top-s tokens removed, s = 0..max n;
-        valid [batch, step] bool: s <= n for that example (n = its number of scored tokens).
+        keep [batch, step, seq] bool: step s has the top-count[s] tokens removed (count[0] = 0);
+        valid [batch, step] bool: the step exists for that example (n = its number of scored tokens).
     """
     rank = rank_positions(attribution)                                              # [batch, seq]
-    n_steps = int(attribution.lengths().max()) + 1 if len(attribution) else 1
-    s = torch.arange(n_steps)                                                       # [step]
-    removed = (rank[:, None, :] < s[None, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
+    counts, valid = path_counts(attribution.lengths(), max_steps)                   # [batch, step]
+    removed = (rank[:, None, :] < counts[:, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
     keep = attribution.attention_mask[:, None, :] & ~removed                        # [batch, step, seq]
-    return keep, s[None, :] <= attribution.lengths()[:, None]
+    return keep, valid
 
 
-def insertion_path(attribution: Attribution) -> tuple[Tensor, Tensor]:
-    """Insert tokens one at a time, most relevant first, starting from the special tokens alone (RISE insertion).
+def insertion_path(attribution: Attribution, *, max_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Insert tokens most relevant first, starting from the special tokens alone (RISE insertion).
 
-    Returns keep [batch, step, seq] (step s holds the specials and the top-s tokens) and valid [batch, step].
+    Returns keep [batch, step, seq] (step s holds the specials and the top-count[s] tokens) and valid [batch, step].
     """
     rank = rank_positions(attribution)                                              # [batch, seq]
-    n_steps = int(attribution.lengths().max()) + 1 if len(attribution) else 1
-    s = torch.arange(n_steps)                                                       # [step]
-    inserted = (rank[:, None, :] < s[None, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
+    counts, valid = path_counts(attribution.lengths(), max_steps)                   # [batch, step]
+    inserted = (rank[:, None, :] < counts[:, :, None]) & attribution.scored_mask[:, None, :]  # [batch, step, seq]
     special = (attribution.special_mask & attribution.attention_mask)[:, None, :]   # [batch, 1, seq]
-    return special | inserted, s[None, :] <= attribution.lengths()[:, None]
+    return special | inserted, valid
 
 
 def leave_one_out_path(attention_mask: Tensor, special_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -518,6 +518,10 @@ def select_examples(task: str, data: dict, card: Mapping) -> list[dict]:
             "correct" if str(gold_label) == str(pred) else "incorrect"
         if len(picked[status]) < N_EXAMPLES:
             gold = x.get("gold", x.get("rationale"))
+            if all("words" in r for r in recs):          # sub-word models: show whitespace words
+                gold = x.get("word_gold")
+                recs = [{**r, "tokens": r["words"], "scores": r["word_scores"], "special": [False] * len(r["words"])}
+                        for r in recs]
             picked[status].append(dict(id=ex_id, status=status, label=label(gold_label), prediction=label(pred),
                                        prob=recs[0].get("prob"), gold=gold, records=recs))
     return picked["correct"] + picked["incorrect"] + picked["label unknown"]
@@ -560,7 +564,10 @@ def _html_examples(task: str, data: dict, card: Mapping) -> str:
     chosen = select_examples(task, data, card)
     if not chosen:
         return "<p>No attributions were given.</p>"
-    s = ['<p class="meta">Each row colours the tokens by one explainer (red: supports the explained class, blue: '
+    pooled = {r.get("word_pooling") for ex in chosen for r in ex["records"]} - {None}
+    unit = (f"the words by one explainer (sub-word scores pooled by {', '.join(sorted(pooled))})" if pooled
+            else "the tokens by one explainer")
+    s = [f'<p class="meta">Each row colours {e(unit)} (red: supports the explained class, blue: '
          "against; opacity = |score| / max); the gold rationale is underlined; special tokens are grey.</p>"]
     for ex in chosen:
         recs = sorted(ex["records"], key=lambda r: F.explainer_order([x["explainer"] for x in ex["records"]]).index(r["explainer"]))

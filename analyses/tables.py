@@ -71,7 +71,7 @@ def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attributi
                        bins: Sequence[float] = F.ERASER_BINS, policy: str | None = None,
                        max_batch: int = DEFAULT_MAX_BATCH, metrics: Sequence[str] = METRICS,
                        ferret: bool = False, engine: PerturbationEngine | None = None, seed: int = 0,
-                       explainers: Mapping | None = None) -> pd.DataFrame:
+                       explainers: Mapping | None = None, curve_steps: int | None = None) -> pd.DataFrame:
     """Every faithfulness metric for several explainers on one batch, sharing one engine -> tidy DataFrame.
 
     Args:
@@ -82,6 +82,8 @@ def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attributi
         metrics: a subset of METRICS. ferret: add ferret's AOPC preset (setting "ferret_aopc").
         engine: an engine on this batch to share (e.g. with an occlusion run); None builds one.
         explainers: name -> Explainer for sensitivity_max (default: rebuilt from the registry).
+        curve_steps: deletion/insertion curves (their AUCs and the decision flip) of examples longer than this
+            take curve_steps + 1 evenly spaced steps instead of one per token; None: one per token.
     Returns:
         Rows (example_id, explainer, metric, setting, value, note); attrs hold the policy and engine counters.
     """
@@ -95,16 +97,17 @@ def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attributi
     engine = as_engine(engine if engine is not None else model, batch, policy=policy, max_batch=max_batch)
     bins = F.check_bins(bins)
     opts = dict(policy=policy)
+    steps = dict(max_steps=curve_steps)
     rows: list[tuple] = []
     for name, attr in named.items():
         # curves first: comprehensiveness/sufficiency bins and LOO's first step are then cache hits
         if "deletion_auc" in metrics:
-            rows += tidy_rows(attr, name, "deletion_auc", "", F.deletion_auc(engine, batch, attr, **opts))
+            rows += tidy_rows(attr, name, "deletion_auc", "", F.deletion_auc(engine, batch, attr, **opts, **steps))
         if "insertion_auc" in metrics:
-            rows += tidy_rows(attr, name, "insertion_auc", "", F.insertion_auc(engine, batch, attr, **opts))
+            rows += tidy_rows(attr, name, "insertion_auc", "", F.insertion_auc(engine, batch, attr, **opts, **steps))
         if "decision_flip_fraction" in metrics:
             rows += tidy_rows(attr, name, "decision_flip_fraction", "",
-                              F.decision_flip_fraction(engine, batch, attr, **opts))
+                              F.decision_flip_fraction(engine, batch, attr, **opts, **steps))
         for metric, curve in (("comprehensiveness", F.comprehensiveness_curve), ("sufficiency", F.sufficiency_curve)):
             if metric in metrics:
                 values = curve(engine, batch, attr, bins=bins, **opts)              # [batch, bin]

@@ -17,7 +17,7 @@ import platform
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +29,7 @@ from attnaudit.analyses.report import load_results, write_report
 from attnaudit.analyses.seq2seq import audit_translator
 from attnaudit.analyses.store import ItemStore, check_output_dir, frame_payload, payload_frame, sha256_file, sha256_json
 from attnaudit.model.checkpoint import load_model, read_config
-from attnaudit.model.data import read_table
+from attnaudit.model.datasets import data_format, read_labelled
 from attnaudit.model.seq2seq import Translator
 from attnaudit.model.tasks import TASK_NAMES, get_task
 from attnaudit.model.train import TrainSettings, defaults_for, resolve_device, task_examples, train_to_folder
@@ -156,6 +156,8 @@ def trained_model(task: str, settings: TrainSettings, folder: Path, *, device: s
 
 def model_card(model, folder: Path, metrics: Mapping, *, train_seconds: float | None, device) -> dict:
     """Architecture, training data and metrics, seed, device, checkpoint hash -> a JSON-able dict."""
+    if getattr(model, "config", {}).get("format") == "huggingface":
+        return _hf_card(model, folder, metrics, device=device)
     cfg = read_config(folder)
     arch = cfg.get("architecture", {})
     training = cfg.get("training", {})
@@ -170,6 +172,24 @@ def model_card(model, folder: Path, metrics: Mapping, *, train_seconds: float | 
         "training": {**{k: metrics[k] for k in keep if k in metrics},
                      "stage_seconds": round(train_seconds, 2) if train_seconds is not None else "reused"},
         "seed": training.get("seed"), "label_names": list(getattr(model, "label_names", ())), "device": str(device),
+        "checkpoint": {"folder": str(folder), "sha256": sha256_file(folder / "model.safetensors")},
+    }
+
+
+def _hf_card(model, folder: Path, metrics: Mapping, *, device) -> dict:
+    """model_card for a HuggingFace folder: its config.json, and metrics.json when attnaudit finetune wrote it."""
+    hf = model.hf_config
+    keep = ("test_accuracy", "valid_accuracy", "best_epoch", "epochs_run", "train_seconds", "n_train", "test_set")
+    return {
+        "task": None, "data": None,
+        "architecture": {"kind": "classifier", "model_type": hf.model_type, "class": model.config["architecture"],
+                         "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": int(hf.hidden_size),
+                         "d_ff": getattr(hf, "intermediate_size", None) or getattr(hf, "hidden_dim", None),
+                         "max_len": model.max_len, "vocab_size": model.vocab_size,
+                         "parameters": sum(p.numel() for p in model.net.parameters())},
+        "training": {**{k: metrics[k] for k in keep if k in metrics}, "head": model.config["head"],
+                     "stage_seconds": "reused"},
+        "seed": metrics.get("seed"), "label_names": list(model.label_names), "device": str(device),
         "checkpoint": {"folder": str(folder), "sha256": sha256_file(folder / "model.safetensors")},
     }
 
@@ -321,29 +341,40 @@ def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=
 
 def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = None, data=None,
                 text_col: str | None = None, label_col: str | None = None, config=None, device: str | None = None,
+                max_examples: int | None = None, name: str | None = None, title: str | None = None,
                 resume: bool = False, overwrite: bool = False, progress: bool = True,
                 echo: Callable[[str], None] = print) -> Path:
-    """`attnaudit analyze`: audit a trained model on a built-in task's test split or the user's file -> out."""
+    """`attnaudit analyze`: audit a trained model on a built-in task's test split or the user's file -> out.
+
+    `data` may be a table (text_col, label_col), an ERASER annotation file or a HateXplain file (their human
+    rationales feed the plausibility tables). `max_examples` overrides [audit] max_examples; `name` labels
+    the data in the report (default: the file's name), `title` heads it.
+    """
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
                          f"got {'both' if task is not None else 'neither'}.")
-    if data is not None and (not text_col or not label_col):
+    if data is not None and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {Path(data).name} to use).")
     plan = plan_run(config=config, device=device)
+    if max_examples is not None:
+        plan = replace(plan, audit=plan.audit.with_(max_examples=max_examples))
     out, folder = Path(out), Path(model_dir)
     dev = resolve_device(plan.device)
     model = load_model(folder, device=dev)
     if task is not None:
         settings = defaults_for(task).replace(seed=plan.audit.seed)
-        examples, name, data_hash = task_examples(task, settings)["test"], task, sha256_json(settings.to_dict())
+        examples, name, data_hash = task_examples(task, settings)["test"], name or task, sha256_json(settings.to_dict())
     else:
-        examples, _ = read_table(data, text_col=text_col, label_col=label_col, label_names=tuple(model.label_names))
-        name, data_hash = Path(data).stem, sha256_file(Path(data))
+        loaded = read_labelled(data, text_col=text_col, label_col=label_col, label_names=tuple(model.label_names))
+        examples, data_hash = loaded.examples, sha256_file(Path(data))
+        name = name or Path(data).name.split(".")[0]
     identity = {"model": sha256_file(folder / "model.safetensors"), "data": data_hash, "audit": plan.audit.to_dict()}
     _check_report_folder(out, identity, overwrite=overwrite, resume=resume)
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if (folder / "metrics.json").is_file() else {}
     card = model_card(model, folder, metrics, train_seconds=None, device=dev)
     card["data"] = name
+    if data is not None:
+        card["data_source"] = {"path": str(Path(data)), "sha256": data_hash, **loaded.info}
     started = time.perf_counter()
     results = _audit_all([(name, model, examples, card)], plan.audit, out, identity=identity, resume=resume,
                          overwrite=overwrite, progress=progress, echo=echo)
@@ -352,4 +383,5 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
     settings = {**_provenance(plan.audit, dev), "audit": plan.audit.to_dict(), "identity": identity,
                 "policy": plan.audit.policy, "n_examples": {name: results[name].settings["n_examples"]},
                 "n_truncated": {name: results[name].settings.get("n_truncated", 0)}}
-    return _write(out, results, {name: card}, settings, timings, f"Can attention explain this model's outputs? {name}")
+    return _write(out, results, {name: card}, settings, timings,
+                  title or f"Can attention explain this model's outputs? {name}")

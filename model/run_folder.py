@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from attnaudit.model.checkpoint import CONFIG, FORMAT, read_config
-from attnaudit.model.data import read_table
 
 METRICS, TRAIN_LOG = "metrics.json", "train_log.csv"
 HOLDOUT = 0.1   # fraction of a data file held out for validation when no valid file is given
@@ -31,26 +30,43 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def table_splits(data, *, text_col: str, label_col: str, valid=None, seed: int = 0):
-    """Train and valid Examples from a labelled file -> (train, valid, label_names, provenance dict).
+def labelled_splits(data, *, text_col: str | None = None, label_col: str | None = None, valid=None, test=None,
+                    seed: int = 0) -> dict:
+    """Train, valid and test Examples from labelled files -> {"train", "valid", "test", "label_names", "info"}.
 
-    Without `valid`, a seeded random HOLDOUT (10%) of `data` is held out for validation.
+    Each file may be a table (text_col, label_col), an ERASER annotation file or a HateXplain file
+    (`attnaudit.model.datasets.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
+    held out for validation; without `test`, "test" is None. `info` records paths, sha256s and formats.
     """
-    examples, label_names = read_table(data, text_col=text_col, label_col=label_col)
-    info = {"path": str(Path(data).resolve()), "sha256": file_sha256(data), "text_col": text_col,
-            "label_col": label_col, "valid_path": None, "valid_sha256": None, "holdout_fraction": None}
-    if valid is not None:
-        held, _ = read_table(valid, text_col=text_col, label_col=label_col, label_names=label_names)
-        info.update(valid_path=str(Path(valid).resolve()), valid_sha256=file_sha256(valid))
-        return examples, held, label_names, info
-    if len(examples) < 2:
-        raise ValueError(f"{data} has {len(examples)} row; holding out a validation split needs at least 2 "
-                         "(or pass a separate valid file).")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_valid = max(1, round(HOLDOUT * len(examples)))
-    info["holdout_fraction"] = HOLDOUT
-    return ([examples[i] for i in sorted(order[n_valid:])], [examples[i] for i in sorted(order[:n_valid])],
-            label_names, info)
+    from attnaudit.model.datasets import read_labelled     # datasets imports data; keep this module light
+
+    first = read_labelled(data, text_col=text_col, label_col=label_col)
+    examples, label_names = first.examples, first.label_names
+    info = {"path": str(Path(data).resolve()), "sha256": file_sha256(data), "format": first.info["format"],
+            "text_col": text_col, "label_col": label_col, "valid_path": None, "valid_sha256": None,
+            "holdout_fraction": None, "test_path": None, "test_sha256": None}
+    out = {"train": examples, "valid": None, "test": None, "label_names": label_names, "info": info}
+    for name, path in (("valid", valid), ("test", test)):
+        if path is not None:
+            split = read_labelled(path, text_col=text_col, label_col=label_col, label_names=label_names)
+            out[name] = split.examples
+            info.update({f"{name}_path": str(Path(path).resolve()), f"{name}_sha256": file_sha256(path)})
+    if valid is None:
+        if len(examples) < 2:
+            raise ValueError(f"{data} has {len(examples)} row; holding out a validation split needs at least 2 "
+                             "(or pass a separate valid file).")
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_valid = max(1, round(HOLDOUT * len(examples)))
+        info["holdout_fraction"] = HOLDOUT
+        out["train"] = [examples[i] for i in sorted(order[n_valid:])]
+        out["valid"] = [examples[i] for i in sorted(order[:n_valid])]
+    return out
+
+
+def table_splits(data, *, text_col: str, label_col: str, valid=None, seed: int = 0):
+    """(train, valid, label_names, info) of `labelled_splits` without a test file."""
+    s = labelled_splits(data, text_col=text_col, label_col=label_col, valid=valid, seed=seed)
+    return s["train"], s["valid"], s["label_names"], s["info"]
 
 
 def run_identity(task: dict, training: dict) -> dict:
@@ -59,7 +75,8 @@ def run_identity(task: dict, training: dict) -> dict:
     return json.loads(json.dumps({
         "task": {k: task.get(k) for k in ("name", "kind", "source")},
         "settings": training.get("settings"),
-        "data": {k: data.get(k) for k in ("sha256", "valid_sha256", "text_col", "label_col", "holdout_fraction")},
+        "data": {k: data.get(k) for k in ("sha256", "valid_sha256", "text_col", "label_col", "holdout_fraction")
+                 + (("test_sha256",) if data.get("test_sha256") else ())},
     }))
 
 

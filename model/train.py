@@ -30,7 +30,7 @@ from attnaudit.model.evaluate import evaluate_classifier, evaluate_translator, p
 from attnaudit.model.fit import LOG_COLUMNS, fit, log_csv
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.run_folder import (
-    HOLDOUT, METRICS, TRAIN_LOG, check_out_dir, file_sha256, run_identity, table_splits,
+    HOLDOUT, METRICS, TRAIN_LOG, check_out_dir, file_sha256, run_identity, labelled_splits, table_splits,
 )
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.settings import DEVICES, TrainSettings, defaults_for, resolve_device
@@ -42,7 +42,7 @@ __all__ = [
     "TrainSettings", "defaults_for", "resolve_device", "DEVICES",
     "train_classifier", "train_seq2seq", "train_task", "task_examples", "train_to_folder",
     "evaluate_classifier", "evaluate_translator", "fit", "log_csv", "LOG_COLUMNS", "init_weights",
-    "check_out_dir", "table_splits", "file_sha256", "run_identity", "METRICS", "TRAIN_LOG", "HOLDOUT",
+    "check_out_dir", "labelled_splits", "table_splits", "file_sha256", "run_identity", "METRICS", "TRAIN_LOG", "HOLDOUT",
 ]
 _identity = run_identity   # the name tests and older callers import
 
@@ -200,7 +200,7 @@ def train_task(task: str, settings: TrainSettings | None = None, *, device: str 
 # -- a model folder ------------------------------------------------------------------------------
 def train_to_folder(
     out_dir, *, task: str | None = None, data=None, text_col: str | None = None, label_col: str | None = None,
-    valid=None, settings: TrainSettings | None = None, device: str = "auto", overwrite: bool = False,
+    valid=None, test=None, settings: TrainSettings | None = None, device: str = "auto", overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Path, dict]:
     """Train on a built-in task or a labelled file and write a model folder -> (folder, metrics).
@@ -224,13 +224,10 @@ def train_to_folder(
                      "source": "built-in", "description": spec.description}
         data_info = None
     else:
-        if not text_col or not label_col:
-            raise ValueError(f"text_col and label_col name the columns of {data} to train on; "
-                             f"got text_col={text_col!r}, label_col={label_col!r}.")
-        train, held, label_names, data_info = table_splits(data, text_col=text_col, label_col=label_col,
-                                                           valid=valid, seed=settings.seed)
-        splits = {"train": train, "valid": held, "test": None}
-        task_info = {"name": Path(data).name, "kind": "classification", "label_names": list(label_names),
+        loaded = labelled_splits(data, text_col=text_col, label_col=label_col, valid=valid, test=test,
+                                 seed=settings.seed)
+        splits, data_info = {k: loaded[k] for k in ("train", "valid", "test")}, loaded["info"]
+        task_info = {"name": Path(data).name, "kind": "classification", "label_names": list(loaded["label_names"]),
                      "source": "file"}
     training = {"settings": settings.to_dict(), "seed": settings.seed, "device": str(dev),
                 "n_train": len(splits["train"]), "n_valid": len(splits["valid"]),
@@ -253,6 +250,8 @@ def train_to_folder(
                                + (f"on {Path(valid).name}" if valid is not None else
                                   f"on a held-out {HOLDOUT:.0%} of {Path(data).name} (seed {settings.seed})")
                                + "; the best epoch was chosen on it, so it is optimistic")
+    elif task is None:
+        metrics["test_set"] = f"{Path(test).name} (not used for training or model selection)"
     else:
         metrics["test_set"] = f"generated test split of {task} (seed {settings.seed})"
     metrics = {"task": task_info["name"], **metrics}

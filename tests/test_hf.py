@@ -472,3 +472,23 @@ def test_the_whole_audit_runs_on_a_huggingface_model(models, tmp_path):
     steps = result.metrics.loc[result.metrics["metric"] == "randomization_spearman", "setting"].unique()
     assert len(steps) == len(models["bert"].cascading_layers()) + 1            # + step 0, the untouched copy
     assert (result.write_report(tmp_path / "rep", task="bert") / "index.html").is_file()
+
+
+def test_audit_records_words_for_sub_word_models(models, tmp_path):
+    from attnaudit.analyses.audit import audit
+    from attnaudit.analyses.report import select_examples
+
+    model = models["bert"]
+    texts = ["the films were unlikely good", "a boring plot"]
+    data = [Example(id="u", text=texts[0], label=1, rationale=(0, 0, 0, 1, 0)), Example(id="b", text=texts[1], label=0, rationale=(0, 1, 0))]
+    result = audit(model, data, explainers=["attention", "saliency"], analyses=["faithfulness", "plausibility"])
+    rec = next(r for r in result.attributions if r["id"] == "u" and r["explainer"] == "saliency")
+    assert rec["words"] == texts[0].split() and rec["word_pooling"] == "sum"
+    pieces = [s for s, special in zip(rec["scores"], rec["special"]) if not special]
+    assert len(pieces) > len(rec["words"])                                  # "films", "unlikely" are split
+    assert sum(rec["word_scores"]) == pytest.approx(sum(pieces), abs=1e-5)  # sum pooling keeps the total
+    first = next(x for x in result.examples if x["id"] == "u")
+    assert first["word_gold"] == [0, 0, 0, 1, 0]                           # "unlikely": all its pieces gold
+    shown = select_examples("t", {"attributions": [{**r, "task": "t"} for r in result.attributions],
+                                  "examples": [{**x, "task": "t"} for x in result.examples]}, {})
+    assert shown[0]["records"][0]["tokens"] in (texts[0].split(), texts[1].split())

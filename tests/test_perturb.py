@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from attnaudit.analyses.perturb import (
-    PerturbationEngine, deletion_path, insertion_path, keep_top_k, leave_one_out_path, materialize, rank_positions,
-    remove_top_k, top_k_mask,
+    PerturbationEngine, deletion_path, insertion_path, keep_top_k, leave_one_out_path, materialize, path_counts,
+    rank_positions, remove_top_k, top_k_mask,
 )
+from attnaudit.analyses import faithfulness as F
 from attnaudit.explain.attribution import Attribution
 
 CLS, SEP, PAD, MASK = 1, 2, 0, 4
@@ -82,6 +83,30 @@ def test_plans_by_hand(tiny_model, tiny_batch):
     loo, scored = leave_one_out_path(tiny_batch.attention_mask, tiny_batch.special_mask)
     assert scored.tolist() == (tiny_batch.attention_mask & ~tiny_batch.special_mask).tolist()
     assert loo[0, 2].tolist()[:6] == [True, True, False, True, True, True]
+
+
+def test_path_counts_by_hand():
+    counts, valid = path_counts(torch.tensor([3, 10, 4]), 4)          # 10 tokens in 4 steps: 2.5 -> 3, 7.5 -> 8
+    assert counts.tolist() == [[0, 1, 2, 3, 4], [0, 3, 5, 8, 10], [0, 1, 2, 3, 4]]
+    assert valid.tolist() == [[True] * 4 + [False], [True] * 5, [True] * 5]
+    counts, valid = path_counts(torch.tensor([3, 4]), None)           # one token per step
+    assert counts.tolist() == [[0, 1, 2, 3, 4]] * 2 and valid[0].tolist() == [True] * 4 + [False]
+    with pytest.raises(ValueError, match="max_steps must be None .* got 0"):
+        path_counts(torch.tensor([3]), 0)
+
+
+def test_coarse_curves_sample_the_exact_curve(tiny_model, tiny_batch):
+    attr = random_attribution(tiny_model, tiny_batch)
+    n = attr.lengths()                                                # [batch]
+    exact = F.deletion_curve(tiny_model, tiny_batch, attr)            # [batch, n_max + 1]
+    assert torch.equal(F.deletion_curve(tiny_model, tiny_batch, attr, max_steps=int(n.max())).isnan(), exact.isnan())
+    coarse = F.deletion_curve(tiny_model, tiny_batch, attr, max_steps=2)
+    counts, valid = path_counts(n, 2)
+    for i in range(len(n)):                                           # each coarse point is the exact curve's point
+        picked = exact[i, counts[i][valid[i]]]
+        torch.testing.assert_close(coarse[i][valid[i]], picked)
+    flip = F.decision_flip_fraction(tiny_model, tiny_batch, attr, max_steps=2)
+    assert ((flip * n) % 1 == 0).all() and (flip <= 1).all()          # a whole number of tokens removed
 
 
 def test_zero_removal_equals_the_plain_forward(tiny_model, tiny_batch):
