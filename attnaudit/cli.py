@@ -2,6 +2,8 @@
 
     attnaudit train --task needle --out runs/needle
     attnaudit train --data reviews.csv --text-col text --label-col label --out runs/reviews
+    attnaudit finetune --hf my-bert --data reviews.csv --text-col text --label-col label --out runs/my-bert-reviews
+    attnaudit train --data movies/train.jsonl --valid movies/val.jsonl --test movies/test.jsonl --out runs/movies
     attnaudit tasks export --task keywords --split test --out keywords-test.jsonl
     attnaudit run [--quick] [--config FILE.toml]       # the main job: train, explain, analyse, report
     attnaudit analyze --model runs/needle --task needle --out reports/needle
@@ -22,6 +24,7 @@ import torch
 import typer
 
 from attnaudit.model.data import read_texts, write_jsonl
+from attnaudit.model.datasets import data_format
 from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
 from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
 
@@ -44,13 +47,16 @@ def _headline(metrics: dict) -> str:
 def train_cli(
     out: Path = typer.Option(..., "--out", help="Model folder to write (created if missing)."),
     task: str = typer.Option(None, "--task", help=f"Built-in task: {', '.join(TASK_NAMES)}."),
-    data: Path = typer.Option(None, "--data", help="Your labelled file (.csv, .tsv, .jsonl, optionally .gz)."),
+    data: Path = typer.Option(None, "--data", help="Your labelled file (.csv, .tsv, .jsonl, optionally .gz; "
+                              "or an ERASER .jsonl / HateXplain .json, which name their own columns)."),
     text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
     label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
     valid: Path = typer.Option(None, "--valid", help="Validation file for --data (default: hold out 10%)."),
+    test: Path = typer.Option(None, "--test", help="Test file for --data: scored once with the chosen weights."),
     seed: int = typer.Option(None, "--seed", help="Seed for data, initialisation and shuffling (default 0)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     epochs: int = typer.Option(None, "--epochs", help="Override the default number of epochs."),
+    max_len: int = typer.Option(None, "--max-len", help="Longest input in tokens; longer texts are cut (default 128)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different model in --out."),
     threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch; 1 is fastest for these "
                                 "small models and stays fast on a busy machine. 0 leaves torch's default."),
@@ -60,18 +66,18 @@ def train_cli(
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
                          f"got {'both' if task is not None else 'neither'}.")
-    if data is None and (text_col or label_col or valid):
-        raise ValueError("--text-col, --label-col and --valid go with --data; built-in tasks name their own columns.")
-    if data is not None and (not text_col or not label_col):
+    if data is None and (text_col or label_col or valid or test):
+        raise ValueError("--text-col, --label-col, --valid and --test go with --data; built-in tasks bring their own.")
+    if data is not None and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {data.name} to use).")
     resolve_device(device)                          # a bad --device fails before any data is read
     if threads:
         torch.set_num_threads(threads)              # results are bitwise reproducible per thread count
     settings = defaults_for(task)                   # unknown task names fail here, with the valid ones
-    changes = {k: v for k, v in {"seed": seed, "epochs": epochs}.items() if v is not None}
+    changes = {k: v for k, v in {"seed": seed, "epochs": epochs, "max_len": max_len}.items() if v is not None}
     settings = settings.replace(**changes)
     path, metrics = train_to_folder(out, task=task, data=data, text_col=text_col, label_col=label_col,
-                                    valid=valid, settings=settings, device=device, overwrite=overwrite,
+                                    valid=valid, test=test, settings=settings, device=device, overwrite=overwrite,
                                     progress=not quiet)
     if not quiet:
         score = "valid exact match" if metrics["kind"] == "seq2seq" else "valid accuracy"
@@ -82,6 +88,53 @@ def train_cli(
         if metrics.get("n_truncated"):
             typer.echo(f"note: {metrics['n_truncated']} texts were longer than max_len and were cut")
     typer.echo(f"model saved to {path} ({_headline(metrics)})")
+
+
+@app.command("finetune")
+def finetune_cli(
+    hf: Path = typer.Option(..., "--hf", help="HuggingFace model folder to start from (config.json, "
+                            "model.safetensors, tokenizer); one without a classification head gets a new one."),
+    data: Path = typer.Option(..., "--data", help="Your labelled file (.csv, .tsv, .jsonl, optionally .gz; "
+                              "or an ERASER .jsonl / HateXplain .json, which name their own columns)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: an ordinary HuggingFace model folder."),
+    text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
+    label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
+    valid: Path = typer.Option(None, "--valid", help="Validation file (default: hold out 10% of --data)."),
+    test: Path = typer.Option(None, "--test", help="Test file: scored once with the chosen weights."),
+    n_train: int = typer.Option(None, "--n-train", help="Train on a seeded random subset of this many rows."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training rows (default 3)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate, reached after warm-up over the first 10% "
+                             "of the steps (default 5e-5)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Training examples per step (default 32)."),
+    max_len: int = typer.Option(None, "--max-len", help="Training texts are cut to this many tokens (default 128)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the subset, the held-out split, a new head and shuffling."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds."),
+    threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch. More help on an idle machine "
+                                "but are several times slower when other jobs share the cores; 0 leaves torch's "
+                                "default (all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary; only the last line."),
+):
+    """Fine-tune a HuggingFace classifier (or add and train a head) on your file; write a HuggingFace folder."""
+    from attnaudit.analyses.store import interruptible
+    from attnaudit.model.finetune import finetune_to_folder
+    resolve_device(device)                          # a bad --device fails before any data is read
+    _threads(threads)
+    options = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_len": max_len}.items()
+               if v is not None}
+    with interruptible():                           # SIGTERM, like Ctrl-C, removes the unfinished folder
+        path, metrics = finetune_to_folder(hf, out, data=data, text_col=text_col, label_col=label_col, valid=valid,
+                                           test=test, n_train=n_train, seed=seed, device=device,
+                                           overwrite=overwrite, progress=not quiet, **options)
+    if not quiet:
+        tested = f"test accuracy {metrics['test_accuracy']:.3f}, " if metrics["n_test"] else ""
+        typer.echo(f"{metrics['task']}: {tested}valid accuracy {metrics['valid_accuracy']:.3f} (before fine-tuning "
+                   f"{metrics['initial_valid_accuracy']:.3f}); best epoch {metrics['best_epoch']} of "
+                   f"{metrics['epochs_run']}, {metrics['train_seconds']:.1f} s on {metrics['device']}, "
+                   f"{metrics['n_train']} training examples")
+        if metrics.get("n_truncated"):
+            typer.echo(f"note: {metrics['n_truncated']} texts were longer than max_len and were cut")
+    typer.echo(f"model saved to {path} (valid accuracy {metrics['valid_accuracy']:.3f})")
 
 
 @app.command("run")
@@ -109,10 +162,15 @@ def analyze_cli(
     model: Path = typer.Option(..., "--model", help="A trained model folder (attnaudit train, or HuggingFace)."),
     out: Path = typer.Option(..., "--out", help="Report folder to write."),
     task: str = typer.Option(None, "--task", help=f"Analyse on a built-in task's test split: {', '.join(TASK_NAMES)}."),
-    data: Path = typer.Option(None, "--data", help="Or your labelled file (.csv, .tsv, .jsonl, optionally .gz)."),
+    data: Path = typer.Option(None, "--data", help="Or your labelled file (.csv, .tsv, .jsonl, optionally .gz; "
+                              "or ERASER .jsonl / HateXplain .json, whose rationales are scored)."),
     text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
     label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
     config: Path = typer.Option(None, "--config", help="TOML file with [audit] choices (explainers, analyses, sizes)."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1, help="Analyse the first N examples "
+                                     "(default 100, or [audit] max_examples)."),
+    name: str = typer.Option(None, "--name", help="What the report calls the data (default: the file's name)."),
+    title: str = typer.Option(None, "--title", help="The report's title."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted analysis in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different report in --out."),
@@ -122,7 +180,8 @@ def analyze_cli(
     """Run every explainer and analysis on a trained model and a dataset; write the report."""
     from attnaudit.jobs import analyze_job
     _job(analyze_job, threads, quiet, _model_folder(model), out, task=task, data=data, text_col=text_col, label_col=label_col,
-         config=config, device=device, resume=resume, overwrite=overwrite)
+         config=config, device=device, max_examples=max_examples, name=name, title=title, resume=resume,
+         overwrite=overwrite)
 
 
 @app.command("report")
@@ -271,7 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("fix the cause and run the same command with --resume to compute only the failed items.", err=True)
         sys.exit(3)
     if code == 130:                                # typer turns KeyboardInterrupt into exit code 130 itself
-        typer.echo("interrupted: finished items are saved; run the same command with --resume to continue.", err=True)
+        args = sys.argv[1:] if argv is None else list(argv)
+        if any(a in ("train", "finetune") for a in args[:1]):
+            typer.echo("interrupted: the model folder is written only when training ends, so nothing was saved; "
+                       "run the same command again.", err=True)
+        else:
+            typer.echo("interrupted: finished items are saved; run the same command with --resume to continue.", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -30,7 +30,7 @@ LOG_COLUMNS = ("step", "epoch", "lr", "loss")
 
 def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor],
         evaluate: Callable[[], tuple[float, float]], settings: TrainSettings, dev: torch.device,
-        *, progress: bool, desc: str) -> dict:
+        *, progress: bool, desc: str, group: Callable[[Tensor], Tensor] | None = None) -> dict:
     """Adam + Noam over shuffled minibatches; keeps the best epoch's weights (loaded at the end).
 
     Args:
@@ -38,6 +38,8 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
         evaluate: () -> (valid score, valid loss), called after each epoch in eval mode. The best epoch
             has the highest score, ties going to the lower loss: a later epoch that classifies as well
             but more confidently wins.
+        group: reorders each epoch's shuffled indices [n_train] before they are cut into batches (e.g. to
+            put texts of similar length together, so less padding is computed); None keeps the shuffle.
     Returns:
         {"best_epoch", "epochs_run", "steps", "train_seconds", "last_epoch_loss", "valid_scores",
         "valid_losses", "log"}: log holds one (step, epoch, lr, loss) per step, lr the one that step used.
@@ -61,6 +63,7 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
         for epoch in range(1, settings.epochs + 1):
             net.train()
             order = torch.randperm(n_train, generator=shuffle)                      # [n_train]
+            order = group(order) if group is not None else order
             for i in range(0, n_train, bs):
                 lr = opt.param_groups[0]["lr"]
                 with autocast:
