@@ -129,13 +129,20 @@ def max_attention(model, batch: Batch, *, layer: Layer) -> Tensor:
     return _per_layer(per_layer, layer)
 
 
+PERMUTE_CELLS = 2**28       # one layer's stacked attention [rows, head, query, key]: 1 GiB in float32
+
+
 def permutation_tvd(model, batch: Batch, *, layer: Layer, n_permutations: int = 100, seed: int = 0,
-                    max_rows: int = 4096) -> Tensor:
+                    max_rows: int | None = None) -> Tensor:
     """Output TVD under N random permutations of attention among allowed keys -> [batch, n_permutations].
 
     Every query row of the edited layer(s) is permuted independently. Copies of the batch are stacked
-    into one forward, at most `max_rows` rows at a time; `seed` fixes the permutations.
+    into one forward, at most `max_rows` rows at a time (None: 4096, fewer for long inputs so that one
+    layer's attention stays under PERMUTE_CELLS probabilities); `seed` fixes the permutations.
     """
+    if max_rows is None:
+        seq = batch.input_ids.shape[1]
+        max_rows = max(1, min(4096, PERMUTE_CELLS // (model.n_heads * seq * seq)))
     sites = layer_sites(model, layer)
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be an int >= 1; got {n_permutations!r}.")

@@ -34,6 +34,8 @@ def arguments(doc: str, *, report: str, model: str, threads: int = 1) -> argpars
     parser.add_argument("--model", type=Path, default=ROOT / "runs" / model, help="model folder (reused when it "
                         "holds this exact training run)")
     parser.add_argument("--retrain", action="store_true", help="train again even when --model holds this run")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out (finished "
+                        "items are kept; the report is not overwritten otherwise)")
     parser.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default {threads})")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -83,7 +85,7 @@ def audit_and_report(args: argparse.Namespace, clock: Stopwatch, *, data: Path, 
                      **columns) -> Path:
     """`attnaudit analyze` of args.model on `data` with the script's TOML into args.out; prints the times."""
     path = analyze_job(args.model, args.out, data=data, config=config, device=args.device, name=name, title=title,
-                       overwrite=True, **columns)
+                       resume=args.resume, overwrite=not args.resume, **columns)
     clock.stage("audit")
     print(f"report written to {path / 'index.html'}; {clock.summary()}")
     return path

@@ -66,6 +66,19 @@ def test_permutation_is_harmless_with_identical_values_and_not_otherwise(tiny_ba
     assert chunked.shape == (len(tiny_batch), 5)                        # 2 copies per forward, 3 forwards
 
 
+def test_long_inputs_permute_in_fewer_rows(tiny_batch, monkeypatch):
+    import attnaudit.analyses.counterfactual as cf
+
+    model = make_tiny_model()
+    seq = tiny_batch.input_ids.shape[1]
+    sizes = []
+    real = cf.tile
+    monkeypatch.setattr(cf, "tile", lambda batch, n: sizes.append(n) or real(batch, n))
+    monkeypatch.setattr(cf, "PERMUTE_CELLS", model.n_heads * seq * seq * len(tiny_batch) * 2)   # 2 copies fit
+    capped = permutation_tvd(model, tiny_batch, layer="all", n_permutations=5)
+    assert sizes == [2, 2, 1] and capped.shape == (len(tiny_batch), 5) and torch.isfinite(capped).all()
+
+
 def test_erasure_on_uniform_attention(tiny_batch):
     # Uniform [CLS] rows tie everywhere, so the most-attended scored key is the first word (position 1).
     model = uniform_attention_model()
