@@ -79,13 +79,7 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
     example_rows = _task_records(list(examples or []), "examples", tasks)
     attention = _task_records(_attention_list(attention_examples), "attention_examples", tasks)
 
-    summaries, verdicts = {}, {}
-    for task in tasks:
-        m = metrics[metrics["task"] == task].drop(columns="task")
-        summaries[task] = summarize(m)
-        pick = lambda df: None if df is None else df[df["task"] == task].drop(columns="task")  # noqa: E731
-        verdicts[task] = derive_verdict(m, task=task, counterfactual=pick(cf_summary), comparisons=pick(comparisons),
-                                        model_card=cards.get(task), summary=summaries[task])
+    summaries, verdicts = _verdicts(metrics, cf_summary, comparisons, cards, tasks)
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -285,11 +279,33 @@ def load_results(out_dir) -> dict:
     return loaded
 
 
-def render_report(out_dir) -> Path:
-    """Re-render index.html, report.md and figures/*.png from the saved files (nothing is recomputed) -> out_dir."""
+def _verdicts(metrics, cf_summary, comparisons, cards, tasks) -> tuple[dict, dict]:
+    """Per task: the summary table and the verdict, from the tidy tables (all with a task column)."""
+    summaries, verdicts = {}, {}
+    for task in tasks:
+        m = metrics[metrics["task"] == task].drop(columns="task")
+        summaries[task] = summarize(m)
+        pick = lambda df: None if df is None else df[df["task"] == task].drop(columns="task")  # noqa: E731
+        verdicts[task] = derive_verdict(m, task=task, counterfactual=pick(cf_summary), comparisons=pick(comparisons),
+                                        model_card=cards.get(task), summary=summaries[task])
+    return summaries, verdicts
+
+
+def render_report(out_dir, *, reverdict: bool = False) -> Path:
+    """Re-render index.html, report.md and figures/*.png from the saved files (nothing is recomputed) -> out_dir.
+
+    reverdict: first derive the summaries and verdicts again from the saved tables, with this version's rule
+    (results.json is rewritten; its timings and settings are kept). The models are not run again.
+    """
     out = Path(out_dir)
     data = load_results(out)
     res = data["results"]
+    if reverdict:
+        summaries, verdicts = _verdicts(data["metrics"], data["counterfactual"], data["comparisons"],
+                                        res["model_cards"], res["tasks"])
+        res["verdicts"] = {t: v.to_dict() for t, v in verdicts.items()}
+        res["summary"] = {t: sm.to_dict("records") for t, sm in summaries.items()}
+        atomic_write_text(out / "results.json", json.dumps(_jsonable(res), indent=2, ensure_ascii=False, allow_nan=False))
     figures = _render_figures(data)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)

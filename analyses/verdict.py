@@ -376,9 +376,11 @@ def _paragraph(task, answer, per_method, qualifying, failed, contradicted, cf, a
     if answer == "undetermined":
         return (f"Task {task}: undetermined. No attention-based explainer was scored on a headline faithfulness "
                 f"metric, so the numbers cannot say whether attention explains this model's outputs.")
-    best = max(per_method, key=lambda m: (per_method[m][0] + per_method[m][1], -ATTENTION_FAMILY.index(m)))
+    medians = {m: float(np.median(att.loc[att["explainer"] == m, "rank"])) for m in per_method}
+    # most measures near the best or better than random; ties go to the better median rank, then family order
+    best = max(per_method, key=lambda m: (per_method[m][0] + per_method[m][1], -medians[m], -ATTENTION_FAMILY.index(m)))
     nb, br, n = per_method[best]
-    median_rank = float(np.median(att.loc[att["explainer"] == best, "rank"]))
+    median_rank = medians[best]
     n_expl = int(att["n_explainers"].max())
     s = [f"Task {task}: {answer}."]
     if answer == "yes":

@@ -185,10 +185,12 @@ def analyze_cli(
 
 
 @app.command("report")
-def report_cli(out: Path = typer.Argument(..., help="A report folder written by run or analyze.")):
+def report_cli(out: Path = typer.Argument(..., help="A report folder written by run or analyze."),
+               reverdict: bool = typer.Option(False, "--reverdict", help="Derive the verdicts again from the saved "
+                                              "tables with this version's rule (no model is run).")):
     """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation)."""
     from attnaudit.analyses.report import render_report
-    path = render_report(out)
+    path = render_report(out, reverdict=reverdict)
     typer.echo(f"report written to {path / 'index.html'}")
 
 

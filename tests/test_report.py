@@ -142,6 +142,19 @@ def test_middling_attention_gives_partly():
     assert not v.qualifying
 
 
+def test_best_placed_method_breaks_ties_by_median_rank():
+    import re
+
+    v = derive_verdict(synthetic_metrics(0.5), task="t")
+    ranks = pd.DataFrame(v.ranks)
+    score = ranks.groupby("explainer")[["near_best", "beats_random"]].sum().sum(1)
+    median = ranks.groupby("explainer")["rank"].median()
+    tied = score[score == score.max()].index
+    assert len(tied) > 1                                     # the case this test is about
+    named = re.search(r"The best-placed attention method, (\w+),", v.paragraph).group(1)
+    assert named in tied and median[named] == median[tied].min()
+
+
 def test_failing_randomisation_disqualifies():
     fails = {name: 0.9 for name in ATTENTION_FAMILY}
     v = derive_verdict(synthetic_metrics(0.98, sanity_final=fails), task="t", counterfactual=synthetic_counterfactual(0.3))
@@ -254,6 +267,21 @@ def test_csv_cells_are_guarded(report_dir):
     back = read_guarded_csv(report_dir / "metrics.csv", ["example_id"])
     assert FORMULA in set(back["example_id"])
     assert unguard_cell(guard_cell("'=x")) == "'=x" and guard_cell(-1.5) == -1.5
+
+
+def test_reverdict_derives_the_verdict_again_from_the_saved_tables(tmp_path):
+    out = write_report(tmp_path / "r", **synthetic_report_inputs(hostile=False))
+    saved = json.loads((out / "results.json").read_text())
+    stale = json.loads(json.dumps(saved))
+    stale["verdicts"]["keywords"].update(answer="no", paragraph="an older rule's words")
+    (out / "results.json").write_text(json.dumps(stale))
+    render_report(out)                                           # plain re-render keeps what results.json says
+    assert "an older rule" in (out / "report.md").read_text()
+    render_report(out, reverdict=True)
+    again = json.loads((out / "results.json").read_text())
+    assert again["verdicts"]["keywords"]["answer"] == saved["verdicts"]["keywords"]["answer"]
+    assert again["verdicts"]["keywords"]["paragraph"] == saved["verdicts"]["keywords"]["paragraph"]
+    assert again["timings"] == saved["timings"] and "an older rule" not in (out / "report.md").read_text()
 
 
 def test_render_report_reproduces_the_page(report_dir):
