@@ -147,7 +147,7 @@ def test_best_placed_method_breaks_ties_by_median_rank():
 
     v = derive_verdict(synthetic_metrics(0.5), task="t")
     ranks = pd.DataFrame(v.ranks)
-    score = ranks.groupby("explainer")[["near_best", "beats_random"]].sum().sum(1)
+    score = ranks.groupby("explainer")[["near_best", "beats_random"]].sum().sum(axis=1)
     median = ranks.groupby("explainer")["rank"].median()
     tied = score[score == score.max()].index
     assert len(tied) > 1                                     # the case this test is about
