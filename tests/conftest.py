@@ -60,3 +60,13 @@ def shared_data() -> Path:
     if not data.is_dir():
         pytest.skip(f"../shared/data is absent ({data}); these tests read the benchmark data beside the repo.")
     return data
+
+
+def cli_run(capsys, *args) -> tuple[int, str, str]:
+    """Run `attnaudit ARGS` in this process -> (exit status, stdout, stderr)."""
+    from attnaudit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

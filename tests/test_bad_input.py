@@ -12,14 +12,14 @@ import json
 import pytest
 import torch
 
-from attnaudit import cli, get_explainer
+from attnaudit import get_explainer
 from attnaudit.analyses.audit import AuditSettings, audit
 from attnaudit.explain.registry import REGISTRY
 from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.data import Example, read_table, read_texts
 from attnaudit.model.hooks import record
 
-from conftest import make_tiny_model
+from conftest import cli_run, make_tiny_model
 
 FAST = dict(explainers=("attention", "saliency"), analyses=("faithfulness",))
 QUICK = {"integrated_gradients": {"n_steps": 8}, "lime": {"n_samples": 20}, "kernel_shap": {"n_samples": 20},
@@ -198,12 +198,6 @@ def test_a_model_in_training_mode_is_explained_deterministically_and_left_traini
 def model_dir(tmp_path_factory):
     return save_checkpoint(make_tiny_model(), tmp_path_factory.mktemp("model") / "tiny")
 
-
-def cli_run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 CLI_CASES = [

@@ -10,6 +10,7 @@ import torch
 
 from attnaudit import cli
 from attnaudit.model.train import TrainSettings
+from conftest import cli_run
 
 TINY = TrainSettings(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32, epochs=1, batch_size=32,
                      warmup=20, n_train=96, n_valid=32, n_test=32)
@@ -25,12 +26,6 @@ def tiny_defaults(monkeypatch):
     """The CLI trains with `defaults_for(task)`; here those are a seconds-long tiny model."""
     monkeypatch.setattr(cli, "defaults_for", lambda task=None: TINY)
 
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -50,22 +45,22 @@ def table(tmp_path):
 
 
 def test_train_task_writes_a_model_and_prints_where(capsys, tmp_path):
-    code, out, err = run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")
+    code, out, err = cli_run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith(f"model saved to {tmp_path / 'm'} (test accuracy ")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["training"]["settings"]["epochs"] == 2
     # the identical configuration may retrain into its own folder; another seed may not
-    assert run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")[0] == 0
-    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2",
+    assert cli_run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2", "--quiet")[0] == 0
+    assert_user_error(cli_run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "2",
                           "--seed", "1"), "different model", "settings.seed 0 there, 1 now", "--overwrite")
-    assert_user_error(run(capsys, "train", "--task", "majority", "--out", tmp_path / "m"), "different model")
-    code, out, _ = run(capsys, "train", "--task", "majority", "--out", tmp_path / "m", "--overwrite")
+    assert_user_error(cli_run(capsys, "train", "--task", "majority", "--out", tmp_path / "m"), "different model")
+    code, out, _ = cli_run(capsys, "train", "--task", "majority", "--out", tmp_path / "m", "--overwrite")
     assert code == 0 and "majority: test accuracy" in out
 
 
 def test_train_data_file_summary_and_held_out_split(capsys, tmp_path, table):
-    code, out, err = run(capsys, "train", "--data", table, "--text-col", "text", "--label-col", "label",
+    code, out, err = cli_run(capsys, "train", "--data", table, "--text-col", "text", "--label-col", "label",
                          "--out", tmp_path / "m", "--device", "cpu")
     assert code == 0, err
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
@@ -75,7 +70,7 @@ def test_train_data_file_summary_and_held_out_split(capsys, tmp_path, table):
 
 def test_non_empty_folder_that_is_not_a_model_is_refused(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path), "holds no attnaudit model",
+    assert_user_error(cli_run(capsys, "train", "--task", "needle", "--out", tmp_path), "holds no attnaudit model",
                       "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
@@ -90,13 +85,13 @@ def test_non_empty_folder_that_is_not_a_model_is_refused(capsys, tmp_path):
 ])
 def test_train_usage_errors(capsys, tmp_path, table, args, fragments):
     args = [str(table) if a == "{table}" else a for a in args]
-    assert_user_error(run(capsys, "train", "--out", tmp_path / "m", *args), *fragments)
+    assert_user_error(cli_run(capsys, "train", "--out", tmp_path / "m", *args), *fragments)
     assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cuda_asked_but_unavailable(capsys, tmp_path):
-    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path, "--device", "cuda"),
+    assert_user_error(cli_run(capsys, "train", "--task", "needle", "--out", tmp_path, "--device", "cuda"),
                       "CUDA is not available")
 
 
@@ -109,26 +104,26 @@ def test_cuda_asked_but_unavailable(capsys, tmp_path):
 def test_bad_data_files(capsys, tmp_path, content, fragments):
     data = tmp_path / "bad.csv"
     data.write_text(content)
-    assert_user_error(run(capsys, "train", "--data", data, "--text-col", "text", "--label-col", "label",
+    assert_user_error(cli_run(capsys, "train", "--data", data, "--text-col", "text", "--label-col", "label",
                           "--out", tmp_path / "m"), *fragments)
 
 
 def test_option_errors_are_one_line_too(capsys, tmp_path):
-    assert_user_error(run(capsys, "train", "--task", "needle"), "Missing option '--out'")
-    assert_user_error(run(capsys, "train", "--task", "needle", "--out", tmp_path, "--epochs", "many"), "--epochs")
-    assert_user_error(run(capsys, "trian"), "No such command 'trian'")
+    assert_user_error(cli_run(capsys, "train", "--task", "needle"), "Missing option '--out'")
+    assert_user_error(cli_run(capsys, "train", "--task", "needle", "--out", tmp_path, "--epochs", "many"), "--epochs")
+    assert_user_error(cli_run(capsys, "trian"), "No such command 'trian'")
 
 
 def test_tasks_export_writes_jsonl_with_one_rationale_entry_per_word(capsys, tmp_path):
     out = tmp_path / "kw.jsonl"
-    code, stdout, err = run(capsys, "tasks", "export", "--task", "keywords", "--split", "test", "--out", out,
+    code, stdout, err = cli_run(capsys, "tasks", "export", "--task", "keywords", "--split", "test", "--out", out,
                             "--n", "25", "--seed", "3")
     assert code == 0, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 25 and f"wrote 25 keywords test examples to {out}" in stdout
     for r in records:
         assert len(r["rationale"]) == len(r["text"].split()) and r["label"] in (0, 1)
-    assert_user_error(run(capsys, "tasks", "export", "--task", "keywords", "--split", "dev", "--out", out),
+    assert_user_error(cli_run(capsys, "tasks", "export", "--task", "keywords", "--split", "dev", "--out", out),
                       "split must be one of train, valid, test")
 
 
@@ -142,7 +137,7 @@ def test_python_dash_m_entry_point_has_no_traceback(tmp_path):
 def test_train_data_file_with_a_valid_file(capsys, tmp_path, table):
     valid = tmp_path / "dev.csv"
     valid.write_text("text,label\ngood film,1\nbad film,0\n")
-    code, out, err = run(capsys, "train", "--data", table, "--valid", valid, "--text-col", "text",
+    code, out, err = cli_run(capsys, "train", "--data", table, "--valid", valid, "--text-col", "text",
                          "--label-col", "label", "--out", tmp_path / "m", "--quiet")
     assert code == 0, err
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())

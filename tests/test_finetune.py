@@ -18,7 +18,6 @@ transformers = pytest.importorskip(
     "transformers", reason="fine-tuning needs the optional extra: pip install 'attnaudit[hf]'")
 
 import attnaudit
-from attnaudit import cli
 from attnaudit.model import finetune as finetune_module
 from attnaudit.model.data import Example
 from attnaudit.model.finetune import (
@@ -26,6 +25,7 @@ from attnaudit.model.finetune import (
 )
 from attnaudit.model.hf import load_hf, minilm_path
 from attnaudit.model.schedule import noam_lr
+from conftest import cli_run
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -251,12 +251,6 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, change, error, message):
 
 
 # -- the command line -----------------------------------------------------------------------------------
-def cli_run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
 
 def test_cli_fine_tunes_a_trained_folder_further(capsys, run, files, tmp_path):
     path, _ = run

@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 
-from attnaudit import cli
 from attnaudit.jobs import plan_run, run_job
+from conftest import cli_run
 
 TINY_TOML = """
 [run]
@@ -50,12 +50,6 @@ def config(tmp_path):
     return path
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
 
 def test_plan_reads_the_config_on_top_of_the_defaults(config):
     plan = plan_run(config=config)
@@ -79,7 +73,7 @@ def test_plan_reads_the_config_on_top_of_the_defaults(config):
 def test_bad_config_is_one_line_with_status_2(tmp_path, capsys, text, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    code, out, err = run(capsys, "run", "--config", path, "--out", tmp_path / "rep", "--runs", tmp_path / "runs")
+    code, out, err = cli_run(capsys, "run", "--config", path, "--out", tmp_path / "rep", "--runs", tmp_path / "runs")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert fragment in err, err
     assert not (tmp_path / "rep").exists()
@@ -87,7 +81,7 @@ def test_bad_config_is_one_line_with_status_2(tmp_path, capsys, text, fragment):
 
 def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, config, capsys):
     out, runs = tmp_path / "rep", tmp_path / "runs"
-    code, stdout, err = run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
+    code, stdout, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
     assert code == 0, err
     assert stdout.strip().splitlines()[-1] == f"report written to {out / 'index.html'}"
     assert "needle: " in stdout and "majority: " in stdout
@@ -101,36 +95,36 @@ def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, 
     assert set(metrics["task"]) == {"needle", "majority"} and metrics["example_id"].nunique() == 16
 
     # the same command again: finished items exist, so it refuses rather than silently recomputing
-    code, _, err = run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
+    code, _, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
     assert code == 2 and "--resume" in err, err
     # --resume: every item is reused, models too; the tables are the same bytes
     before = (out / "metrics.csv").read_bytes()
-    code, stdout, err = run(capsys, "run", "--config", config, "--out", out, "--runs", runs, "--resume")
+    code, stdout, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs, "--resume")
     assert code == 0, err
     assert "reusing the model" in stdout and (out / "metrics.csv").read_bytes() == before
     # other settings into the same report folder: refused, then replaced with --overwrite
     other = tmp_path / "other.toml"
     other.write_text(TINY_TOML.replace("seed = 3", "seed = 4"))
-    code, _, err = run(capsys, "run", "--config", other, "--out", out, "--runs", runs)
+    code, _, err = cli_run(capsys, "run", "--config", other, "--out", out, "--runs", runs)
     assert code == 2 and "different models or settings" in err and "--overwrite" in err, err
-    code, _, err = run(capsys, "run", "--config", other, "--out", out, "--runs", runs, "--overwrite")
+    code, _, err = cli_run(capsys, "run", "--config", other, "--out", out, "--runs", runs, "--overwrite")
     assert code == 0, err
     assert json.loads((out / "results.json").read_text())["settings"]["identity"]["audit"]["seed"] == 4
 
     # re-render from the saved files only
     (out / "index.html").unlink()
-    code, stdout, err = run(capsys, "report", out)
+    code, stdout, err = cli_run(capsys, "report", out)
     assert code == 0 and (out / "index.html").is_file(), err
 
     # analyze a trained model on a built-in task, and explain a text with it
     model_dir = next(p for p in runs.iterdir() if p.name.startswith("needle"))
     small = tmp_path / "small.toml"
     small.write_text(TINY_TOML.split("[audit]")[0].split("[train]")[0] + "[audit]" + TINY_TOML.split("[audit]")[1])
-    code, stdout, err = run(capsys, "analyze", "--model", model_dir, "--task", "needle", "--out", tmp_path / "an",
+    code, stdout, err = cli_run(capsys, "analyze", "--model", model_dir, "--task", "needle", "--out", tmp_path / "an",
                             "--config", small)
     assert code == 0, err
     assert json.loads((tmp_path / "an" / "results.json").read_text())["tasks"] == ["needle"]
-    code, stdout, err = run(capsys, "explain", "--model", model_dir, "--text", "x1 x2 <script>",
+    code, stdout, err = cli_run(capsys, "explain", "--model", model_dir, "--text", "x1 x2 <script>",
                             "--explainer", "rollout,occlusion", "--jsonl", tmp_path / "e.jsonl")
     assert code == 0, err
     assert "rollout" in stdout and "occlusion" in stdout and "predicted" in stdout
@@ -142,12 +136,12 @@ def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, 
 def test_out_that_is_a_file_or_another_folder_is_refused_before_training(tmp_path, config, capsys):
     f = tmp_path / "file.txt"
     f.write_text("mine")
-    code, _, err = run(capsys, "run", "--config", config, "--out", f, "--runs", tmp_path / "runs")
+    code, _, err = cli_run(capsys, "run", "--config", config, "--out", f, "--runs", tmp_path / "runs")
     assert code == 2 and "--out" in err, err
     d = tmp_path / "notes"
     d.mkdir()
     (d / "todo.txt").write_text("mine")
-    code, _, err = run(capsys, "run", "--config", config, "--out", d, "--runs", tmp_path / "runs")
+    code, _, err = cli_run(capsys, "run", "--config", config, "--out", d, "--runs", tmp_path / "runs")
     assert code == 2 and "holds no attnaudit report" in err, err
     assert not (tmp_path / "runs").exists() and (d / "todo.txt").read_text() == "mine"
 
@@ -161,7 +155,7 @@ def test_out_that_is_a_file_or_another_folder_is_refused_before_training(tmp_pat
 ])
 def test_command_errors_are_one_line(tmp_path, capsys, args, fragment):
     args = [str(tmp_path / a) if a in ("MODEL", "OUT", "NOWHERE") else a for a in args]
-    code, _, err = run(capsys, *args)
+    code, _, err = cli_run(capsys, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert fragment in err, err
 
@@ -171,7 +165,7 @@ def test_run_covers_the_seq2seq_task(tmp_path, capsys):
     path.write_text('[run]\ntasks = ["reorder"]\n[train]\nd_model = 32\nn_heads = 2\nd_ff = 64\nepochs = 2\n'
                     'n_train = 1500\nn_valid = 100\nn_test = 40\nmax_len = 16\n[audit]\nmax_examples = 20\n'
                     'n_permutations = 4\n')
-    code, stdout, err = run(capsys, "run", "--config", path, "--out", tmp_path / "rep", "--runs", tmp_path / "runs")
+    code, stdout, err = cli_run(capsys, "run", "--config", path, "--out", tmp_path / "rep", "--runs", tmp_path / "runs")
     assert code == 0, err
     results = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert results["tasks"] == ["reorder"] and results["verdicts"]["reorder"]["answer"] != "undetermined"

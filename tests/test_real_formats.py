@@ -7,11 +7,11 @@ import json
 import pandas as pd
 import pytest
 
-from attnaudit import cli
 from attnaudit.model.datasets import data_format, read_labelled
 from attnaudit.model.run_folder import labelled_splits
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
+from conftest import cli_run
 
 WORDS = {0: "dull awful boring", 1: "great joy superb"}
 FILLER = "the film was seen by me on a day".split()
@@ -89,16 +89,10 @@ def test_labelled_splits_index_every_split_by_the_training_names(eraser):
     assert {e.label for e in s["test"]} == {0, 1}
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
 
 def test_train_cli_takes_eraser_splits_and_scores_test_once(eraser, tmp_path, capsys, one_thread_module):
     model = tmp_path / "model"
-    code, stdout, err = run(capsys, "train", "--data", eraser / "train.jsonl", "--valid", eraser / "val.jsonl",
+    code, stdout, err = cli_run(capsys, "train", "--data", eraser / "train.jsonl", "--valid", eraser / "val.jsonl",
                             "--test", eraser / "test.jsonl", "--max-len", 16, "--epochs", 1, "--out", model)
     assert code == 0, err
     metrics = json.loads((model / "metrics.json").read_text())
@@ -115,7 +109,7 @@ def test_analyze_scores_an_eraser_split_against_its_rationales(eraser, tmp_path,
     config = tmp_path / "a.toml"
     config.write_text('[audit]\nexplainers = ["attention", "occlusion", "random"]\nn_permutations = 3\n'
                       'adversarial_steps = 2\nsanity_examples = 2\ncounterfactual_examples = 6\n')
-    code, stdout, err = run(capsys, "analyze", "--model", model, "--data", eraser / "test.jsonl", "--config", config,
+    code, stdout, err = cli_run(capsys, "analyze", "--model", model, "--data", eraser / "test.jsonl", "--config", config,
                             "--max-examples", 12, "--name", "tiny-movies", "--quiet", "--out", out)
     assert code == 0, err
     table = pd.read_csv(out / "metrics.csv")
@@ -132,5 +126,5 @@ def test_analyze_scores_an_eraser_split_against_its_rationales(eraser, tmp_path,
 def test_table_without_columns_is_one_line_before_any_work(tmp_path, capsys):
     table = tmp_path / "t.csv"
     table.write_text("text,label\na,x\nb,y\n")
-    code, _, err = run(capsys, "train", "--data", table, "--out", tmp_path / "m")
+    code, _, err = cli_run(capsys, "train", "--data", table, "--out", tmp_path / "m")
     assert code == 2 and "--data needs --text-col and --label-col" in err and err.count("\n") == 1

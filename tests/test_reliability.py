@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnaudit import cli, get_explainer, load_model
+from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import audit
 from attnaudit.analyses.store import ItemStore
 from attnaudit.explain.registry import REGISTRY
@@ -29,7 +29,7 @@ from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.data import Example
 from attnaudit.model.hooks import active_hook_count, hooks, record
 
-from conftest import make_tiny_model
+from conftest import cli_run, make_tiny_model
 from test_jobs import TINY_TOML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +72,6 @@ def _done(out: Path) -> int:
 def manifest_items(out: Path) -> dict:
     return json.loads((out / ".attnaudit" / "manifest.json").read_text())["items"]
 
-
-def cli_run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 # -- interrupted and resumed --------------------------------------------------------------------------
