@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import typer
 
+from attnaudit.model.checkpoint import refuse_pickle_file
 from attnaudit.model.data import read_texts, write_jsonl
 from attnaudit.model.datasets import data_format
 from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
@@ -34,7 +35,6 @@ tasks_app = typer.Typer(no_args_is_help=True, help="The built-in tasks with know
 app.add_typer(tasks_app, name="tasks")
 
 USER_ERRORS = (ValueError, TypeError, OSError)   # OSError: missing files, folders, permissions
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _headline(metrics: dict) -> str:
@@ -248,12 +248,8 @@ def explain_cli(
 
 
 def _model_folder(path: Path) -> Path:
-    """Refuse a pickle file given as --model with how to convert it (nothing is unpickled, ever)."""
-    if path.is_file() and path.name.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"--model {str(path)!r} is a pickle-based checkpoint file, which attnaudit never loads "
-                         "(unpickling can run code); pass a model folder (config.json + model.safetensors). To convert, "
-                         "load it yourself where you trust it and save the weights with safetensors.torch.save_file.")
-    return path
+    """Refuse a pickle file given as --model, naming the option, before any other work."""
+    return refuse_pickle_file(path, name="--model")
 
 
 def _threads(threads: int) -> None:

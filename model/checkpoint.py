@@ -78,13 +78,23 @@ def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, 
     return out
 
 
-def read_config(path: str | Path) -> dict:
-    """config.json of a model folder, checked to be ours."""
-    folder = Path(path)
-    if folder.is_file() and folder.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"):
-        raise ValueError(f"model path {str(folder)!r} is a pickle-based checkpoint file, which attnaudit never loads "
+PICKLE_FILES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")   # torch.save / pickle.dump checkpoints
+
+
+def refuse_pickle_file(path: str | Path, *, name: str = "model path") -> Path:
+    """Path(path), unless it is a pickle-based checkpoint file: that is refused, with how to convert it
+    (nothing is unpickled, ever). `name` is what the message calls it (e.g. "--model")."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in PICKLE_FILES:
+        raise ValueError(f"{name} {str(path)!r} is a pickle-based checkpoint file, which attnaudit never loads "
                          "(unpickling can run code); pass a model folder (config.json + model.safetensors). To convert, "
                          "load it yourself where you trust it and save the weights with safetensors.torch.save_file.")
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a model folder, checked to be ours."""
+    folder = refuse_pickle_file(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model path {str(folder)!r} is not a folder; pass the folder written by `attnaudit train`.")
     cfg_path = folder / CONFIG

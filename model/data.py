@@ -201,9 +201,8 @@ def _bad_row(path: Path, tsv: bool) -> str | None:
     return None
 
 
-def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
-    """JSON-lines rows as (line number, {key: text}); blank lines are skipped."""
-    rows = []
+def json_lines(path: Path):
+    """(line number, parsed JSON) for each non-blank line of a .jsonl / .json file, optionally .gz."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -211,20 +210,25 @@ def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str,
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw)
+                    yield line, json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {line}: not valid JSON ({e.msg}); "
                                      f"expected one JSON object per line.") from e
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {line}: expected a JSON object, "
-                                     f"got {type(record).__name__}.")
-                for key in needed:
-                    if key not in record:
-                        raise ValueError(f"{path}, line {line} has no key {key!r}. "
-                                         f"Keys present: {', '.join(map(str, record))}.")
-                rows.append((line, {k: "" if v is None else str(v) for k, v in record.items()}))
-    except (UnicodeDecodeError, OSError) as e:
+    except (UnicodeDecodeError, OSError, EOFError) as e:
         raise ValueError(f"while reading {path}: {e}") from e
+
+
+def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """JSON-lines rows as (line number, {key: text}); blank lines are skipped."""
+    rows = []
+    for line, record in json_lines(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
+        for key in needed:
+            if key not in record:
+                raise ValueError(f"{path}, line {line} has no key {key!r}. "
+                                 f"Keys present: {', '.join(map(str, record))}.")
+        rows.append((line, {k: "" if v is None else str(v) for k, v in record.items()}))
     return rows
 
 

@@ -17,7 +17,6 @@ Mathew et al. (2021), HateXplain; Socher et al. (2013), SST.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections import Counter
@@ -25,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from attnaudit.model.data import Example, _sorted_labels, label_index, read_table
+from attnaudit.model.data import Example, _sorted_labels, json_lines, label_index, read_table
 
 HATEXPLAIN_RULES = ("mean", "union")
 
@@ -98,7 +97,7 @@ def read_eraser(
         raise ValueError(f"ERASER split {split!r} not found: {path} does not exist. "
                          f"Splits in {folder}: {', '.join(found) or 'none'}.")
 
-    records = [(line, _eraser_annotation(path, line, raw)) for line, raw in _json_lines(path)]
+    records = [(line, _eraser_annotation(path, line, raw)) for line, raw in json_lines(path)]
     if not records:
         raise ValueError(f"{path} holds no annotations; expected one JSON object per line.")
     docs, docs_source = _eraser_documents(folder, {ann["docid"] for _, ann in records})
@@ -216,7 +215,7 @@ def _eraser_documents(folder: Path, wanted: set[str]) -> tuple[dict[str, str], s
         path = folder / name
         if path.is_file():
             docs, lines = {}, {}
-            for line, record in _json_lines(path):
+            for line, record in json_lines(path):
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
                 docid, text = record.get("docid"), record.get("document")
@@ -231,23 +230,6 @@ def _eraser_documents(folder: Path, wanted: set[str]) -> tuple[dict[str, str], s
             return docs, str(path)
     raise ValueError(f"{folder} has no documents: expected a docs/ folder (one file per docid) or "
                      f"docs.jsonl / docs.jsonl.gz.")
-
-
-def _json_lines(path: Path):
-    """(line number, parsed JSON) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield line, json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line}: not valid JSON ({e.msg} at column {e.colno}); "
-                                     f"expected one JSON object per line.") from e
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise ValueError(f"while reading {path}: {e}") from e
 
 
 def _clip(text: str, n: int = 60) -> str:
@@ -470,7 +452,7 @@ def data_format(path: str | os.PathLike) -> str:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".jsonl") and path.is_file():
-        first = next(iter(_json_lines(path)), (0, None))[1]
+        first = next(iter(json_lines(path)), (0, None))[1]
         if isinstance(first, dict) and "annotation_id" in first and "evidences" in first:
             return "eraser"
     if name.endswith(".json") and path.is_file():
