@@ -11,8 +11,9 @@ chunk is one unit of saved work when a `store` is given):
     model.encode(chunk) -> explain_all (one attention capture serves the attention family) -> Attributions
       -> one PerturbationEngine per chunk: deletion/insertion curves, faithfulness_table (its forwards are
          cache hits for the curves' perturbations), gold_table / rationale_table where rationales are known
-then once, on the first examples: counterfactual_table (attention interventions) and randomization_table
-(cascading weight randomisation, the sanity check).
+then once, on the first examples: counterfactual_table (attention interventions; one item per test and
+layer) and randomization_table (cascading weight randomisation, the sanity check; one item per explainer).
+Items are independent, so `attnaudit.distributed` can compute them on different ranks with the same numbers.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.counterfactual import TESTS, counterfactual_table
+from attnaudit.analyses.counterfactual import TESTS, counterfactual_table, n_units
 from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
@@ -36,6 +37,7 @@ from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
 from attnaudit.model.interface import Batch
+from attnaudit.model.progress import progress_bar
 
 ANALYSES = ("faithfulness", "plausibility", "counterfactual", "sanity")
 CURVE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)     # curves are resampled here so examples line up
@@ -53,7 +55,19 @@ class AuditSettings:
     counterfactual_examples / sanity_examples: how many of the first examples those (costlier) analyses use.
     curve_steps: deletion/insertion curves of examples with more scored tokens take this many even steps
         (plus the start) instead of one per token: long documents cost curve_steps + 1 forwards per curve.
+    Every size has a documented maximum, `AuditSettings.LIMITS`, checked here, before any work: above it an
+    audit would run for days (the message gives the cost); lower the setting (or, knowingly, the limit).
     """
+
+    # size -> (its maximum, what one unit of it costs), for the refusal's estimate
+    LIMITS = {"max_examples": (10_000_000, "examples explained by every explainer"),
+              "chunk_size": (4096, "examples per batch, each × max_len tokens in memory at once"),
+              "counterfactual_examples": (100_000, "examples × layers × (n_permutations + adversarial_steps) forwards"),
+              "n_permutations": (10_000, "forward passes per example and layer"),
+              "adversarial_steps": (10_000, "forward + backward passes per example and layer"),
+              "sanity_examples": (100_000, "examples explained again at every randomised layer"),
+              "curve_steps": (4096, "forward passes per deletion or insertion curve"),
+              "max_batch": (65_536, "rows in one forward pass")}
 
     explainers: tuple[str, ...] = tuple(REGISTRY)
     explainer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -101,6 +115,11 @@ class AuditSettings:
         if self.max_examples is not None and (isinstance(self.max_examples, bool)
                                               or not isinstance(self.max_examples, int) or self.max_examples < 1):
             raise ValueError(f"max_examples must be a positive integer or None (all); got {self.max_examples!r}.")
+        for name, (limit, unit) in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name}={value:,} is above its limit of {limit:,} ({unit}: ≈ {value:.1e} of them); "
+                                 f"lower {name} (the limits are AuditSettings.LIMITS).")
         check_policy(self.policy)
         F.check_bins(self.bins)
 
@@ -140,14 +159,16 @@ class AuditResult:
         return summarize(self.metrics, **options)
 
     def write_report(self, out_dir, *, model_card: Mapping | None = None, task: str = "default",
-                     title: str | None = None, overwrite: bool = False):
+                     title: str | None = None, overwrite: bool = False, full_tables: bool = False):
+        """The report of this audit into out_dir (`attnaudit.analyses.report.write_report`); `full_tables`
+        keeps every example's attributions and curves, not only the shown ones."""
         from attnaudit.analyses.report import write_report
         return write_report(out_dir, metrics=self.metrics.assign(task=task), counterfactual=_tag(self.counterfactual, task),
                             curves=self.curves.assign(task=task), attributions=[{**r, "task": task} for r in self.attributions],
                             examples=[{**x, "task": task} for x in self.examples],
                             attention_examples=[{**self.attention_example, "task": task}] if self.attention_example else None,
                             model_cards={task: dict(model_card or {})}, settings={"task": task, **self.settings},
-                            timings=self.timings, **({"title": title} if title else {}))
+                            timings=self.timings, full_tables=full_tables, **({"title": title} if title else {}))
 
 
 def _tag(cf: Mapping[str, pd.DataFrame], task: str) -> dict | None:
@@ -163,15 +184,17 @@ def _direct(item: str, compute: Callable[[], Any]) -> Any:
 
 
 # -- the audit ------------------------------------------------------------------------------------
-def audit(model, data, settings: AuditSettings | None = None, *, progress: bool = False,
-          runner: Runner | None = None, **changes) -> AuditResult:
+def audit(model, data, settings: AuditSettings | None = None, *, progress: bool | None = None,
+          progress_label: str = "audit", runner: Runner | None = None, **changes) -> AuditResult:
     """Run the chosen explainers and analyses on `model` over `data` -> AuditResult.
 
     Args:
         model: the model interface (TextClassifier, or a HuggingFace model through attnaudit.load_model).
         data: Examples (with label and rationale where known), texts, or a Batch.
         settings: AuditSettings; keyword `changes` override its fields (audit(model, xs, max_examples=50)).
-        progress: a tqdm bar over the stages.
+        progress: a bar per stage counting its examples, with rate and ETA: True always (plain lines
+            every 10 s in a log), None (default) at a terminal or in Jupyter, False never.
+            progress_label: what the bars are called, e.g. "audit keywords".
         runner: runner(item_name, compute) -> payload; lets a caller save each finished item (chunk of
             examples, counterfactual, sanity) and skip it on resume (see `attnaudit.analyses.store`).
             Payloads are dicts of DataFrames and lists. A runner may return None for a failed item;
@@ -190,15 +213,12 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
         e.validate(model)
         e.check_limits(model, batch)
     chunks = [list(range(s, min(s + settings.chunk_size, len(batch)))) for s in range(0, len(batch), settings.chunk_size)]
-    stages = [f"chunk {i + 1}/{len(chunks)}" for i in range(len(chunks))]
-    stages += [a for a in ("counterfactual", "sanity") if a in settings.analyses]
     timings: dict[str, float] = {}
     parts, failures = [], {}
-    bar = _bar(len(stages), progress)
+    bar = _bar(len(batch), progress, f"{progress_label}: explain + faithfulness ({len(explainers)} explainers)")
     with model.evaluating():
         for i, idx in enumerate(chunks):
             item = f"chunk-{i:04d}-of-{len(chunks):04d}"
-            bar.set_description(f"explain + faithfulness, {stages[i]}")
             start = time.perf_counter()
             out = run(item, lambda idx=idx: _retry_oom(lambda: _chunk(model, batch.select(idx), explainers, settings),
                                                        lambda: _chunk_in_halves(model, batch, idx, explainers, settings)))
@@ -207,27 +227,26 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
                 failures[item] = f"examples {idx[0]}..{idx[-1]} failed"
             else:
                 parts.append(out)
-            bar.update()
+            bar.update(len(idx))
+        bar.close()
         cf: dict[str, pd.DataFrame] = {}
         sub = batch.select(range(min(len(batch), settings.counterfactual_examples)))
         if "counterfactual" in settings.analyses:
-            bar.set_description("counterfactual attention tests")
+            bar = progress_bar(n_units(model, settings.counterfactual_tests), enabled=progress, unit="tests",
+                               desc=f"{progress_label}: counterfactual attention tests on {len(sub)} examples")
             start = time.perf_counter()
-            cf = run("counterfactual", lambda: counterfactual_table(
-                model, sub, tests=settings.counterfactual_tests, n_permutations=settings.n_permutations,
-                adversarial_steps=settings.adversarial_steps, seed=settings.seed)) or {}
+            cf = _counterfactual_items(model, sub, settings, run, failures, done=bar.update)
             timings["counterfactual"] = time.perf_counter() - start
-            bar.update()
+            bar.close()
         sanity = None
         if "sanity" in settings.analyses:
-            bar.set_description("randomisation sanity check")
             start = time.perf_counter()
             small = batch.select(range(min(len(batch), settings.sanity_examples)))
-            sanity = run("sanity", lambda: {"metrics": randomization_table(model, small, explainers, seed=settings.seed)
-                                            .assign(note="")})
+            bar = progress_bar(len(explainers), enabled=progress, unit="explainers",
+                               desc=f"{progress_label}: randomisation sanity check on {len(small)} examples")
+            sanity = _sanity_items(model, small, explainers, settings, run, failures, done=bar.update)
             timings["sanity"] = time.perf_counter() - start
-            bar.update()
-    bar.close()
+            bar.close()
     if not parts:
         raise RuntimeError(f"every chunk of the audit failed: {failures}")
     metrics = pd.concat([p["metrics"] for p in parts] + ([sanity["metrics"]] if sanity else []), ignore_index=True)
@@ -239,6 +258,72 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
         attention_example=parts[0]["attention_example"],
         settings={**settings.to_dict(), "n_examples": len(batch), "n_truncated": sum(batch.truncated or [])},
         timings=timings, failures=failures)
+
+
+# -- the counterfactual and sanity items ----------------------------------------------------------
+# Each test at each layer (and head ablation once) is its own item, and so is each explainer's sanity
+# check: every one of them seeds its own generator (counterfactual_table's tests each start from `seed`,
+# explainers seed per example), so computing them apart, on any rank, gives the numbers of one call.
+# They are not split by example: a permutation, adversarial start or random erasure draws for all the
+# examples from one generator, and head ablation averages over them.
+def _counterfactual_items(model, sub: Batch, settings: AuditSettings, run: Runner, failures: dict, *,
+                          done: Callable[[int], Any] = lambda n: None) -> dict:
+    """counterfactual_table(model, sub, ...) computed as one item per (test, layer) -> its merged tables."""
+    options = dict(n_permutations=settings.n_permutations, adversarial_steps=settings.adversarial_steps,
+                   seed=settings.seed)
+    tests = settings.counterfactual_tests
+    if not tests:
+        return run("counterfactual", lambda: counterfactual_table(model, sub, tests=tests, **options)) or {}
+    layers = [*range(model.n_layers), "all"]
+    plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers]
+    plan += [("head_ablation", None)] if "head_ablation" in tests else []
+    pieces = {}
+    for test, layer in plan:
+        item = f"counterfactual-{test}" + ("" if layer is None else f"-layer-{layer}")
+        pieces[test, layer] = run(item, lambda test=test, layer=layer: counterfactual_table(
+            model, sub, tests=(test,), layers=[] if layer is None else [layer], **options))
+        if pieces[test, layer] is None:
+            failures[item] = f"counterfactual test {test}" + ("" if layer is None else f" at layer {layer}") + " failed"
+        done(1)
+    return merge_counterfactual(pieces, tests, layers)
+
+
+def merge_counterfactual(pieces: Mapping[tuple[str, Any], Mapping | None], tests: Sequence[str],
+                         layers: Sequence[Any]) -> dict:
+    """One counterfactual_table per (test, layer) -> the tables of one call over all of them, rows in its order
+    (per layer the tests in TESTS order, then head ablation); pieces that are None (failed) are left out."""
+    per_layer = [t for t in TESTS if t in tests and t != "head_ablation"]
+    keys = [(t, layer) for layer in layers for t in per_layer] + [("head_ablation", None)]
+    summaries = [pieces[k]["summary"] for k in keys if pieces.get(k)]
+    if not summaries:
+        return {}
+    out = {"summary": pd.concat(summaries, ignore_index=True)}
+    for t in tests:
+        frames = [pieces[t, layer][t] for layer in ([None] if t == "head_ablation" else layers) if pieces.get((t, layer))]
+        if frames:
+            out[t] = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def _sanity_items(model, small: Batch, explainers, settings: AuditSettings, run: Runner, failures: dict, *,
+                  done: Callable[[int], Any] = lambda n: None) -> dict | None:
+    """randomization_table(model, small, explainers) as one item per explainer -> {"metrics"} in its row order."""
+    parts = []
+    for e in explainers:
+        item = f"sanity-{e.name}"
+        out = run(item, lambda e=e: {"metrics": randomization_table(model, small, [e], seed=settings.seed).assign(note="")})
+        if out is None:
+            failures[item] = f"sanity check of {e.name} failed"
+        else:
+            parts.append(out["metrics"])
+        done(1)
+    return {"metrics": merge_sanity(parts)} if parts else None
+
+
+def merge_sanity(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per-explainer randomisation tables -> one, ordered as randomization_table orders them: by step, then explainer."""
+    steps = list(dict.fromkeys(s for f in frames for s in f["setting"]))
+    return pd.concat([f[f["setting"] == s] for s in steps for f in frames], ignore_index=True)
 
 
 def _as_batch(model, data, max_examples: int | None) -> Batch:
@@ -377,19 +462,6 @@ def attention_example(model, batch: Batch, i: int = 0) -> dict:
     return {"id": one.ids[0] if one.ids else str(i), "tokens": list(one.tokens[0]), "attention": att.numpy().round(5).tolist()}
 
 
-class _NoBar:
-    def set_description(self, _):
-        pass
-
-    def update(self, n: int = 1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, progress: bool):
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="stage", leave=False)
+def _bar(n_examples: int, progress: bool | None, desc: str):
+    """One stage's bar, counting its examples (see attnaudit.model.progress)."""
+    return progress_bar(n_examples, desc=desc, unit="examples", enabled=progress)

@@ -1,7 +1,8 @@
 """Figures for the report: each function takes tidy tables and returns a matplotlib Figure.
 
     fig = curves_figure(curves)                  # deletion / insertion curves with 95% bands
-    png = figure_png(fig)                        # bytes, dpi 110; the report embeds and saves them
+    png = figure_png(fig)                        # palette PNG bytes at DPI; the report embeds and saves them
+    fig = rank_summary_figure({"task": ranks})   # the report's first figure: every explainer's rank per measure
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so nothing is
 shown, no global state changes and nothing needs closing. Every user string drawn (tokens, explainer
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
 from attnaudit.analyses.sanity import DEFAULT_THRESHOLD as RANDOMIZATION_THRESHOLD
@@ -42,15 +45,24 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def figure_png(fig: Figure, *, dpi: int = DPI) -> bytes:
-    """The figure as PNG bytes (no metadata beyond matplotlib's version: same data, same bytes)."""
+    """The figure as a 256-colour palette PNG (a third of the RGBA size; no metadata: same data, same bytes)."""
+    from PIL import Image
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    return buf.getvalue()
+    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT,
+                                                                           dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 
 def _text(s, n: int = 22) -> str:
-    """A user string made safe for matplotlib: `$` escaped (no mathtext), cut to n characters."""
-    s = str(s).replace("\n", " ")
+    """A user string made safe for matplotlib: `$` escaped (no mathtext), one line, cut to n characters."""
+    s = _LINE_BREAKS.sub(" ", str(s))
     s = s if len(s) <= n else s[: n - 1] + "…"
     return s.replace("\\", "\\\\").replace("$", r"\$")
 
@@ -82,28 +94,38 @@ def _empty(message: str) -> Figure:
 
 
 # -- faithfulness --------------------------------------------------------------------------------
+def curve_means(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per-example curves -> task (if present), explainer, curve, fraction, n, mean, sem (what `curves_figure` draws)."""
+    keys = [c for c in ("task", "explainer", "curve", "fraction") if c in curves.columns]
+    g = curves.groupby(keys, sort=True)["prob"]
+    out = pd.DataFrame({"n": g.count(), "mean": g.mean(), "sem": g.sem().fillna(0.0)}).reset_index()
+    return out
+
+
 def curves_figure(curves: pd.DataFrame) -> Figure:
     """Mean deletion and insertion curves per explainer with 95% bands (mean ± 1.96·SE over examples).
 
     Args:
-        curves: columns example_id, explainer, curve ("deletion"/"insertion"), fraction, prob.
+        curves: per example (example_id, explainer, curve ("deletion"/"insertion"), fraction, prob) or
+            already averaged by `curve_means` (explainer, curve, fraction, n, mean, sem).
     """
     if curves is None or curves.empty:
         return _empty("no deletion/insertion curves")
-    names = explainer_order(curves["explainer"].unique())
+    means = curves if "mean" in curves.columns else curve_means(curves)
+    names = explainer_order(means["explainer"].unique())
     colors = explainer_colors(names)
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, curve in zip(axes, ("deletion", "insertion")):
-        part = curves[curves["curve"] == curve]
+        part = means[means["curve"] == curve]
         for name in names:
-            g = part[part["explainer"] == name].groupby("fraction")["prob"]
+            g = part[part["explainer"] == name].sort_values("fraction")
             if not len(g):
                 continue
-            mean, sem = g.mean(), g.sem().fillna(0.0)
+            x, mean, sem = g["fraction"].to_numpy(float), g["mean"].to_numpy(float), g["sem"].to_numpy(float)
             style = "-" if name in ATTENTION_FAMILY else ":" if name == "random" else "--"
-            ax.plot(mean.index, mean.to_numpy(), style, color=colors[name], label=_text(name), lw=1.6)
-            ax.fill_between(mean.index, mean - Z95 * sem, mean + Z95 * sem, color=colors[name], alpha=0.15, lw=0)
+            ax.plot(x, mean, style, color=colors[name], label=_text(name), lw=1.6)
+            ax.fill_between(x, mean - Z95 * sem, mean + Z95 * sem, color=colors[name], alpha=0.15, lw=0)
         better = "lower" if curve == "deletion" else "higher"
         ax.set(title=f"{curve} curve ({better} area is better)", xlabel="fraction of tokens "
                + ("removed" if curve == "deletion" else "restored"), ylabel="probability of the predicted class")
@@ -202,7 +224,10 @@ def agreement_matrix(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def agreement_figure(matrix: pd.DataFrame) -> Figure:
-    """Heatmap of the mean Kendall τ between explainers (from `agreement_matrix`)."""
+    """Heatmap of the mean Kendall τ between explainers (`agreement_matrix`, or its tidy form explainer, other, tau)."""
+    if matrix is not None and {"explainer", "other", "tau"} <= set(matrix.columns):
+        order = explainer_order(matrix["explainer"].unique())
+        matrix = matrix.pivot(index="explainer", columns="other", values="tau").reindex(index=order, columns=order)
     if matrix is None or matrix.empty:
         return _empty("no attributions to compare")
     n = len(matrix)
@@ -214,6 +239,50 @@ def agreement_figure(matrix: pd.DataFrame) -> Figure:
                 cbar_kws={"label": "mean Kendall τ"})
     ax.tick_params(labelsize=7)
     ax.set_title("agreement between explainers (Kendall τ per example, averaged)", fontsize=9)
+    return fig
+
+
+def rank_summary_figure(ranks: dict[str, pd.DataFrame]) -> Figure:
+    """The report's first figure: each explainer's rank (1 = best) on each headline measure, one panel per task.
+
+    Colour is the rank scaled to [best, worst] within its task (tasks may rank different numbers of
+    explainers); the number in a cell is the rank itself. Up to two panels per row.
+    Args:
+        ranks: {task: `verdict.rank_table(summary)`} (columns metric, setting, explainer, rank, n_explainers).
+    """
+    ranks = {t: r for t, r in ranks.items() if r is not None and not r.empty}
+    if not ranks:
+        return _empty("no headline measure was ranked")
+    names = explainer_order(sorted({n for r in ranks.values() for n in r["explainer"]}))
+    ncols = len(ranks) if len(ranks) <= 2 else 2
+    nrows = math.ceil(len(ranks) / ncols)
+    width = max(r["metric"].nunique() for r in ranks.values())
+    fig = _figure(max(6.0, ncols * (0.62 * width + 2.0) + 0.8), nrows * (0.22 * len(names) + 1.45) + 0.2)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False, sharey=True)).ravel()
+    for ax, (task, r) in zip(axes, ranks.items()):
+        metrics = list(dict.fromkeys(r["metric"]))
+        r = r.assign(frac=(r["rank"] - 1) / (r["n_explainers"] - 1).clip(lower=1))
+        grid = r.pivot_table(index="explainer", columns="metric", values="rank", aggfunc="min").reindex(index=names, columns=metrics)
+        frac = r.pivot_table(index="explainer", columns="metric", values="frac", aggfunc="min").reindex(index=names, columns=metrics)
+        im = ax.imshow(frac.to_numpy(float), cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (i, j), v in np.ndenumerate(grid.to_numpy(float)):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(metrics)), [_text(m.replace("_", " "), 24) for m in metrics], rotation=35,
+                      ha="right", fontsize=8)
+        ax.set_title(_text(f"task {task} ({int(r['n_explainers'].max())} explainers)", 48), fontsize=9)
+        for i, n in enumerate(names):
+            if n in ATTENTION_FAMILY:
+                ax.add_patch(Rectangle((-0.5, i - 0.5), len(metrics), 1, fill=False, ec="black", lw=1.2))
+        ax.set_yticks(range(len(names)), [_text(n) for n in names], fontsize=8)
+        for label in ax.get_yticklabels():
+            if label.get_text() in ATTENTION_FAMILY:
+                label.set_fontweight("bold")
+    for ax in axes[len(ranks):]:
+        ax.axis("off")
+    bar = fig.colorbar(im, ax=list(axes), shrink=0.6, pad=0.01, ticks=[0, 1])
+    bar.ax.set_yticklabels(["best", "worst"], fontsize=8)
+    fig.suptitle("Rank of each explainer on each measure (1 = best; attention family boxed, in bold)", fontsize=10)
     return fig
 
 
@@ -362,6 +431,6 @@ def attention_grid_figure(attention, tokens: Sequence[str]) -> Figure:
     return fig
 
 
-__all__ = ["figure_png", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
+__all__ = ["figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
            "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
            "attention_grid_figure", "explainer_order", "explainer_colors"]

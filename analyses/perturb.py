@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.explain.attribution import Attribution
+from attnaudit.explain.base import MAX_ROWS
 from attnaudit.model.interface import Batch
 
 POLICIES = ("mask", "attention", "delete")
@@ -200,7 +201,7 @@ class PerturbationEngine:
         model: the model interface (`logits(input_ids, attention_mask)`, `evaluating()`, `pad_id`, `mask_id`).
         batch: the source examples; keep-masks are [batch, ..., seq] over its positions.
         policy: the default replacement policy ("mask", "attention" or "delete"); each call may override it.
-        max_batch: most sequences per forward.
+        max_batch: most sequences per forward, at most MAX_ROWS (65,536).
         autocast: bf16 autocast when the model is on CUDA (ignored on CPU).
     """
 
@@ -209,6 +210,8 @@ class PerturbationEngine:
         check_policy(policy)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1 (sequences per forward); got {max_batch!r}.")
+        if max_batch > MAX_ROWS:
+            raise ValueError(f"max_batch must be an int in [1, {MAX_ROWS:,}] (sequences per forward); got {max_batch:,}.")
         self.model = model
         self.batch = batch
         self.policy = policy

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import average_precision_score
 from torch import Tensor
 
 from attnaudit.explain.attribution import Attribution
@@ -37,14 +36,41 @@ def _gold(attribution: Attribution, gold: Tensor) -> Tensor:
 
 
 def auprc(attribution: Attribution, gold: Tensor) -> Tensor:
-    """Average precision (sklearn) of the scores against the gold tokens, per example -> [batch] (NaN: no gold)."""
-    g = _gold(attribution, gold)
-    out = torch.full((len(attribution),), float("nan"), dtype=torch.float64)
-    for i in range(len(attribution)):
-        keep = attribution.scored_mask[i]
-        if g[i].any():
-            out[i] = average_precision_score(g[i, keep].numpy(), attribution.scores[i, keep].double().numpy())
-    return out
+    """Average precision (sklearn's `average_precision_score`) of the scores against the gold tokens,
+    per example -> [batch] (NaN: no gold).
+
+    All examples at once: AP = Σ over distinct score thresholds (descending) of ΔTP / n_gold × precision,
+    tied scores forming one threshold, as in sklearn; equal to it to ~1e-15.
+    """
+    g = _gold(attribution, gold).numpy()                                            # [batch, seq] bool
+    keep = attribution.scored_mask.numpy()                                          # [batch, seq] bool
+    return torch.from_numpy(average_precision(attribution.scores.double().numpy(), g, keep))
+
+
+def average_precision(scores: np.ndarray, gold: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """sklearn's average precision per row over the kept positions -> float64 [batch] (NaN: no gold kept).
+
+    Args:
+        scores: [batch, seq] float; gold, keep: [batch, seq] bool.
+    """
+    gold = gold & keep
+    key = np.where(keep, scores, -np.inf)                                           # dropped positions sort last
+    order = np.argsort(-key, axis=1, kind="stable")                                 # [batch, seq] descending
+    s = np.take_along_axis(key, order, 1)
+    g = np.take_along_axis(gold, order, 1)
+    k = np.take_along_axis(keep, order, 1)
+    tp = np.cumsum(g, axis=1)                                                       # true positives down to j
+    rank = np.arange(1, s.shape[1] + 1)                                             # tokens down to j
+    nxt_same = np.zeros_like(k)
+    nxt_same[:, :-1] = (s[:, 1:] == s[:, :-1]) & k[:, 1:]
+    boundary = k & ~nxt_same                                                        # last token of a tie group
+    running = np.maximum.accumulate(np.where(boundary, tp, 0), axis=1)              # TP at the last boundary ≤ j
+    previous = np.concatenate([np.zeros((len(s), 1), dtype=tp.dtype), running[:, :-1]], axis=1)
+    gain = np.where(boundary, tp - previous, 0)                                     # ΔTP at each threshold
+    n_gold = g.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (gain * (tp / rank)).sum(1) / n_gold
+    return np.where(n_gold > 0, ap, np.nan)
 
 
 def precision_at_k(attribution: Attribution, gold: Tensor) -> Tensor:
@@ -90,12 +116,11 @@ def token_f1(attribution: Attribution, gold: Tensor, *, k: int | float | None = 
     """ERASER token-level F1 per example: precision and recall of predicted vs gold tokens -> [batch]."""
     g = _gold(attribution, gold)
     pred = predicted_rationale(attribution, gold, k=k, threshold=threshold)
-    out = torch.full((len(attribution),), float("nan"), dtype=torch.float64)
-    for i in range(len(attribution)):
-        n_gold, n_pred, hits = int(g[i].sum()), int(pred[i].sum()), int((g[i] & pred[i]).sum())
-        if n_gold:
-            out[i] = _f1(hits / n_pred if n_pred else 0.0, hits / n_gold)
-    return out
+    n_gold, n_pred, hits = g.sum(1).double(), pred.sum(1).double(), (g & pred).sum(1).double()   # [batch] each
+    precision = torch.where(n_pred > 0, hits / n_pred.clamp_min(1), 0.0)
+    recall = hits / n_gold.clamp_min(1)
+    f1 = torch.where((precision > 0) & (recall > 0), 2 * precision * recall / (precision + recall), 0.0)
+    return torch.where(n_gold > 0, f1, torch.nan)
 
 
 def spans(row: Tensor) -> list[tuple[int, int]]:

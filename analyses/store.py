@@ -7,6 +7,8 @@
 
 Files: <out>/.attnaudit/manifest.json (fingerprint and one entry per item: status, seconds, sha256),
 <out>/.attnaudit/items/<safe_name(item)>.json and <out>/.attnaudit/lock (pid, host, time of the holder).
+A sharded run (attnaudit.distributed) adds ranks/rank-R.json and ranks/rank-R.lock per rank R > 0 (`RankStore`):
+its items, which rank 0 adopts while it waits (`collect`) and any later open adopts too.
 Every file is written to a temporary file beside it, fsynced, renamed over the final name and the folder
 fsynced, and an item file is complete before the manifest calls it done: readers never see a torn file.
 JSON is strict (no NaN tokens): a non-finite float is written as {"$float": "nan" | "inf" | "-inf"} and
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from attnaudit.model.checkpoint import atomic_write_bytes
+from attnaudit.model.checkpoint import atomic_write_bytes, file_sha256
 
 try:
     import fcntl                                      # the kernel drops an flock when its holder dies
@@ -58,11 +60,8 @@ class FingerprintMismatch(StoreError):
 
 # -- hashes -------------------------------------------------------------------------------------
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 of one file (`attnaudit.model.checkpoint.file_sha256`, the one definition)."""
+    return file_sha256(Path(path))
 
 
 def sha256_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> str:
@@ -271,11 +270,36 @@ def _read_lock(fd: int) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def _holder(path: Path) -> dict | None:
+    """Who holds the flock on lock file `path` (its recorded pid, host, time), or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if fcntl is None or _try_flock(fd):           # taken: nobody held it (closing the fd releases it)
+            return None
+        return _read_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _elsewhere(path: Path) -> bool:
+    """Does lock file `path` name another host? Its flock then proves nothing (a shared file system may keep
+    flocks per machine), so such a rank counts as alive; torchrun or the wait's timeout see it die."""
+    try:
+        info = json.loads(path.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("host", socket.gethostname()) != socket.gethostname()
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaves where two JSON values differ -> [(dotted key, old, new)]; a missing key reads "<missing>"."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in [*old, *(k for k in new if k not in old)]:
-            out += _differences(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}.{k}" if prefix else k)
+            out += differences(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}.{k}" if prefix else k)
         return out
     return [] if old == new else [(prefix or "<fingerprint>", old, new)]
 
@@ -298,8 +322,10 @@ class ItemStore:
         self.resume = resume
         self.overwrite = overwrite
         self.root = self.folder / ".attnaudit"
+        self._lock_path = self.root / "lock"
         self._lock_fd: int | None = None
         self._items: dict[str, dict] = {}
+        self._saved_now: set[str] = set()             # items saved, failed or collected since open
 
     # lock ---------------------------------------------------------------------------------------
     def __enter__(self) -> ItemStore:
@@ -320,7 +346,7 @@ class ItemStore:
 
     def _lock(self) -> None:
         """O_CREAT|O_EXCL lock file naming its holder, flocked while held: a dead holder's flock is gone."""
-        path = self.root / "lock"
+        path = self._lock_path
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(5):
             try:
@@ -360,7 +386,7 @@ class ItemStore:
     def _unlock(self) -> None:
         if self._lock_fd is None:
             return
-        path = self.root / "lock"
+        path = self._lock_path
         with contextlib.suppress(OSError):
             if os.fstat(self._lock_fd).st_ino == os.stat(path).st_ino:
                 path.unlink()
@@ -369,8 +395,9 @@ class ItemStore:
 
     # manifest -----------------------------------------------------------------------------------
     def _open(self) -> None:
-        for tmp in [*self.root.glob(".*.tmp"), *(self.root / "items").glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)               # left by a killed writer; we hold the lock
+        for tmp in [*self.root.glob(".*.tmp"), *(self.root / "items").glob(".*.tmp"),
+                    *(self.root / "ranks").glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)               # left by a killed writer; we hold the lock (ranks start after)
         fingerprint = loads(dumps(self.fingerprint))  # as it will read back
         path = self.root / "manifest.json"
         manifest = None
@@ -386,6 +413,9 @@ class ItemStore:
                                        "pass --overwrite to start again.") from None
                 manifest = None
         items = manifest["items"] if manifest else {}
+        ranked = self._check_ranks()                  # other ranks' manifests of an earlier sharded run
+        if manifest and not self.overwrite:
+            items = {**items, **self._valid_entries(ranked, manifest["fingerprint"], items)}
         if self.overwrite:
             for f in (self.root / "items").glob("*.json"):
                 f.unlink()
@@ -396,13 +426,15 @@ class ItemStore:
                               f"({len(items) - n_failed} done, {n_failed} failed); pass --resume to continue it "
                               "or --overwrite to start again.")
         elif items:
-            diffs = _differences(manifest["fingerprint"], fingerprint)
+            diffs = differences(manifest["fingerprint"], fingerprint)
             if diffs:
                 lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in diffs)
                 raise FingerprintMismatch(f"--resume: {str(self.folder)!r} was computed with a different "
                                           f"fingerprint (earlier -> now):\n{lines}\npass --overwrite to start "
                                           "again or choose another --out.", diffs)
         self._commit(items, fingerprint)
+        for path in ranked:                           # their entries are in the manifest now
+            path.unlink(missing_ok=True)
 
     def _commit(self, items: dict[str, dict], fingerprint: Any = None) -> None:
         """Write the manifest holding `items`; only then adopt them."""
@@ -420,6 +452,67 @@ class ItemStore:
 
     def _path(self, item: str) -> Path:
         return inside(self.root / "items", safe_name(item) + ".json")
+
+    # ranks of a sharded run (attnaudit.distributed) ---------------------------------------------
+    def _check_ranks(self) -> list[Path]:
+        """Refuse when a rank of another job still writes here; drop dead ranks' locks -> their manifests."""
+        ranks = self.root / "ranks"
+        for lock in sorted(ranks.glob("rank-*.lock")) if ranks.is_dir() else []:
+            info = _holder(lock)
+            if info is not None:
+                raise StoreLocked(f"{str(self.folder)!r} is in use by {lock.stem} of another sharded job (pid "
+                                  f"{info.get('pid', '?')} on host {info.get('host', '?')} since "
+                                  f"{info.get('time', '?')}); wait for it to finish or pass another --out.")
+            lock.unlink(missing_ok=True)
+        return sorted(ranks.glob("rank-*.json")) if ranks.is_dir() else []
+
+    def _valid_entries(self, paths: Iterable[Path], fingerprint: Any, known: Mapping[str, dict]) -> dict[str, dict]:
+        """The entries of rank manifests written with `fingerprint` that are new to `known` and whose item files
+        match their sha256 (failed entries need no file)."""
+        new = {}
+        for path in paths:
+            try:
+                m = loads(path.read_bytes())
+            except (OSError, ValueError):             # torn or half-written: its items are computed again
+                continue
+            if not isinstance(m, dict) or m.get("fingerprint") != fingerprint or not isinstance(m.get("items"), dict):
+                continue
+            for item, entry in m["items"].items():
+                if known.get(item) == entry or not isinstance(entry, dict):
+                    continue
+                if entry.get("status") == "done":
+                    file = self._path(item)
+                    if not file.is_file() or sha256_file(file) != entry.get("sha256"):
+                        continue
+                elif entry.get("status") != "failed":
+                    continue
+                new[item] = entry
+        return new
+
+    def collect(self) -> dict[int, dict]:
+        """Adopt the items the other ranks saved since -> {rank: {"started", "alive", "finished", "n_items"}}."""
+        self._check_open()
+        states, paths = {}, []
+        folder = self.root / "ranks"
+        for rank in sorted({int(f.stem.split("-")[1]) for f in folder.glob("rank-*.*") if f.suffix in (".json", ".lock")}):
+            path = folder / f"rank-{rank}.json"
+            alive = _holder(path.with_suffix(".lock")) is not None or _elsewhere(path.with_suffix(".lock"))
+            try:
+                m = loads(path.read_bytes())
+            except (OSError, ValueError):             # locked but nothing written yet (or torn)
+                m = {}
+            states[rank] = {"started": True, "alive": alive, "finished": bool(m.get("finished")),
+                            "n_items": len(m.get("items", {}))}
+            paths.append(path)
+        new = self._valid_entries(paths, self._fingerprint, self._items)
+        if new:
+            self._commit({**self._items, **new})
+            self._saved_now |= set(new)
+        return states
+
+    def saved_now(self, item: str) -> bool:
+        """Was `item` saved (done or failed) since open, by this store or a rank it collected from?"""
+        return item in self._saved_now
 
     # items --------------------------------------------------------------------------------------
     def items(self) -> dict[str, dict]:
@@ -458,9 +551,11 @@ class ItemStore:
         entry = {"status": "done", "seconds": float(seconds), "sha256": hashlib.sha256(data).hexdigest(),
                  "file": path.name}
         self._commit({**self._items, item: entry})
+        self._saved_now.add(item)
 
     def fail(self, item: str, reason: str, *, seconds: float = 0.0) -> None:
         self._commit({**self._items, item: {"status": "failed", "reason": str(reason), "seconds": float(seconds)}})
+        self._saved_now.add(item)
 
     def run(self, item: str, compute: Callable[[], Any], *, retry_oom: Callable[[], Any] | None = None) -> Any | None:
         """The item's payload: loaded if done, else computed, saved and returned as it reads back.
@@ -489,3 +584,63 @@ class ItemStore:
             self.fail(item, f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
             return None
         return self.load(item)
+
+
+class RankStore(ItemStore):
+    """Rank R's side (R > 0) of a store that rank 0's ItemStore holds, for a sharded run (attnaudit.distributed).
+
+    The same item files, listed in .attnaudit/ranks/rank-R.json (only this rank writes it) and guarded by
+    ranks/rank-R.lock; the folder's lock and manifest stay rank 0's, which adopts these entries (`collect`)
+    while it waits and at the next open (any world size, once no rank lock is held). Items done in rank 0's
+    manifest at start are skipped. Open it only after rank 0's ItemStore is open.
+    """
+
+    def __init__(self, folder: str | Path, *, rank: int, fingerprint: Mapping[str, Any]):
+        super().__init__(folder, fingerprint=fingerprint, resume=True)
+        self.rank = rank
+        self._lock_path = self.root / "ranks" / f"rank-{rank}.lock"
+        self._manifest_path = self.root / "ranks" / f"rank-{rank}.json"
+        self._base: dict[str, dict] = {}
+        self._finished = False
+
+    def __enter__(self) -> RankStore:
+        (self.root / "ranks").mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _open(self) -> None:
+        path = self.root / "manifest.json"
+        try:
+            manifest = loads(path.read_bytes())
+            items = manifest["items"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreCorrupt(f"rank {self.rank}: {str(path)!r} cannot be read ({e}); rank 0 writes it before "
+                               "the other ranks start, so start every rank together (torchrun).") from None
+        fingerprint = loads(dumps(self.fingerprint))
+        diffs = differences(manifest.get("fingerprint"), fingerprint)
+        if diffs:
+            raise FingerprintMismatch(f"rank {self.rank}: {str(self.folder)!r} belongs to another audit (its "
+                                      f"fingerprint differs in {diffs[0][0]}).", diffs)
+        self._base = {k: e for k, e in items.items() if isinstance(e, dict) and e.get("status") == "done"}
+        self._commit(dict(self._base), fingerprint)
+
+    def _commit(self, items: dict[str, dict], fingerprint: Any = None) -> None:
+        """Write this rank's manifest: its own entries (not rank 0's, which it only reads)."""
+        self._check_open()
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
+        own = {k: v for k, v in items.items() if self._base.get(k) != v}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self._fingerprint,
+                    "rank": self.rank, "finished": self._finished, "items": own}
+        _write(self._manifest_path, dumps(manifest).encode("utf-8"))
+        self._items = items
+
+    def finish(self) -> None:
+        """Mark this rank's work done (rank 0 then no longer waits on it)."""
+        self._finished = True
+        self._commit(self._items)

@@ -13,28 +13,29 @@
 Library functions raise ValueError / TypeError / OSError (FileNotFoundError...); `main` turns them (and usage
 errors) into one `error: ...` line on stderr and exit status 2, without a traceback. Ctrl-C or SIGTERM:
 the item in flight is abandoned, finished items stay saved, exit status 130 (continue with --resume).
-Items that failed (the others finished): listed, exit status 3.
+Items that failed (the others finished): listed, exit status 3. Under torchrun (attnaudit.distributed), a rank
+that died, hung or refused: named with the --resume command, exit status 4; only rank 0 prints the report lines.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import torch
 import typer
 
-from attnaudit.model.checkpoint import refuse_pickle_file
-from attnaudit.model.data import read_texts, write_jsonl
-from attnaudit.model.datasets import data_format
-from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
-from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
+from attnaudit.model.tasks import TASK_NAMES   # light: `--help` and `tasks list` import no torch, pandas or captum
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: plain help, so "[audit]" is text rather than Rich markup and flags read "--quick"
+# (typer's Rich panels print every flag as "--quick <bool>").
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Can a Transformer's attention explain its outputs? Train, explain, audit.")
-tasks_app = typer.Typer(no_args_is_help=True, help="The built-in tasks with known evidence.")
+tasks_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The built-in tasks with known evidence.")
 app.add_typer(tasks_app, name="tasks")
 
 USER_ERRORS = (ValueError, TypeError, OSError)   # OSError: missing files, folders, permissions
+LABEL_NAMES_HELP = ("Names of the model's classes in index order, comma-separated (e.g. negative,positive for a "
+                    "HuggingFace head's LABEL_0,LABEL_1). Integer labels in --data are class indices either way.")
+EXPLAIN_CHUNK = 64                               # texts explained together (one progress step)
 
 
 def _headline(metrics: dict) -> str:
@@ -63,6 +64,8 @@ def train_cli(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary; only the last line."),
 ):
     """Train the lecture's Transformer on a built-in task or your own file; write a model folder."""
+    from attnaudit.model.datasets import data_format
+    from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
                          f"got {'both' if task is not None else 'neither'}.")
@@ -71,8 +74,7 @@ def train_cli(
     if data is not None and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {data.name} to use).")
     resolve_device(device)                          # a bad --device fails before any data is read
-    if threads:
-        torch.set_num_threads(threads)              # results are bitwise reproducible per thread count
+    _threads(threads)                               # results are bitwise reproducible per thread count
     settings = defaults_for(task)                   # unknown task names fail here, with the valid ones
     changes = {k: v for k, v in {"seed": seed, "epochs": epochs, "max_len": max_len}.items() if v is not None}
     settings = settings.replace(**changes)
@@ -118,6 +120,7 @@ def finetune_cli(
     """Fine-tune a HuggingFace classifier (or add and train a head) on your file; write a HuggingFace folder."""
     from attnaudit.analyses.store import interruptible
     from attnaudit.model.finetune import finetune_to_folder
+    from attnaudit.model.settings import resolve_device
     resolve_device(device)                          # a bad --device fails before any data is read
     _threads(threads)
     options = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_len": max_len}.items()
@@ -147,6 +150,8 @@ def run_cli(
     runs: Path = typer.Option(None, "--runs", help="Where trained models are kept and reused (default runs/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out; finished items are kept."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different report (or its saved items) in --out."),
+    full_tables: bool = typer.Option(False, "--full-tables", help="Also keep every example's attributions and "
+                                     "curves (default: only what the report shows; metrics are always complete)."),
     threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only the last line."),
 ):
@@ -154,7 +159,7 @@ def run_cli(
     from attnaudit.jobs import run_job
     out = out or Path("reports/quick" if quick else "reports/default")
     _job(run_job, threads, quiet, out, quick=quick, config=config, device=device, runs=runs, resume=resume,
-         overwrite=overwrite)
+         overwrite=overwrite, full_tables=full_tables)
 
 
 @app.command("analyze")
@@ -171,26 +176,35 @@ def analyze_cli(
                                      "(default 100, or [audit] max_examples)."),
     name: str = typer.Option(None, "--name", help="What the report calls the data (default: the file's name)."),
     title: str = typer.Option(None, "--title", help="The report's title."),
+    label_names: str = typer.Option(None, "--label-names", help=LABEL_NAMES_HELP),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Analyse a model whose classification "
+                                         "head was newly initialised at load (its verdict means little)."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted analysis in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different report in --out."),
+    full_tables: bool = typer.Option(False, "--full-tables", help="Also keep every example's attributions and "
+                                     "curves (default: only what the report shows; metrics are always complete)."),
     threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only the last line."),
 ):
     """Run every explainer and analysis on a trained model and a dataset; write the report."""
     from attnaudit.jobs import analyze_job
     _job(analyze_job, threads, quiet, _model_folder(model), out, task=task, data=data, text_col=text_col, label_col=label_col,
-         config=config, device=device, max_examples=max_examples, name=name, title=title, resume=resume,
-         overwrite=overwrite)
+         config=config, device=device, max_examples=max_examples, name=name, title=title, label_names=label_names,
+         allow_untrained=allow_untrained, resume=resume, overwrite=overwrite, full_tables=full_tables)
 
 
 @app.command("report")
 def report_cli(out: Path = typer.Argument(..., help="A report folder written by run or analyze."),
                reverdict: bool = typer.Option(False, "--reverdict", help="Derive the verdicts again from the saved "
-                                              "tables with this version's rule (no model is run).")):
-    """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation)."""
+                                              "tables with this version's rule (no model is run)."),
+               full_tables: bool = typer.Option(None, "--full-tables/--sampled-tables", help="Keep every attribution "
+                                                "and per-example curve the folder has, or only what the report shows "
+                                                "(default: as the folder has them; an older folder is cut to what is shown).")):
+    """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation);
+    a folder of the older layout is rewritten in the current one."""
     from attnaudit.analyses.report import render_report
-    path = render_report(out, reverdict=reverdict)
+    path = render_report(out, reverdict=reverdict, full_tables=full_tables)
     typer.echo(f"report written to {path / 'index.html'}")
 
 
@@ -204,12 +218,18 @@ def explain_cli(
                                   help="Comma-separated registry names ('all' for every one)."),
     jsonl: Path = typer.Option(None, "--jsonl", help="Also write one JSON object per (example, explainer) here."),
     target: str = typer.Option(None, "--target", help="Class to explain: a label name or index (default: the predicted one)."),
+    label_names: str = typer.Option(None, "--label-names", help=LABEL_NAMES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
     from attnaudit.explain.registry import REGISTRY
     from attnaudit.explain.run import explain_all
     from attnaudit.model.checkpoint import atomic_write_text, load_model
+    from attnaudit.model.data import read_texts
+    from attnaudit.model.labels import name_classes, parse_label_names
+    from attnaudit.model.progress import progress_bar
+    from attnaudit.model.settings import resolve_device
     import json
     if (text is None) == (data is None):
         raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")
@@ -220,25 +240,24 @@ def explain_cli(
                          f"Available: {', '.join(REGISTRY)}, or all.")
     if jsonl is not None and jsonl.is_dir():
         raise ValueError(f"--jsonl must be a file path; {str(jsonl)!r} is a folder.")
-    m = load_model(_model_folder(model), device=resolve_device(device))
+    given_names = parse_label_names(label_names)
+    m = name_classes(load_model(_model_folder(model), device=resolve_device(device)), given_names)
     inputs = [text] if text is not None else read_texts(data, text_col=text_col)
-    batch = m.encode(inputs, truncate=True)
     if target is not None and target.strip().lstrip("+-").isdigit():
         target = int(target)                        # "1" is class 1; a label name stays a name
-    attributions = explain_all(m, batch, names, target=target)
-    cut = batch.truncated or [False] * len(batch)
-    records = [{**r, "truncated": cut[i]} for a in attributions.values() for i, r in enumerate(a.to_records())]
-    for i in range(len(batch)):
-        n = int(batch.attention_mask[i].sum())
-        first = next(iter(attributions.values()))
-        label = m.label_names[int(first.target[i])]
-        typer.echo(f"\n{batch.ids[i] if batch.ids else i}: {'predicted' if target is None else 'explaining'} {label} "
-                   f"(p = {float(first.target_prob[i]):.3f})")
-        width = max(8, *(len(t) for t in batch.tokens[i][:n]))
-        typer.echo(f"{'token':<{width}} " + " ".join(f"{name[:12]:>12}" for name in names))
-        for j in range(n):
-            cells = " ".join(f"{float(attributions[name].scores[i, j]):>12.4f}" for name in names)
-            typer.echo(f"{batch.tokens[i][j]:<{width}} {cells}")
+    records, cut = [], []
+    # a file is explained EXPLAIN_CHUNK texts at a time: bounded memory, a progress step, tables as they come
+    with progress_bar(len(inputs), desc=f"explain ({len(names)} explainers)", unit="texts",
+                      enabled=False if quiet else None if len(inputs) <= EXPLAIN_CHUNK else True) as bar:
+        for start in range(0, len(inputs), EXPLAIN_CHUNK):
+            batch = m.encode(inputs[start : start + EXPLAIN_CHUNK], truncate=True)
+            attributions = explain_all(m, batch, names, target=target)
+            chunk_cut = batch.truncated or [False] * len(batch)
+            records += [{**r, "truncated": chunk_cut[i]} for a in attributions.values()
+                        for i, r in enumerate(a.to_records())]
+            cut += chunk_cut
+            _print_tables(m, batch, attributions, names, explaining=target is not None, first_index=start)
+            bar.update(len(batch))
     if any(cut):
         typer.echo(f"note: {sum(cut)} text(s) had more words than the model's {m.max_len} positions and were cut "
                    "(\"truncated\": true in --jsonl); a model trained with a larger max_len takes them whole")
@@ -247,13 +266,30 @@ def explain_cli(
         typer.echo(f"wrote {len(records)} records to {jsonl}")
 
 
+def _print_tables(m, batch, attributions, names, *, explaining: bool, first_index: int) -> None:
+    """One token x explainer table per example of `batch`."""
+    first = next(iter(attributions.values()))
+    for i in range(len(batch)):
+        n = int(batch.attention_mask[i].sum())
+        label = m.label_names[int(first.target[i])]
+        typer.echo(f"\n{batch.ids[i] if batch.ids else first_index + i}: {'explaining' if explaining else 'predicted'} "
+                   f"{label} (p = {float(first.target_prob[i]):.3f})")
+        width = max(8, *(len(t) for t in batch.tokens[i][:n]))
+        typer.echo(f"{'token':<{width}} " + " ".join(f"{name[:12]:>12}" for name in names))
+        for j in range(n):
+            cells = " ".join(f"{float(attributions[name].scores[i, j]):>12.4f}" for name in names)
+            typer.echo(f"{batch.tokens[i][j]:<{width}} {cells}")
+
+
 def _model_folder(path: Path) -> Path:
     """Refuse a pickle file given as --model, naming the option, before any other work."""
+    from attnaudit.model.checkpoint import refuse_pickle_file
     return refuse_pickle_file(path, name="--model")
 
 
 def _threads(threads: int) -> None:
     if threads:
+        import torch
         torch.set_num_threads(threads)
 
 
@@ -263,6 +299,9 @@ def _job(job, threads: int, quiet: bool, *args, **options) -> None:
     _threads(threads)
     with interruptible():
         path = job(*args, **options, progress=not quiet, echo=(lambda _: None) if quiet else typer.echo)
+    from attnaudit.distributed import from_env
+    if not from_env().is_main:                     # under torchrun: rank 0 wrote the report and prints it
+        return
     _verdict_lines(path, quiet)
     typer.echo(f"report written to {path / 'index.html'}")
 
@@ -280,6 +319,7 @@ def _verdict_lines(path: Path, quiet: bool) -> None:
 @tasks_app.command("list")
 def tasks_list_cli():
     """Print the built-in tasks with their classes and default sizes."""
+    from attnaudit.model.tasks import get_task
     for name in TASK_NAMES:
         t = get_task(name)
         classes = ", ".join(t.label_names) if t.label_names else "seq2seq"
@@ -296,15 +336,26 @@ def tasks_export_cli(
     n: int = typer.Option(None, "--n", help="Number of examples (default: the split's size)."),
 ):
     """Write a split of a built-in task as JSON lines: text, label or target, rationale or alignment."""
+    from attnaudit.model.data import write_jsonl
+    from attnaudit.model.tasks import make_examples
     examples = make_examples(task, split, n=n, seed=seed)
     typer.echo(f"wrote {len(examples)} {task} {split} examples to {write_jsonl(examples, out)}")
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one stderr line (Python's default adds the file, the line number and the source line)."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The `attnaudit` entry point: runs `app`, turning user errors into `error: ...` and exit status 2."""
+    """The `attnaudit` entry point: runs `app`, turning user errors into `error: ...` and exit status 2
+    and warnings into one `warning: ...` line each."""
+    import warnings
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="attnaudit", standalone_mode=False)
+        with warnings.catch_warnings():                # restores the caller's warning display afterwards
+            warnings.showwarning = _warning_line
+            code = command.main(args=argv, prog_name="attnaudit", standalone_mode=False)
     except typer.Abort:
         typer.echo("error: aborted.", err=True)
         sys.exit(1)
@@ -319,7 +370,11 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except RuntimeError as e:
+        from attnaudit.distributed import RankFailed
         from attnaudit.jobs import ItemsFailed
+        if isinstance(e, RankFailed):              # a sharded run's rank died, hung or refused
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(4)
         if not isinstance(e, ItemsFailed):
             raise
         typer.echo(f"error: {len(e.failures)} item(s) failed; the others are saved:", err=True)

@@ -13,6 +13,7 @@ most the item in flight and `resume=True` finishes it with the same numbers.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import tomllib
@@ -27,9 +28,12 @@ from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
 from attnaudit.analyses.tables import COLUMNS
 from attnaudit.analyses.report import load_results, write_report
 from attnaudit.analyses.seq2seq import audit_translator
-from attnaudit.analyses.store import ItemStore, check_output_dir, frame_payload, payload_frame, sha256_file, sha256_json
+from attnaudit import distributed
+from attnaudit.analyses.store import (ItemStore, RankStore, StoreError, check_output_dir, differences, frame_payload,
+                                      payload_frame, sha256_file, sha256_json)
 from attnaudit.model.checkpoint import load_model, read_config
 from attnaudit.model.datasets import data_format, read_labelled
+from attnaudit.model.labels import name_classes, parse_label_names
 from attnaudit.model.seq2seq import Translator
 from attnaudit.model.tasks import TASK_NAMES, get_task
 from attnaudit.model.train import TrainSettings, defaults_for, resolve_device, task_examples, train_to_folder
@@ -219,55 +223,206 @@ def store_runner(store: ItemStore, prefix: str):
     return run
 
 
+def shard_runner(store: ItemStore, prefix: str, index, ranks: "distributed.Ranks"):
+    """store_runner for this rank's items only (item i of the job: rank distributed.owner(i, world_size));
+    None for the others, which their ranks compute. `index` counts the job's items across tasks."""
+    def run(item, compute):
+        if distributed.owner(next(index), ranks.world_size) != ranks.rank:
+            return None
+        store.run(f"{prefix}.{item}", lambda: _encode(compute()))
+        return None
+    return run
+
+
+def gather_runner(store: ItemStore, prefix: str, index, ranks: "distributed.Ranks"):
+    """Rank 0's runner after its own items: wait for each item's rank to save it, then read it back
+    (None when it failed, as store_runner gives)."""
+    def run(item, compute):
+        name = f"{prefix}.{item}"
+        distributed.wait_for(store, name, distributed.owner(next(index), ranks.world_size))
+        return _decode(store.load(name)) if store.done(name) else None
+    return run
+
+
 # -- the jobs -------------------------------------------------------------------------------------
-def _check_report_folder(out: Path, identity: dict, *, overwrite: bool, resume: bool) -> None:
-    """Refuse a folder that holds other files or another model's report (unless overwrite)."""
+BUILTIN_TITLE = "Can attention explain these models' outputs? The built-in tasks"
+
+
+def _check_report_folder(out: Path, identity: dict, *, overwrite: bool, resume: bool,
+                         builtin: bool = False, quick: bool = False) -> bool:
+    """Refuse a folder that holds other files or another model's report (unless overwrite).
+
+    -> True when the folder holds `attnaudit run`'s own built-in report made with other settings (an older
+    package's defaults, e.g. the report committed in the repository): `run` with the built-in plan
+    (`builtin`) regenerates that in place, since it is the package's own output; any other report
+    (a `--config` run, an `analyze` report, other files) is still refused without --overwrite.
+    """
     check_output_dir(out)
     if overwrite or not out.is_dir():
-        return
+        return False
     present = sorted(p.name for p in out.iterdir() if p.name != ".attnaudit")
     if not present:
-        return
+        return False
     how = "pass --overwrite to replace it, or choose another --out"
     if "results.json" not in present:
         raise ValueError(f"--out {str(out)!r} is not empty ({', '.join(present[:4])}) and holds no attnaudit report; {how}.")
     try:
-        old = load_results(out)["results"].get("settings", {}).get("identity")
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))   # the identity only: no tables
     except (ValueError, OSError) as e:
         raise ValueError(f"--out {str(out)!r} holds a results.json that cannot be read ({e}); {how}.") from e
-    if old != json.loads(json.dumps(identity)):
-        raise ValueError(f"--out {str(out)!r} holds the report of different models or settings; {how}.")
+    old = results.get("settings", {}).get("identity")
+    if old == json.loads(json.dumps(identity)):
+        return False
+    if builtin and not resume and is_builtin_report(results, quick=quick):
+        return True
+    diffs = differences(old, json.loads(json.dumps(identity)))
+    changed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
+    raise ValueError(f"--out {str(out)!r} holds the report of different models or settings ({changed}); {how}.")
+
+
+def _short(value, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def is_builtin_report(results: Mapping, *, quick: bool) -> bool:
+    """Was this results.json written by `attnaudit run` with the built-in plan (no --config)?
+
+    Reports record it as settings.builtin; those written before that marker existed are recognised by
+    run's title and identity layout (tasks + audit)."""
+    settings = results.get("settings", {})
+    identity = settings.get("identity") or {}
+    if bool(settings.get("quick")) != quick:
+        return False
+    if "builtin" in settings:
+        return settings["builtin"] is True
+    return (set(identity) == {"tasks", "audit"}
+            and str(results.get("title", "")).startswith(BUILTIN_TITLE) and identity.get("tasks") is not None)
 
 
 def _audit_all(jobs: list[tuple[str, object, list, dict]], settings: AuditSettings, out: Path, *, identity: dict,
                resume: bool, overwrite: bool, progress: bool, echo) -> dict[str, AuditResult]:
     results = {}
     fingerprint = {"identity": identity, "models": {t: card["checkpoint"]["sha256"] for t, _, _, card in jobs}}
+    if distributed.current() is not None:
+        return _audit_sharded(jobs, settings, out, fingerprint=fingerprint, resume=resume, overwrite=overwrite,
+                              progress=progress, echo=echo)
     with ItemStore(out, fingerprint=fingerprint, resume=resume, overwrite=overwrite) as store:
         for task, model, examples, card in jobs:
-            n = min(len(examples), settings.max_examples or len(examples))
-            echo(f"{task}: explaining and analysing {n} examples with {len(settings.explainers)} explainers"
-                 + (f" (the first {n} of {len(examples)}: raise max_examples in [audit] for more)" if n < len(examples) else ""))
-            if isinstance(model, Translator):
-                results[task] = _audit_translator(model, examples, settings, store_runner(store, task))
-            else:
-                results[task] = audit(model, examples, settings, progress=progress, runner=store_runner(store, task))
-            if results[task].settings.get("n_truncated"):
-                echo(f"{task}: note: {results[task].settings['n_truncated']} examples were longer than the model's "
-                     f"{model.max_len} positions and were cut (marked \"truncated\" in examples.jsonl; a model trained "
-                     "with a larger max_len takes them whole)")
+            results[task] = _audit_one(task, model, examples, settings, store_runner(store, task), progress, echo)
         failures = store.failures()
     if failures:
         raise ItemsFailed(failures)
     return results
 
 
-def _audit_translator(model, examples, settings: AuditSettings, run) -> AuditResult:
+def _audit_one(task: str, model, examples, settings: AuditSettings, runner, progress, echo) -> AuditResult:
+    n = min(len(examples), settings.max_examples or len(examples))
+    echo(f"{task}: explaining and analysing {n} examples with {len(settings.explainers)} explainers"
+         + (f" (the first {n} of {len(examples)}: raise max_examples in [audit] for more)" if n < len(examples) else ""))
+    if isinstance(model, Translator):
+        result = _audit_translator(model, examples, settings, runner, progress=progress, label=f"audit {task}")
+    else:
+        result = audit(model, examples, settings, progress=progress, progress_label=f"audit {task}", runner=runner)
+    if result.settings.get("n_truncated"):
+        echo(f"{task}: note: {result.settings['n_truncated']} examples were longer than the model's "
+             f"{model.max_len} positions and were cut (marked \"truncated\" in examples.jsonl; a model trained "
+             "with a larger max_len takes them whole)")
+    return result
+
+
+def _audit_sharded(jobs, settings: AuditSettings, out: Path, *, fingerprint: dict, resume: bool, overwrite: bool,
+                   progress: bool, echo) -> dict[str, AuditResult]:
+    """`_audit_all` on every rank of a torchrun job (attnaudit.distributed) -> the results on rank 0, {} elsewhere.
+
+    The ranks check that they run the same audit; rank 0 opens the folder's store (lock, resume, overwrite),
+    then the others attach; each computes the items `distributed.owner` gives it; rank 0 waits for the rest
+    and assembles the results from the store, as a resumed single process would: the same bytes.
+    """
+    ranks = distributed.current().ranks
+    distributed.check_same(fingerprint)
+    store, error = None, None
+    if ranks.is_main:
+        store, error = _enter(lambda: ItemStore(out, fingerprint=fingerprint, resume=resume, overwrite=overwrite))
+    distributed.agree(error)
+    if not ranks.is_main:
+        store, error = _enter(lambda: RankStore(out, rank=ranks.rank, fingerprint=fingerprint))
+    try:
+        distributed.agree(error)
+        index = iter(range(1 << 62))                   # one count over all tasks' items: the same on every rank
+        for task, model, examples, card in jobs:       # pass 1: this rank's own items
+            _own_items(task, model, examples, settings, shard_runner(store, task, index, ranks),
+                       progress if ranks.is_main else False, echo if ranks.is_main else (lambda _: None))
+        if not ranks.is_main:
+            store.finish()
+            return {}
+        index = iter(range(1 << 62))                   # pass 2 (rank 0): every item, read back from the store
+        notes = lambda line: echo(line) if ": note:" in line else None   # noqa: E731 (pass 1 said the rest)
+        results = {task: _audit_one(task, model, examples, settings, gather_runner(store, task, index, ranks),
+                                    False, notes) for task, model, examples, card in jobs}
+        for task, result in results.items():           # pass 2 only read the items: report their compute time
+            result.timings = _item_seconds(store.items(), task)
+        failures = store.failures()
+    except (KeyboardInterrupt, distributed.RankFailed) as e:   # a rank died: torchrun stops the others, or a
+        dead = distributed.dead_ranks(store) if ranks.is_main else []   # collective fails; name the dead rank
+        if not dead:
+            raise
+        message = (f"rank(s) {', '.join(map(str, dead))} stopped before finishing their items; "
+                   f"{distributed.resume_hint()}")
+        if isinstance(e, KeyboardInterrupt):
+            import sys
+            print(f"error: {message}", file=sys.stderr)
+            raise
+        raise distributed.RankFailed(message) from e
+    finally:
+        if store is not None:
+            store.__exit__(None, None, None)
+    if failures:
+        raise ItemsFailed(failures)
+    return results
+
+
+def _item_seconds(items: dict, task: str) -> dict[str, float]:
+    """Seconds the ranks spent on `task`'s items, summed per stage (as the audit's timings name them)."""
+    stages = {"chunk-": "explain_and_faithfulness", "counterfactual": "counterfactual", "sanity": "sanity",
+              "seq2seq": "seq2seq"}
+    out: dict[str, float] = {}
+    for name, entry in items.items():
+        if name.startswith(f"{task}."):
+            stage = next((v for k, v in stages.items() if name[len(task) + 1:].startswith(k)), "other")
+            out[stage] = out.get(stage, 0.0) + float(entry.get("seconds", 0.0))
+    return {v: out[v] for v in [*stages.values(), "other"] if v in out}
+
+
+def _enter(make):
+    """make().__enter__() -> (store, None), or (None, the StoreError) for `distributed.agree` to share."""
+    try:
+        return make().__enter__(), None
+    except StoreError as e:
+        return None, e
+
+
+def _own_items(task, model, examples, settings, runner, progress, echo) -> None:
+    """The audit with a runner that computes only this rank's items and answers None for the others: the
+    audit's own tables are thrown away (they lack the other ranks' items), hence its refusal when this rank
+    owns no chunk ("every chunk of the audit failed") is expected here."""
+    try:
+        _audit_one(task, model, examples, settings, runner, progress, echo)
+    except RuntimeError as e:
+        if not str(e).startswith("every chunk of the audit failed"):
+            raise
+
+
+def _audit_translator(model, examples, settings: AuditSettings, run, *, progress: bool | None = None,
+                      label: str = "audit") -> AuditResult:
     """The encoder-decoder's analyses (attnaudit.analyses.seq2seq), as one saved item, in AuditResult form."""
+    from attnaudit.model.progress import progress_bar
     examples = list(examples)[: settings.max_examples]
     start = time.perf_counter()
-    out = run("seq2seq", lambda: audit_translator(model, examples, seed=settings.seed, max_batch=settings.max_batch,
-                                                  n_permutations=settings.n_permutations))
+    with progress_bar(len(examples), desc=f"{label}: seq2seq analyses", enabled=progress) as bar:
+        out = run("seq2seq", lambda: audit_translator(model, examples, seed=settings.seed, max_batch=settings.max_batch,
+                                                      n_permutations=settings.n_permutations))
+        bar.update(len(examples))
     seconds = time.perf_counter() - start
     if out is None:
         return AuditResult(metrics=pd.DataFrame(columns=COLUMNS), counterfactual={}, curves=_NO_CURVES, attributions=[],
@@ -288,7 +443,8 @@ class ItemsFailed(RuntimeError):
         super().__init__(f"{len(failures)} item(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
 
 
-def _write(out: Path, results: dict[str, AuditResult], cards: dict, settings: dict, timings: dict, title: str) -> Path:
+def _write(out: Path, results: dict[str, AuditResult], cards: dict, settings: dict, timings: dict, title: str, *,
+           full_tables: bool = False) -> Path:
     def cat(name):
         frames = [getattr(r, name).assign(task=t) for t, r in results.items()]
         return pd.concat(frames, ignore_index=True)
@@ -300,67 +456,108 @@ def _write(out: Path, results: dict[str, AuditResult], cards: dict, settings: di
         attributions=[{**a, "task": t} for t, r in results.items() for a in r.attributions],
         examples=[{**x, "task": t} for t, r in results.items() for x in r.examples],
         attention_examples=[{**r.attention_example, "task": t} for t, r in results.items() if r.attention_example],
-        model_cards=cards, settings=settings, timings=timings, title=title)
+        model_cards=cards, settings=settings, timings=timings, title=title, full_tables=full_tables)
+
+
+# Environment variables that pin the CPU kernels (README "Reproducibility"): recorded when set.
+KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 def _provenance(settings: AuditSettings, device) -> dict:
     """What reproducing the tables needs besides the settings (versions are in results.json's "versions")."""
-    return {"seed": settings.seed, "device": str(device), "deterministic": torch.are_deterministic_algorithms_enabled()}
+    return {"seed": settings.seed, "device": str(device), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k.lower(): os.environ[k] for k in KERNEL_PINS if k in os.environ}}
 
 
+def run_identity(plan: RunPlan) -> dict:
+    """What decides `attnaudit run`'s numbers: each task's training settings and the audit settings."""
+    return {"tasks": {t: plan.train[t].to_dict() for t in plan.tasks}, "audit": plan.audit.to_dict()}
+
+
+@distributed.sharded
 def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=None, device: str | None = None,
-            runs: str | Path | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-            echo: Callable[[str], None] = print) -> Path:
-    """`attnaudit run`: for each task train (or reuse) its model, audit it, and write one report -> out."""
+            runs: str | Path | None = None, resume: bool = False, overwrite: bool = False, progress: bool | None = True,
+            full_tables: bool = False, echo: Callable[[str], None] = print) -> Path:
+    """`attnaudit run`: for each task train (or reuse) its model, audit it, and write one report -> out.
+
+    Under torchrun the items are shared among the ranks (attnaudit.distributed); rank 0 trains missing models
+    first, the others then load them; rank 0 writes the report."""
+    echo = echo if distributed.is_main() else (lambda _: None)
     plan = plan_run(quick=quick, config=config, device=device, runs=runs)
     out = Path(out)
-    identity = {"tasks": {t: plan.train[t].to_dict() for t in plan.tasks}, "audit": plan.audit.to_dict()}
-    _check_report_folder(out, identity, overwrite=overwrite, resume=resume)
+    identity = run_identity(plan)
+    builtin = config is None
+    stale = _check_report_folder(out, identity, overwrite=overwrite, resume=resume, builtin=builtin,
+                                 quick=plan.quick)
+    if stale:
+        echo(f"{out} holds attnaudit run's built-in report made with other settings (an older version's "
+             "defaults); regenerating it in place")
+        overwrite = True
     dev = resolve_device(plan.device)
     started = time.perf_counter()
     jobs, cards, timings = [], {}, {}
     for task in plan.tasks:
         folder = model_folder(plan.runs, task, plan.train[task])
-        model, metrics, seconds = trained_model(task, plan.train[task], folder, device=plan.device, progress=progress, echo=echo)
+        with distributed.main_first():             # one rank trains a missing model, the others then reuse it
+            model, metrics, seconds = trained_model(task, plan.train[task], folder, device=plan.device,
+                                                    progress=progress and distributed.is_main(), echo=echo)
         timings[f"{task}.train"] = round(seconds, 2) if seconds is not None else 0.0
         examples = task_examples(task, plan.train[task])["test"]
         cards[task] = model_card(model, folder, metrics, train_seconds=seconds, device=dev)
         jobs.append((task, model, examples, cards[task]))
     results = _audit_all(jobs, plan.audit, out, identity=identity, resume=resume, overwrite=overwrite,
                          progress=progress, echo=echo)
+    if not distributed.is_main():                      # its items are saved; rank 0 writes the report
+        return out
     for task, r in results.items():
         timings.update({f"{task}.{k}": round(v, 2) for k, v in r.timings.items()})
     timings["total"] = round(time.perf_counter() - started, 2)
-    settings = {"quick": plan.quick, **_provenance(plan.audit, dev), "threads": torch.get_num_threads(),
+    settings = {"quick": plan.quick, "builtin": builtin, **_provenance(plan.audit, dev), "threads": torch.get_num_threads(),
                 "platform": platform.platform(), "audit": plan.audit.to_dict(), "identity": identity,
                 "policy": plan.audit.policy, "n_examples": {t: r.settings["n_examples"] for t, r in results.items()},
                 "n_truncated": {t: r.settings.get("n_truncated", 0) for t, r in results.items()}}
-    title = "Can attention explain these models' outputs? The built-in tasks" + (" (quick run)" if plan.quick else "")
-    return _write(out, results, cards, settings, timings, title)
+    title = BUILTIN_TITLE + (" (quick run)" if plan.quick else "")
+    echo(f"writing the report (tables, figures, index.html) into {out}")
+    return _write(out, results, cards, settings, timings, title, full_tables=full_tables)
 
 
+@distributed.sharded
 def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = None, data=None,
                 text_col: str | None = None, label_col: str | None = None, config=None, device: str | None = None,
                 max_examples: int | None = None, name: str | None = None, title: str | None = None,
-                resume: bool = False, overwrite: bool = False, progress: bool = True,
-                echo: Callable[[str], None] = print) -> Path:
+                label_names=None, allow_untrained: bool = False, resume: bool = False, overwrite: bool = False,
+                progress: bool | None = True, full_tables: bool = False, echo: Callable[[str], None] = print) -> Path:
     """`attnaudit analyze`: audit a trained model on a built-in task's test split or the user's file -> out.
 
     `data` may be a table (text_col, label_col), an ERASER annotation file or a HateXplain file (their human
-    rationales feed the plausibility tables). `max_examples` overrides [audit] max_examples; `name` labels
-    the data in the report (default: the file's name), `title` heads it.
+    rationales feed the plausibility tables); integer labels in range are class indices. `max_examples`
+    overrides [audit] max_examples; `name` labels the data in the report (default: the file's name), `title`
+    heads it. `label_names` ("a,b,c" or a list, in class-index order) names the model's classes (e.g. a
+    HuggingFace head's LABEL_0, LABEL_1). A model with weights newly initialised at load (an untrained head:
+    `model.untrained_weights`) is refused unless `allow_untrained`; the model card lists them.
+    Under torchrun the items are shared among the ranks (attnaudit.distributed); rank 0 writes the report.
     """
+    echo = echo if distributed.is_main() else (lambda _: None)
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
                          f"got {'both' if task is not None else 'neither'}.")
     if data is not None and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {Path(data).name} to use).")
+    names = parse_label_names(label_names)           # a malformed list fails before the model is loaded
     plan = plan_run(config=config, device=device)
     if max_examples is not None:
         plan = replace(plan, audit=plan.audit.with_(max_examples=max_examples))
     out, folder = Path(out), Path(model_dir)
     dev = resolve_device(plan.device)
-    model = load_model(folder, device=dev)
+    model = name_classes(load_model(folder, device=dev), names)
+    untrained = list(getattr(model, "untrained_weights", None) or [])
+    if untrained and not allow_untrained:
+        raise ValueError(
+            f"--model {str(folder)!r} has weights newly initialised at load ({', '.join(untrained[:3])}"
+            f"{', ...' if len(untrained) > 3 else ''}): an untrained classification head, whose predictions are "
+            f"arbitrary, so a verdict would mean nothing. Fine-tune it first (attnaudit finetune --hf {folder} "
+            "--data FILE --out DIR), or pass --allow-untrained to analyse it anyway.")
     if task is not None:
         settings = defaults_for(task).replace(seed=plan.audit.seed)
         examples, name, data_hash = task_examples(task, settings)["test"], name or task, sha256_json(settings.to_dict())
@@ -369,19 +566,26 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
         examples, data_hash = loaded.examples, sha256_file(Path(data))
         name = name or Path(data).name.split(".")[0]
     identity = {"model": sha256_file(folder / "model.safetensors"), "data": data_hash, "audit": plan.audit.to_dict()}
+    if label_names is not None:
+        identity["label_names"] = list(model.label_names)
     _check_report_folder(out, identity, overwrite=overwrite, resume=resume)
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if (folder / "metrics.json").is_file() else {}
     card = model_card(model, folder, metrics, train_seconds=None, device=dev)
     card["data"] = name
+    if untrained:
+        card["untrained_weights"] = untrained
     if data is not None:
         card["data_source"] = {"path": str(Path(data)), "sha256": data_hash, **loaded.info}
     started = time.perf_counter()
     results = _audit_all([(name, model, examples, card)], plan.audit, out, identity=identity, resume=resume,
                          overwrite=overwrite, progress=progress, echo=echo)
+    if not distributed.is_main():                      # its items are saved; rank 0 writes the report
+        return out
     timings = {f"{name}.{k}": round(v, 2) for k, v in results[name].timings.items()}
     timings["total"] = round(time.perf_counter() - started, 2)
     settings = {**_provenance(plan.audit, dev), "audit": plan.audit.to_dict(), "identity": identity,
                 "policy": plan.audit.policy, "n_examples": {name: results[name].settings["n_examples"]},
                 "n_truncated": {name: results[name].settings.get("n_truncated", 0)}}
+    echo(f"{name}: writing the report (tables, figures, index.html) into {out}")
     return _write(out, results, {name: card}, settings, timings,
-                  title or f"Can attention explain this model's outputs? {name}")
+                  title or f"Can attention explain this model's outputs? {name}", full_tables=full_tables)

@@ -173,7 +173,7 @@ class Attribution:
 
     @classmethod
     def load(cls, path: str | Path) -> "Attribution":
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")    # never splitlines: U+2028 is no line end
         records = []
         for n, line in enumerate(lines, 1):
             if line.strip():

@@ -4,12 +4,18 @@ Constructors only store their keyword arguments (scikit-learn style); `explain` 
 use, puts the model in eval mode for the call (restoring its mode after), resolves the target (None =
 the predicted class), asks the subclass for token scores [batch, seq], zeroes padding and records
 provenance: the method name, every parameter, the target probability and the wall time.
+
+Before any of that allocates memory, `check_limits` refuses a batch whose cost is out of bounds: each
+explainer lists what its size-like parameters would cost on the batch (`costs`, one `Cost` each: forward
+passes per example, bytes), and a cost above its limit (MAX_FORWARDS unless the explainer's max_cost raises it)
+is refused with the estimate, the limit and the option that raises it.
 """
 from __future__ import annotations
 
 import inspect
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +24,51 @@ from torch import Tensor
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.data import Example
 from attnaudit.model.interface import Batch
+
+
+MAX_FORWARDS = 4096   # forward passes per example an explainer may run, unless its max_cost says more
+MAX_ROWS = 65536      # rows (inputs) in one forward pass: the most any max_batch may be
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one size-like parameter would cost on one batch, estimated before anything is allocated.
+
+    Args:
+        parameter, value: the parameter and its value ("n_steps", 1_000_000_000).
+        amount, limit: the cost (in the unit of `limit`, e.g. forward passes per example) and the most allowed.
+        estimate: the figures a refusal states, e.g. "≈ 8e+18 bytes / 1e+09 forward passes per example".
+        option: what raises the limit, e.g. "max_cost".
+    """
+
+    parameter: str
+    value: Any
+    amount: float
+    limit: float
+    estimate: str
+    option: str = "max_cost"
+
+    def refusal(self, name: str) -> str | None:
+        """None within the limit, else the one-line message."""
+        if self.amount <= self.limit:
+            return None
+        return (f"{name}: {self.parameter}={self.value!r} would need {self.estimate}; the limit is {self.limit:,}; "
+                f"pass {self.option}=... (or lower {self.parameter}) to raise it.")
+
+
+def forwards_cost(parameter: str, value: int, max_cost: int | None, *, per_forward_bytes: float = 0.0,
+                  extra_bytes: float = 0.0) -> Cost:
+    """The Cost of `value` forward passes per example (each of `per_forward_bytes`), limited by max_cost."""
+    limit = MAX_FORWARDS if max_cost is None else max_cost
+    total = extra_bytes + value * per_forward_bytes
+    memory = f"≈ {total:.1e} bytes / " if total else ""
+    return Cost(parameter, value, value, limit, f"{memory}{value:.1e} forward passes per example")
+
+
+def check_max_cost(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_cost must be an int >= 1 (forward passes per example) or None (the default limit, "
+                         f"{MAX_FORWARDS}); got {value!r}.")
 
 
 class Explainer:
@@ -38,11 +89,19 @@ class Explainer:
     def validate(self, model) -> None:
         """Check the stored parameters against the model; raise ValueError naming parameter, rule, value."""
 
+    def costs(self, model, batch: Batch) -> list[Cost]:
+        """What the size-like parameters would cost on `batch` (none by default); computed, never allocated."""
+        return []
+
     def check_limits(self, model, batch: Batch) -> None:
         """Refuse a batch this explainer would need too much time or memory for, before allocating anything.
 
         Raise ValueError naming the limit, the value it would take and the option that raises it.
         """
+        for cost in self.costs(model, batch):
+            message = cost.refusal(self.name)
+            if message:
+                raise ValueError(message)
 
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Token scores [batch, seq] for class `target` [batch]; optionally (scores, extras)."""

@@ -31,7 +31,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from attnaudit.explain.base import Explainer
+from attnaudit.explain.base import MAX_ROWS, Explainer, check_max_cost, forwards_cost
 from attnaudit.explain.control import check_seed, example_seed, seeded
 from attnaudit.model.interface import Batch
 
@@ -41,17 +41,29 @@ REDUCTIONS = ("sum", "l2")
 
 
 # -- parameter checks shared with the perturbation explainers -------------------------------------
-def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+def short_repr(value) -> str:
+    """A value as an error message shows it: a tensor or array by its shape and dtype, anything else clipped."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False, maximum: int | None = None) -> None:
+    """value is an int in [1, maximum] (or None when allowed); a maximum is documented where the parameter is."""
     if allow_none and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         rule = "an int >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {rule}; got {value!r}.")
+        raise ValueError(f"{name} must be {rule}; got {short_repr(value)}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an int in [1, {maximum:,}]; got {value:,}. Lower it.")
 
 
 def check_choice(name: str, value, choices: tuple, hint: str = "") -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.{hint}")
+    if isinstance(value, (str, type(None), int, float, bool)) and value in choices:
+        return
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {short_repr(value)}.{hint}")
 
 
 def pass_bytes(model, rows: int, seq: int) -> int:
@@ -159,7 +171,8 @@ class CaptumExplainer(Explainer):
             raise ValueError(f"name must be a non-empty str or None (derived from the class); got {self._name!r}.")
         check_choice("reduction", self.reduction, REDUCTIONS, " Use 'sum' to keep completeness, 'l2' for magnitudes.")
         if self.baseline is not None:
-            check_choice("baseline", self.baseline, BASELINES, " Pick the reference that replaces the words.")
+            check_choice("baseline", self.baseline, BASELINES, " Pick the reference that replaces the words (for a "
+                         "baseline tensor of your own, use CaptumExplainer with attribute keyword baselines=...).")
 
     def make_baselines(self, model, batch: Batch, embeds: Tensor) -> Tensor | None:
         return None if self.baseline is None else baseline_embeds(model, batch, embeds, self.baseline)
@@ -229,6 +242,8 @@ class IntegratedGradients(CaptumExplainer):
             estimate (`pass_bytes`) fits, and a batch whose single interpolated input does not fit is
             refused before anything is allocated. None = no budget.
         reduction: "sum" (default: Σ token scores = Σ attributions ≈ f(x) − f(x')) or "l2".
+        max_cost: the most forward + backward passes per example (n_steps), None = MAX_FORWARDS (4096); checked
+            before anything is allocated (the quadrature set-up alone needs 8·n_steps² bytes).
     extras: completeness_gap and completeness_gap_relative per example.
     """
 
@@ -236,23 +251,31 @@ class IntegratedGradients(CaptumExplainer):
     attribution_class = captum.attr.IntegratedGradients
 
     def __init__(self, *, baseline: str = "pad", n_steps: int = 512, max_batch: int | None = 512,
-                 max_memory_mb: float | None = MAX_MEMORY_MB, reduction: str = "sum"):
+                 max_memory_mb: float | None = MAX_MEMORY_MB, reduction: str = "sum", max_cost: int | None = None):
         self.baseline = baseline
         self.n_steps = n_steps
         self.max_batch = max_batch
         self.max_memory_mb = max_memory_mb
         self.reduction = reduction
+        self.max_cost = max_cost
 
     def validate(self, model) -> None:
         super().validate(model)
         check_positive_int("n_steps", self.n_steps)
-        check_positive_int("max_batch", self.max_batch, allow_none=True)
+        check_positive_int("max_batch", self.max_batch, allow_none=True, maximum=MAX_ROWS)
+        check_max_cost(self.max_cost)
         m = self.max_memory_mb
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
             raise ValueError(f"max_memory_mb must be a number > 0 (megabytes per forward + backward pass) or None; "
                              f"got {m!r}.")
 
+    def costs(self, model, batch: Batch):
+        # numpy's Gauss–Legendre nodes come from an n_steps × n_steps float64 eigenproblem
+        return [forwards_cost("n_steps", self.n_steps, self.max_cost, extra_bytes=8.0 * self.n_steps ** 2,
+                              per_forward_bytes=pass_bytes(model, 1, batch.input_ids.shape[1]))]
+
     def check_limits(self, model, batch: Batch) -> None:
+        super().check_limits(model, batch)
         self.rows_per_pass(model, batch)
 
     def rows_per_pass(self, model, batch: Batch) -> int:
@@ -341,18 +364,20 @@ class GradientShap(CaptumExplainer):
         seed: with the example's token ids, seeds its draws (`example_seed`): an example gets the
             same scores alone or in a batch. Examples are explained one at a time for that reason.
         reduction: "sum" (default) or "l2".
+        max_cost: the most draws (forward + backward passes, all in one batch) per example, None = MAX_FORWARDS.
     """
 
     name = "gradient_shap"
     attribution_class = captum.attr.GradientShap
 
     def __init__(self, *, baselines: tuple[str, ...] = ("pad", "mask", "zero"), n_samples: int = 16,
-                 stdevs: float = 0.0, seed: int = 0, reduction: str = "sum"):
+                 stdevs: float = 0.0, seed: int = 0, reduction: str = "sum", max_cost: int | None = None):
         self.baselines = baselines
         self.n_samples = n_samples
         self.stdevs = stdevs
         self.seed = seed
         self.reduction = reduction
+        self.max_cost = max_cost
 
     def validate(self, model) -> None:
         super().validate(model)
@@ -362,9 +387,14 @@ class GradientShap(CaptumExplainer):
         for kind in self.baselines:
             check_choice("each of baselines", kind, BASELINES)
         check_positive_int("n_samples", self.n_samples)
+        check_max_cost(self.max_cost)
         if isinstance(self.stdevs, bool) or not isinstance(self.stdevs, (int, float)) or not self.stdevs >= 0:
             raise ValueError(f"stdevs must be a number >= 0 (the noise on the embeddings); got {self.stdevs!r}.")
         check_seed(self.seed)
+
+    def costs(self, model, batch: Batch):
+        return [forwards_cost("n_samples", self.n_samples, self.max_cost,
+                              per_forward_bytes=pass_bytes(model, 1, batch.input_ids.shape[1]))]
 
     def captum_kwargs(self) -> dict:
         return {"n_samples": self.n_samples, "stdevs": float(self.stdevs)}

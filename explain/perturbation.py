@@ -20,7 +20,7 @@ from captum._utils.models.linear_model import SkLearnRidge
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor
 
-from attnaudit.explain.base import Explainer
+from attnaudit.explain.base import MAX_ROWS, Explainer, check_max_cost, forwards_cost
 from attnaudit.explain.control import check_seed, example_seed, seeded
 from attnaudit.explain.gradients import baseline_embeds, check_choice, check_positive_int
 from attnaudit.model.interface import Batch
@@ -70,7 +70,7 @@ class Occlusion(Explainer):
 
     def validate(self, model) -> None:
         check_choice("policy", self.policy, POLICIES, " 'mask' writes [MASK] over the token; 'delete' removes it.")
-        check_positive_int("max_batch", self.max_batch)
+        check_positive_int("max_batch", self.max_batch, maximum=MAX_ROWS)
 
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
         from attnaudit.analyses.faithfulness import leave_one_out
@@ -95,8 +95,12 @@ class _Sampled(Explainer):
 
     def validate(self, model) -> None:
         check_positive_int("n_samples", self.n_samples)
-        check_positive_int("max_batch", self.max_batch)
+        check_positive_int("max_batch", self.max_batch, maximum=MAX_ROWS)
+        check_max_cost(self.max_cost)
         check_seed(self.seed)
+
+    def costs(self, model, batch: Batch):
+        return [forwards_cost("n_samples", self.n_samples, self.max_cost)]   # one forward per sample
 
     def make_method(self, forward, model, one: Batch, pos: Tensor):
         """The captum method for one example `one` whose features are the word positions `pos`."""
@@ -142,17 +146,20 @@ class Lime(_Sampled):
             coefficient when the probability barely moves, as on an untrained model).
         max_batch: samples per forward pass.
         seed: with the example's token ids, seeds its samples (the same scores alone or in a batch).
+        max_cost: the most samples (forward passes) per example, None = MAX_FORWARDS (4096).
     Samples are weighted by exp(−d²/2) with d the cosine distance between the sample's token embeddings
     (absent words as the [MASK] embedding) and the input's (captum's default kernel, width 1).
     """
 
     name = "lime"
 
-    def __init__(self, *, n_samples: int = 256, alpha: float = 1.0, max_batch: int = 256, seed: int = 0):
+    def __init__(self, *, n_samples: int = 256, alpha: float = 1.0, max_batch: int = 256, seed: int = 0,
+                 max_cost: int | None = None):
         self.n_samples = n_samples
         self.alpha = alpha
         self.max_batch = max_batch
         self.seed = seed
+        self.max_cost = max_cost
 
     def validate(self, model) -> None:
         super().validate(model)
@@ -185,15 +192,17 @@ class KernelShap(_Sampled):
             gets its exact Shapley value, f(x) − f(x with the word masked).
         max_batch: samples per forward pass.
         seed: with the example's token ids, seeds its samples (the same scores alone or in a batch).
+        max_cost: the most coalitions (forward passes) per example, None = MAX_FORWARDS (4096).
     """
 
     name = "kernel_shap"
     exact_for_one_word = True  # captum's coalition-size distribution is empty (NaN) for one feature
 
-    def __init__(self, *, n_samples: int = 256, max_batch: int = 256, seed: int = 0):
+    def __init__(self, *, n_samples: int = 256, max_batch: int = 256, seed: int = 0, max_cost: int | None = None):
         self.n_samples = n_samples
         self.max_batch = max_batch
         self.seed = seed
+        self.max_cost = max_cost
 
     def make_method(self, forward, model, one: Batch, pos: Tensor):
         return captum.attr.KernelShap(forward)

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from attnaudit.explain.base import Explainer
+if TYPE_CHECKING:                                # at run time only an explainer's own module imports base (torch)
+    from attnaudit.explain.base import Explainer
 
 # name -> "module:Class"; imported on first use so that `import attnaudit` stays light.
 REGISTRY: dict[str, str] = {

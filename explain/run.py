@@ -43,6 +43,7 @@ def explain_all(model, batch_or_texts, explainers: list[Explainer | str], *, tar
     batch = as_batch(model, batch_or_texts)
     for e in chosen:
         e.validate(model)
+        e.check_limits(model, batch)                  # every cost refused before the shared capture allocates
     shared = [e for e in chosen if isinstance(e, AttentionExplainer)]
     results: dict[str, Attribution] = {}
     if shared:

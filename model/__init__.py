@@ -1,13 +1,36 @@
-"""The lecture's Transformer, its hook sites, built-in tasks, training and the model interface."""
-from attnaudit.model.checkpoint import load_model, save_checkpoint
-from attnaudit.model.data import Example
-from attnaudit.model.datasets import read_eraser, read_hatexplain, read_labelled, read_sst2
-from attnaudit.model.hooks import Cache, HookPoint, hooks, record, recording
-from attnaudit.model.interface import Batch, TextClassifier
-from attnaudit.model.seq2seq import Translator
-from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
-from attnaudit.model.transformer import TransformerClassifier, TransformerConfig, TransformerSeq2Seq
+"""The lecture's Transformer, its hook sites, built-in tasks, training and the model interface.
+
+Names are imported on first use (module `__getattr__`), so `import attnaudit.model.tasks` or the CLI's
+`--help` does not pay for torch, safetensors or pandas.
+"""
+import importlib
+
+_NAMES = {
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Example": "data",
+    "read_eraser": "datasets", "read_hatexplain": "datasets", "read_labelled": "datasets", "read_sst2": "datasets",
+    "Cache": "hooks", "HookPoint": "hooks", "hooks": "hooks", "record": "hooks", "recording": "hooks",
+    "Batch": "interface", "TextClassifier": "interface", "Translator": "seq2seq",
+    "TASK_NAMES": "tasks", "get_task": "tasks", "make_examples": "tasks",
+    "TransformerClassifier": "transformer", "TransformerConfig": "transformer", "TransformerSeq2Seq": "transformer",
+}
 
 __all__ = ["load_model", "save_checkpoint", "Example", "Batch", "TextClassifier", "Translator", "Cache", "HookPoint",
            "hooks", "record", "recording", "TASK_NAMES", "get_task", "make_examples", "TransformerClassifier",
            "TransformerConfig", "TransformerSeq2Seq", "read_eraser", "read_hatexplain", "read_labelled", "read_sst2"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        globals()[name] = value                  # later look-ups skip this function
+        return value
+    try:                                         # attnaudit.model.fit etc. after a bare `import attnaudit.model`
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":       # the submodule exists but needs something missing
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,10 +1,15 @@
 """Checkpoints: `model.safetensors` (weights) + `config.json` (architecture, vocabulary, labels, task, training).
 
 Loading reads only safetensors and JSON, never pickle; every problem is reported before any
-computation: missing files, malformed JSON, missing or unexpected tensors, wrong shapes, non-finite weights.
+computation: missing or unreadable files, malformed JSON, an architecture larger than `MAX_ARCHITECTURE`,
+sizes in config.json that disagree with the tensor shapes in the safetensors header (read before the model
+is built), weights whose sha256 differs from the `weights_sha256` that `save_checkpoint` records in
+config.json (folders saved before it was recorded load unchecked), missing or unexpected tensors, non-finite
+weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +29,12 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# The largest architecture a config.json may describe: beyond these the model would not fit any machine we
+# run on, so a value above one is a damaged or hand-edited config, refused before anything is built.
+MAX_ARCHITECTURE = {"vocab_size": 2**24, "tgt_vocab_size": 2**24, "n_classes": 2**20, "d_model": 2**16,
+                    "n_heads": 2**10, "n_layers": 2**10, "d_ff": 2**18, "max_len": 2**20}
+MAX_DERIVED_BYTES = 2**30   # tensors the config implies but the file does not store (the positional table)
+MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own limit on its JSON header
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -69,6 +80,7 @@ def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, 
         save_file(state, tmp, metadata={"format": FORMAT})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        cfg["weights_sha256"] = file_sha256(Path(tmp))          # load_model checks the weights against it
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, out / WEIGHTS)
     except BaseException:
@@ -100,13 +112,115 @@ def read_config(path: str | Path) -> dict:
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(cfg_path)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
+    with open_readable(cfg_path, "the model's config") as f:
+        raw = f.read()
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(cfg_path)!r} is not valid JSON ({e}).") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(cfg_path)!r} must hold a JSON object; got {type(cfg).__name__}.")
     return cfg
+
+
+def open_readable(path: Path, what: str):
+    """open(path, "rb"), with a one-line message naming `what`, the path and the fix when it cannot be read."""
+    try:
+        return open(path, "rb")
+    except PermissionError as e:
+        raise PermissionError(f"{what} {str(path)!r} cannot be read (permission denied); give this user read "
+                              f"permission (e.g. chmod a+r {str(path)!r}) or copy the folder somewhere readable.") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} {str(path)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.") from e
+    except IsADirectoryError as e:
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; it must be a file.") from e
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read 1 MiB at a time (a checkpoint need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open_readable(path, "file") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's JSON header, without reading the tensors.
+
+    The format: 8 bytes little-endian N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets"}}.
+    """
+    bad = f"{str(path)!r} is not a readable safetensors file (corrupt or truncated?)"
+    with open_readable(path, "the weights file") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{bad}: its header length is {n} bytes for a file of {size} bytes.")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{bad}: its header is not JSON ({e}).") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: its header is not a JSON object.")
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{bad}: tensor {name!r} has no valid shape in the header ({entry!r:.80}).")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def check_architecture(arch: dict, cfg_path: Path, keys=tuple(MAX_ARCHITECTURE)) -> None:
+    """Each size `keys` in config.json's architecture is an int in [0, MAX_ARCHITECTURE[key]]."""
+    for key in keys:
+        limit, value = MAX_ARCHITECTURE[key], arch.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError(f"{str(cfg_path)!r}: architecture.{key} = {value!r}, but it must be an int in [0, {limit:,}] "
+                             "(larger models do not fit in memory); the config is damaged or hand-edited: restore it.")
+
+
+def check_against_header(net_on_meta, shapes: dict[str, tuple[int, ...]], arch: dict, cfg_path: Path,
+                         weights: Path) -> None:
+    """Refuse a config whose architecture implies tensors the weights file does not hold, or other shapes.
+
+    `net_on_meta` was built on the meta device: its shapes cost no memory.
+    """
+    expected = {k: tuple(v.shape) for k, v in net_on_meta.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{str(weights)!r} does not match the architecture in {CONFIG}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.")
+    for name, want in expected.items():
+        got = shapes[name]
+        if got != want:
+            dims = [w for g, w in zip(got, want) if g != w] if len(got) == len(want) else list(want)
+            keys = [f"architecture.{k} = {v}" for k, v in arch.items() if isinstance(v, int) and v in dims
+                    and not isinstance(v, bool)]
+            raise ValueError(f"{str(weights)!r}: tensor {name!r} has shape {got}, but {str(cfg_path)!r} "
+                             f"({', '.join(keys) or 'its architecture'}) implies {want}; the config does not belong to "
+                             "these weights: restore the folder's own config.json.")
+    derived = sum(b.numel() * b.element_size() for n, b in net_on_meta.named_buffers() if n not in expected)
+    if derived > MAX_DERIVED_BYTES:
+        raise ValueError(f"{str(cfg_path)!r}: its architecture (max_len = {arch.get('max_len')}, d_model = "
+                         f"{arch.get('d_model')}) needs {derived:.2g} bytes of tables beyond the weights, more than the "
+                         f"limit of {MAX_DERIVED_BYTES:.2g}; lower max_len in the config.")
+
+
+def verify_weights(path: Path, cfg: dict, cfg_path: Path) -> None:
+    """The weights' sha256 equals the one config.json records (folders saved without it are not checked)."""
+    recorded = cfg.get("weights_sha256")
+    if recorded is None:
+        return
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise ValueError(f"{str(path)!r} has sha256 {actual}, but {str(cfg_path)!r} records weights_sha256 {recorded}: "
+                         "the weights were damaged or replaced after saving; restore the file from a copy or retrain.")
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_options) -> TextClassifier | Translator:
@@ -134,44 +248,46 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_opt
                 f"{str(bad)!r} is a pickle-based checkpoint, which attnaudit never loads (it can run code). "
                 "Convert it: load it yourself where you trust it and save with safetensors.torch.save_file."
             )
+    cfg_path, weights = folder / CONFIG, folder / WEIGHTS
+    if not isinstance(cfg.get("architecture"), dict):
+        raise ValueError(f"{str(cfg_path)!r} lacks the key 'architecture' (an object of sizes such as d_model).")
+    check_architecture(cfg["architecture"], cfg_path, ("n_layers", "n_heads"))   # they size Python loops
     try:
         arch = TransformerConfig(**cfg["architecture"])
         vocab = Vocab(cfg["vocab"])
         kind = cfg["kind"]
     except KeyError as e:
-        raise ValueError(f"{str(folder / CONFIG)!r} lacks the key {e.args[0]!r}.") from e
+        raise ValueError(f"{str(cfg_path)!r} lacks the key {e.args[0]!r}.") from e
     except TypeError as e:
-        raise ValueError(f"{str(folder / CONFIG)!r} has an invalid architecture: {e}.") from e
-    if kind == "classifier":
-        net = TransformerClassifier(arch)
-        model = TextClassifier(net, vocab, label_names=cfg.get("label_names", []), config=cfg)
-    elif kind == "seq2seq":
-        net = TransformerSeq2Seq(arch)
-        model = Translator(net, vocab, Vocab(cfg["tgt_vocab"]), config=cfg)
-    else:
+        raise ValueError(f"{str(cfg_path)!r} has an invalid architecture: {e}.") from e
+    if kind not in ("classifier", "seq2seq"):
         raise ValueError(f"config kind must be 'classifier' or 'seq2seq'; got {kind!r}.")
     if len(vocab) != arch.vocab_size:
         raise ValueError(f"the vocabulary has {len(vocab)} tokens but architecture.vocab_size is {arch.vocab_size}.")
-    net.load_state_dict(_read_weights(folder / WEIGHTS, net.state_dict()))
+    build = TransformerClassifier if kind == "classifier" else TransformerSeq2Seq
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
+    with torch.device("meta"):                                   # shapes only: nothing is allocated
+        check_against_header(build(arch), read_header(weights), cfg["architecture"], cfg_path, weights)
+    check_architecture(cfg["architecture"], cfg_path)
+    verify_weights(weights, cfg, cfg_path)
+    net = build(arch)
+    if kind == "classifier":
+        model = TextClassifier(net, vocab, label_names=cfg.get("label_names", []), config=cfg)
+    else:
+        model = Translator(net, vocab, Vocab(cfg["tgt_vocab"]), config=cfg)
+    net.load_state_dict(_read_weights(weights))
+    net.eval()                                                   # as documented: dropout off until asked for
     return model.to(device) if str(device) != "cpu" else model
 
 
-def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file whose header `check_against_header` accepted, each checked to be finite."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file (corrupt or truncated?): {e}") from e
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{str(path)!r} does not match the architecture in {CONFIG}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.")
     for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{str(path)!r}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}.")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{str(path)!r}: tensor {k!r} holds NaN or infinite values.")
     return state

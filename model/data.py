@@ -7,16 +7,17 @@ Examples; `write_jsonl` saves Examples one JSON record per line.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
+import io
 import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Example:
         target: the reference output text for seq2seq tasks, else None.
         rationale: one 0/1 per whitespace token of `text` (1 = decides the label), or None if unknown.
         alignment: for seq2seq, (source word index, target word index) pairs, 0-based, or None.
+        meta: what a reader changed on the way in, e.g. {"cleaned": {"nul": 2}} (NUL characters removed from
+            this example's line, `read_source`); None if nothing. Not compared.
     """
 
     id: str
@@ -38,6 +41,7 @@ class Example:
     target: str | None = None
     rationale: tuple[int, ...] | None = None
     alignment: tuple[tuple[int, int], ...] | None = None
+    meta: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.rationale is not None and len(self.rationale) != len(self.text.split()):
@@ -69,6 +73,7 @@ def read_table(
     text_col: str,
     label_col: str,
     label_names: tuple[str, ...] | None = None,
+    cleaned: dict | None = None,
 ) -> tuple[list[Example], tuple[str, ...]]:
     """Read a labelled text file into Examples.
 
@@ -81,21 +86,22 @@ def read_table(
         text_col, label_col: the column (or JSON key) holding the text and the label.
         label_names: the training file's label names, to index another split the same way;
             None derives them from this file.
+        cleaned: a dict to receive what `read_source` removed (a BOM, NUL characters); each example whose
+            line lost NULs also says so in its `meta`.
     Returns:
         (examples, label_names): ids come from an `id` column when present, else the 0-based row
         number; label_names are the sorted label strings (numerically if all are integers).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; pass a data file (.csv, .tsv, .jsonl, optionally .gz).")
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} does not exist or is not a file; check the name and folder.")
-    suffix = _table_suffix(path)
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty; expected a header or JSON lines with "
                          f"{text_col!r} and {label_col!r}.")
-    if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl_rows(path, [text_col, label_col])
-    else:
-        rows = _read_delimited_rows(path, suffix, [text_col, label_col])
+    cleaned = {} if cleaned is None else cleaned
+    rows = _read_rows(path, [text_col, label_col], cleaned)
     if not rows:
         raise ValueError(f"{path} has no data rows; expected at least one row with "
                          f"{text_col!r} and {label_col!r}.")
@@ -114,14 +120,16 @@ def read_table(
     examples, seen = [], {}
     for row_number, ((line, row), label) in enumerate(zip(rows, labels)):
         if label not in index:
+            as_index = "" if any(_INTEGER.fullmatch(n) for n in label_names) else \
+                f" nor a class index in [0, {len(label_names) - 1}]"
             raise ValueError(f"{path}, line {line}: label {label!r} is not one of the label_names "
-                             f"{', '.join(label_names)}; pass the training file's label names.")
+                             f"{', '.join(label_names)}{as_index}; pass the training file's label names.")
         ex_id = row["id"] if "id" in row else str(row_number)
         if ex_id in seen:
             raise ValueError(f"{path}, line {line}: id {ex_id!r} was already used on line {seen[ex_id]}; "
                              f"ids must be unique.")
         seen[ex_id] = line
-        examples.append(Example(id=ex_id, text=row[text_col], label=index[label]))
+        examples.append(Example(id=ex_id, text=row[text_col], label=index[label], meta=_line_meta(cleaned, line)))
     return examples, label_names
 
 
@@ -160,20 +168,66 @@ def _table_suffix(path: Path) -> str:
     raise ValueError(f"Unknown file type for {path.name!r}. Supported: {', '.join(SUPPORTED_SUFFIXES)}.")
 
 
-def _read_delimited_rows(path: Path, suffix: str, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
-    """CSV/TSV rows as (line number, {column: text}); the header is line 1."""
+def read_source(path: Path, cleaned: dict | None = None) -> str:
+    """The text of a data file (optionally .gz): the one place where every reader's text comes in.
+
+    A UTF-8 byte-order mark at the start is dropped and NUL characters are removed; what was removed is
+    added to `cleaned` ({"bom": True, "nul": total, "nul_lines": {line: count}}), so readers can record it
+    (`Example.meta`, a split's info). Bytes that are not UTF-8 (lone surrogates included) are refused with
+    the file and line: there is no faithful way to guess what they meant.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError as e:
+        raise ValueError(f"{path} is a folder; pass a data file (.csv, .tsv, .jsonl, optionally .gz).") from e
+    except PermissionError as e:
+        raise PermissionError(f"{path} cannot be read (permission denied); give this user read permission "
+                              f"(e.g. chmod a+r {str(path)!r}) or copy the file somewhere readable.") from e
+    except (OSError, EOFError) as e:
+        raise ValueError(f"while reading {path}: {e}") from e
+    bom = raw.startswith(codecs.BOM_UTF8)
+    raw = raw[len(codecs.BOM_UTF8):] if bom else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line}: the bytes {raw[e.start:e.end + 3]!r} are not UTF-8 ({e.reason}); "
+                         "save the file as UTF-8 or remove them.") from e
+    if cleaned is not None and bom:
+        cleaned["bom"] = True
+    if "\x00" in text:
+        lines = {i: n for i, n in enumerate((ln.count("\x00") for ln in text.split("\n")), start=1) if n}
+        text = text.replace("\x00", "")
+        if cleaned is not None:
+            cleaned["nul"] = cleaned.get("nul", 0) + sum(lines.values())
+            cleaned.setdefault("nul_lines", {}).update(lines)
+    return text
+
+
+def _line_meta(cleaned: dict, line: int) -> dict | None:
+    """Example.meta for the row on `line`: the NUL characters removed from it, if any."""
+    n = cleaned.get("nul_lines", {}).get(line)
+    return {"cleaned": {"nul": n}} if n else None
+
+
+def _read_delimited_rows(path: Path, suffix: str, needed: list[str],
+                         cleaned: dict | None = None) -> list[tuple[int, dict[str, str]]]:
+    """CSV/TSV rows as (line number, {column: text}); the header is line 1. `cleaned`: see `read_source`."""
+    import pandas as pd                      # here, not at the top: the CLI's --help and `tasks` stay fast
+
     tsv = suffix == ".tsv"
+    text = read_source(path, cleaned)
     try:
         frame = pd.read_csv(
-            path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-            dtype=str, keep_default_na=False, na_filter=False, compression="infer", encoding="utf-8",
+            io.StringIO(text), sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            dtype=str, keep_default_na=False, na_filter=False,
         )
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"{path} is empty; expected a header with the columns {', '.join(needed)}.") from e
     except pd.errors.ParserError as e:
-        raise ValueError(f"{path}, {_bad_row(path, tsv) or str(e).strip()}") from e
-    except (UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"while reading {path}: {e}") from e
+        raise ValueError(f"{path}, {_bad_row(text, tsv) or str(e).strip()}") from e
     columns = [str(c) for c in frame.columns]
     for col in needed:
         if col not in columns:
@@ -182,10 +236,9 @@ def _read_delimited_rows(path: Path, suffix: str, needed: list[str]) -> list[tup
     return [(i + 2, dict(zip(columns, values))) for i, values in enumerate(rows)]
 
 
-def _bad_row(path: Path, tsv: bool) -> str | None:
+def _bad_row(text: str, tsv: bool) -> str | None:
     """Where a delimited file that pandas refused goes wrong: "line N: what" (physical line numbers), or None."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
                             strict=True)
         width, start = None, 1
@@ -201,27 +254,42 @@ def _bad_row(path: Path, tsv: bool) -> str | None:
     return None
 
 
-def json_lines(path: Path):
-    """(line number, parsed JSON) for each non-blank line of a .jsonl / .json file, optionally .gz."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield line, json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line}: not valid JSON ({e.msg}); "
-                                     f"expected one JSON object per line.") from e
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise ValueError(f"while reading {path}: {e}") from e
+def json_lines(path: Path, cleaned: dict | None = None):
+    """(line number, parsed JSON) for each non-blank line of a .jsonl / .json file, optionally .gz.
+
+    The text comes through `read_source` (`cleaned` records what it removed); a string holding a lone
+    surrogate (a "\\ud800" escape without its pair) is refused with the line, as undecodable bytes are.
+    """
+    for line, raw in enumerate(read_source(path, cleaned).split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {line}: not valid JSON ({e.msg}); "
+                             f"expected one JSON object per line.") from e
+        if "\\u" in raw:                                         # only escapes can make a lone surrogate
+            try:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}, line {line}: a string holds a lone surrogate "
+                                 f"({json.dumps(e.object[e.start:e.end])}), which is not text; fix or remove "
+                                 "that escape.") from e
+        yield line, record
 
 
-def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
+def _read_rows(path: Path, needed: list[str], cleaned: dict | None = None) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: text}) of a table or JSON-lines file, by its suffix; `cleaned`: see `read_source`."""
+    suffix = _table_suffix(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl_rows(path, needed, cleaned)
+    return _read_delimited_rows(path, suffix, needed, cleaned)
+
+
+def _read_jsonl_rows(path: Path, needed: list[str], cleaned: dict | None = None) -> list[tuple[int, dict[str, str]]]:
     """JSON-lines rows as (line number, {key: text}); blank lines are skipped."""
     rows = []
-    for line, record in json_lines(path):
+    for line, record in json_lines(path, cleaned):
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
         for key in needed:
@@ -233,14 +301,27 @@ def _read_jsonl_rows(path: Path, needed: list[str]) -> list[tuple[int, dict[str,
 
 
 def label_index(labels, label_names, *, single) -> tuple[tuple[str, ...], dict[str, int]]:
-    """(label names, name -> class index): the given names, or the sorted distinct `labels` (at least two;
-    `single(name)` is the error message when there is only one)."""
+    """(label names, label -> class index): the given names, or the sorted distinct `labels` (at least two;
+    `single(name)` is the error message when there is only one).
+
+    With given names, integer labels in [0, n_classes) are class indices too ("1" is the second class of
+    ("negative", "positive") or of a HuggingFace head's ("LABEL_0", "LABEL_1")), unless the names are
+    themselves integers: then "1" can only mean the class named "1".
+    """
     if label_names is None:
         label_names = _sorted_labels(set(labels))
         if len(label_names) < 2:
             raise ValueError(single(label_names[0]))
     label_names = tuple(str(name) for name in label_names)
-    return label_names, {name: i for i, name in enumerate(label_names)}
+    index = {name: i for i, name in enumerate(label_names)}
+    if not any(_INTEGER.fullmatch(name) for name in label_names):
+        for label in set(labels) - set(index):
+            if _INTEGER.fullmatch(label) and 0 <= int(label) < len(label_names):
+                index[label] = int(label)
+    return label_names, index
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 def _sorted_labels(labels: set[str]) -> tuple[str, ...]:
@@ -253,13 +334,16 @@ def _sorted_labels(labels: set[str]) -> tuple[str, ...]:
 def read_texts(path: str | os.PathLike, *, text_col: str = "text") -> list[Example]:
     """Unlabelled Examples from a .csv/.tsv/.jsonl file's `text_col` (ids from an `id` column, else row numbers)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--data must be a .csv, .tsv or .jsonl file; {str(path)!r} is a folder.")
     if not path.is_file():
         raise FileNotFoundError(f"--data must be a .csv, .tsv or .jsonl file; {str(path)!r} does not exist.")
-    suffix = _table_suffix(path)
-    rows = _read_jsonl_rows(path, [text_col]) if suffix in (".jsonl", ".json") else _read_delimited_rows(path, suffix, [text_col])
+    cleaned: dict = {}
+    rows = _read_rows(path, [text_col], cleaned)
     if not rows:
         raise ValueError(f"{path} holds no rows; expected at least one text in column {text_col!r}.")
-    examples = [Example(id=r.get("id") or str(i), text=r[text_col]) for i, (_, r) in enumerate(rows)]
+    examples = [Example(id=r.get("id") or str(i), text=r[text_col], meta=_line_meta(cleaned, line))
+                for i, (line, r) in enumerate(rows)]
     seen: dict[str, int] = {}
     for (line, _), ex in zip(rows, examples):
         if ex.id in seen:

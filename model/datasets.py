@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from attnaudit.model.data import Example, _sorted_labels, json_lines, label_index, read_table
+from attnaudit.model.data import Example, _sorted_labels, json_lines, label_index, read_source, read_table
 
 HATEXPLAIN_RULES = ("mean", "union")
 
@@ -97,10 +97,11 @@ def read_eraser(
         raise ValueError(f"ERASER split {split!r} not found: {path} does not exist. "
                          f"Splits in {folder}: {', '.join(found) or 'none'}.")
 
-    records = [(line, _eraser_annotation(path, line, raw)) for line, raw in json_lines(path)]
+    cleaned: dict = {}
+    records = [(line, _eraser_annotation(path, line, raw)) for line, raw in json_lines(path, cleaned)]
     if not records:
         raise ValueError(f"{path} holds no annotations; expected one JSON object per line.")
-    docs, docs_source = _eraser_documents(folder, {ann["docid"] for _, ann in records})
+    docs, docs_source = _eraser_documents(folder, {ann["docid"] for _, ann in records}, cleaned)
 
     label_names, index = label_index([ann["label"] for _, ann in records], label_names, single=lambda name: (
         f"{path}: every annotation has classification {name!r}; a classifier needs at least two labels (pass the "
@@ -146,7 +147,8 @@ def read_eraser(
     info = {"dataset": "eraser", "split": split, "annotations": str(path), "documents": docs_source,
             "n_examples": len(examples), "n_without_evidence": n_no_evidence,
             "n_empty_spans": n_empty_spans, "max_tokens": max_tokens,
-            "n_truncated": n_truncated, "n_rationale_tokens_cut": n_cut, "n_rationale_emptied": n_emptied}
+            "n_truncated": n_truncated, "n_rationale_tokens_cut": n_cut, "n_rationale_emptied": n_emptied,
+            "cleaned": _cleaned_summary(cleaned)}
     return LoadedSplit(examples, label_names, info)
 
 
@@ -199,23 +201,20 @@ def _eraser_annotation(path: Path, line: int, record: Any) -> dict:
     return {"id": ann_id, "label": label.strip(), "docid": docid, "spans": spans}
 
 
-def _eraser_documents(folder: Path, wanted: set[str]) -> tuple[dict[str, str], str]:
+def _eraser_documents(folder: Path, wanted: set[str], cleaned: dict | None = None) -> tuple[dict[str, str], str]:
     """The wanted documents' texts from `docs/` (one file per docid) or `docs.jsonl[.gz]`, and their source."""
     if (folder / "docs").is_dir():
         docs = {}
         for docid in wanted:
             file = folder / "docs" / docid
             if Path(docid).name == docid and file.is_file():          # a docid never reaches outside docs/
-                try:
-                    docs[docid] = file.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError) as e:
-                    raise ValueError(f"while reading document {file}: {e}") from e
+                docs[docid] = read_source(file, cleaned)
         return docs, str(folder / "docs")
     for name in ("docs.jsonl", "docs.jsonl.gz"):
         path = folder / name
         if path.is_file():
             docs, lines = {}, {}
-            for line, record in json_lines(path):
+            for line, record in json_lines(path, cleaned):
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
                 docid, text = record.get("docid"), record.get("document")
@@ -269,7 +268,8 @@ def read_hatexplain(
     if rationale not in HATEXPLAIN_RULES:
         raise ValueError(f"rationale must be one of {', '.join(map(repr, HATEXPLAIN_RULES))}; got {rationale!r}.")
     file, keep = _hatexplain_source(Path(path), split)
-    records = _hatexplain_records(file, _load_json(file))
+    cleaned: dict = {}
+    records = _hatexplain_records(file, _load_json(file, cleaned))
     if keep is not None:
         records = [r for r in records if r[1] in keep]
         if not records:
@@ -308,7 +308,7 @@ def read_hatexplain(
     info = {"dataset": "hatexplain", "split": split, "source": str(file), "n_records": len(records),
             "n_examples": len(examples), "n_no_majority": len(dropped), "no_majority_ids": dropped,
             "rationale_rule": rationale, "n_with_rationale_vectors": n_vectors,
-            "n_rationale_empty": sum(has and not any(m) for *_, m, has in kept)}
+            "n_rationale_empty": sum(has and not any(m) for *_, m, has in kept), "cleaned": _cleaned_summary(cleaned)}
     return LoadedSplit(examples, label_names, info)
 
 
@@ -339,14 +339,25 @@ def _hatexplain_source(path: Path, split: str | None) -> tuple[Path, set[str] | 
     return path, set(divisions[split])
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path, cleaned: dict | None = None) -> Any:
+    text = read_source(path, cleaned)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}).") from e
-    except (UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"while reading {path}: {e}") from e
+    if "\\u" in text:                                              # only escapes can make a lone surrogate
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}: a string holds a lone surrogate ({json.dumps(e.object[e.start:e.end])}), "
+                             "which is not text; fix or remove that escape.") from e
+    return data
+
+
+def _cleaned_summary(cleaned: dict) -> dict:
+    """What `read_source` removed, for a split's info: {"bom": bool, "nul": count, "nul_lines": [first lines]}."""
+    lines = sorted(cleaned.get("nul_lines", {}))
+    return {"bom": bool(cleaned.get("bom")), "nul": cleaned.get("nul", 0), "nul_lines": lines[:20]}
 
 
 def _hatexplain_records(path: Path, data: Any) -> list[tuple[int, str, dict]]:
@@ -456,8 +467,11 @@ def data_format(path: str | os.PathLike) -> str:
         if isinstance(first, dict) and "annotation_id" in first and "evidences" in first:
             return "eraser"
     if name.endswith(".json") and path.is_file():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(4096).lstrip()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                head = f.read(4096).lstrip()
+        except OSError:                     # unreadable: the reader's `read_source` says why, with the fix
+            return "table"
         if head.startswith("{") and '"post_tokens"' in head:
             return "hatexplain"
     return "table"
@@ -482,6 +496,9 @@ def read_labelled(
     `max_tokens` (ERASER only) keeps each document's first tokens; models cut longer texts themselves.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; pass a data file (a table, an ERASER {{split}}.jsonl or a "
+                         "HateXplain .json).")
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} does not exist or is not a file; check the name and folder.")
     kind = data_format(path)
@@ -501,9 +518,12 @@ def read_labelled(
     if max_tokens is not None:
         raise ValueError(f"max_tokens goes with ERASER files; {path.name} is a table (the model's max_len cuts "
                          f"long texts).")
-    examples, names = read_table(path, text_col=text_col, label_col=label_col, label_names=label_names)
+    cleaned: dict = {}
+    examples, names = read_table(path, text_col=text_col, label_col=label_col, label_names=label_names,
+                                 cleaned=cleaned)
     return LoadedSplit(examples, names, {"format": "table", "source": str(path), "text_col": text_col,
-                                         "label_col": label_col, "n_examples": len(examples)})
+                                         "label_col": label_col, "n_examples": len(examples),
+                                         "cleaned": _cleaned_summary(cleaned)})
 
 
 # -- HuggingFace datasets -------------------------------------------------------------------------

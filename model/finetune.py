@@ -136,7 +136,7 @@ def accuracy_and_loss(model: HFClassifier, ids: Tensor, mask: Tensor, labels: Te
 # -- fine-tuning ---------------------------------------------------------------------------------------
 def finetune_hf(
     model: HFClassifier, train: Sequence[Example], valid: Sequence[Example], test: Sequence[Example] | None = None,
-    *, settings: TrainSettings | None = None, device: str = "auto", progress: bool = True, log_path=None,
+    *, settings: TrainSettings | None = None, device: str = "auto", progress: bool | None = None, log_path=None,
 ) -> tuple[HFClassifier, dict]:
     """Train every weight of `model.net` on labelled Examples; returns the best-validation model (eval mode).
 
@@ -183,7 +183,8 @@ def finetune_hf(
         return accuracy_and_loss(model, *held["valid"][:3])
 
     initial = evaluate()[0]
-    result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress, desc="finetune",
+    result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress,
+                 desc=f"finetune {model.hf_config.model_type}",
                  group=length_grouped(mask.sum(1).cpu(), settings.batch_size))
     log = result.pop("log")
     if log_path is not None:
@@ -193,6 +194,7 @@ def finetune_hf(
         accuracy, loss = accuracy_and_loss(model, t_ids, t_mask, t_labels)
         metrics.update({f"{name}_accuracy": accuracy, f"{name}_loss": float(f"{loss:.4g}")})
     model.config["head"] = "fine-tuned"
+    model.config["untrained_weights"] = []                  # every weight, a fresh head's too, is trained now
     metrics.update(initial_valid_accuracy=initial, peak_lr=float(f"{peak_lr(settings):.6g}"), n_train=len(train),
                    n_valid=len(valid), n_test=len(test) if test is not None else 0,
                    n_truncated=n_cut + sum(h[3] for h in held.values()), device=str(dev),
@@ -281,7 +283,7 @@ def _subset(examples: list[Example], n: int | None, seed: int, source) -> list[E
 def finetune_to_folder(
     hf_dir, out_dir, *, data, text_col: str | None = None, label_col: str | None = None, valid=None, test=None,
     n_train: int | None = None, lr: float = LR, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE,
-    max_len: int = MAX_LEN, seed: int = 0, device: str = "auto", overwrite: bool = False, progress: bool = True,
+    max_len: int = MAX_LEN, seed: int = 0, device: str = "auto", overwrite: bool = False, progress: bool | None = None,
 ) -> tuple[Path, dict]:
     """Fine-tune the HuggingFace folder `hf_dir` on a labelled file; write an ordinary HF folder -> (folder, metrics).
 

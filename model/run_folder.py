@@ -10,24 +10,15 @@ that is already there is refused unless the caller asks to overwrite.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from attnaudit.model.checkpoint import CONFIG, FORMAT, read_config
+from attnaudit.model.checkpoint import CONFIG, FORMAT, file_sha256, read_config
 
 METRICS, TRAIN_LOG = "metrics.json", "train_log.csv"
 HOLDOUT = 0.1   # fraction of a data file held out for validation when no valid file is given
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def labelled_splits(data, *, text_col: str | None = None, label_col: str | None = None, valid=None, test=None,

@@ -70,6 +70,9 @@ class TrainSettings:
             ("max_vocab", self.max_vocab is None or (positive(self.max_vocab) and self.max_vocab > 5),
              "None or an int > 5 (the five special tokens plus at least one word)"),
         ]
+        from attnaudit.model.checkpoint import MAX_ARCHITECTURE       # one table of architecture caps
+        checks += [(name, positive(getattr(self, name)) and getattr(self, name) <= MAX_ARCHITECTURE[name],
+                    f"an int in [1, {MAX_ARCHITECTURE[name]:,}]") for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_len")]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"TrainSettings.{name} must be {rule}; got {getattr(self, name)!r}.")

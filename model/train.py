@@ -68,7 +68,7 @@ def _check_splits(train, valid, test, check_example) -> None:
 def train_classifier(
     train: Sequence[Example], valid: Sequence[Example], test: Sequence[Example] | None = None, *,
     label_names: Sequence[str], settings: TrainSettings | None = None, device: str = "auto",
-    progress: bool = True, log_path=None,
+    progress: bool | None = None, log_path=None, progress_label: str = "train classifier",
 ) -> tuple[TextClassifier, dict]:
     """Train a TransformerClassifier; returns the best-validation model (eval mode, on `device`) and metrics.
 
@@ -76,6 +76,8 @@ def train_classifier(
         train, valid, test: Examples with `label` set (class indices into `label_names`); test may be None.
         settings: sizes and optimisation; None uses `defaults_for(None)`.
         log_path: where to write the per-step CSV log (step, epoch, lr, loss), or None.
+        progress: True: a bar counting steps (plain lines in a log), None: at a terminal or in Jupyter only,
+            False: none. progress_label: what the bar says.
     Returns:
         (model, metrics): metrics hold valid_accuracy, test_accuracy (when test is given), best_epoch,
         epochs_run, steps, train_seconds, n_train, n_valid, n_test, n_params, vocab_size, n_truncated.
@@ -110,7 +112,7 @@ def train_classifier(
         return scores["accuracy"], scores["loss"]
 
     result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress,
-                 desc="train classifier")
+                 desc=progress_label)
     metrics = {"kind": "classification"}
     for name, split in (("valid", va), ("test", te)):
         if split is not None:
@@ -126,7 +128,8 @@ def train_classifier(
 # -- sequence to sequence ------------------------------------------------------------------------
 def train_seq2seq(
     train: Sequence[Example], valid: Sequence[Example], test: Sequence[Example] | None = None, *,
-    settings: TrainSettings | None = None, device: str = "auto", progress: bool = True, log_path=None,
+    settings: TrainSettings | None = None, device: str = "auto", progress: bool | None = None, log_path=None,
+    progress_label: str = "train seq2seq",
 ) -> tuple[Translator, dict]:
     """Train a TransformerSeq2Seq with teacher forcing; keeps the epoch with the best valid exact match
     (ties: lower teacher-forced valid loss).
@@ -163,7 +166,7 @@ def train_seq2seq(
         scores = evaluate_translator(model, valid)
         return scores["exact_match"], scores["loss"]
 
-    result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress, desc="train seq2seq")
+    result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress, desc=progress_label)
     metrics = {"kind": "seq2seq"}
     for name, split in (("valid", valid), ("test", test)):
         if split is not None:
@@ -185,23 +188,24 @@ def task_examples(task: str, settings: TrainSettings) -> dict[str, list[Example]
 
 
 def train_task(task: str, settings: TrainSettings | None = None, *, device: str = "auto",
-               progress: bool = True, log_path=None) -> tuple[TextClassifier | Translator, dict]:
+               progress: bool | None = None, log_path=None) -> tuple[TextClassifier | Translator, dict]:
     """Generate a built-in task's splits and train the matching model on them -> (model, metrics)."""
     spec = get_task(task)
     settings = settings or defaults_for(task)
     data = task_examples(task, settings)
     if spec.kind == "seq2seq":
         return train_seq2seq(data["train"], data["valid"], data["test"], settings=settings, device=device,
-                             progress=progress, log_path=log_path)
+                             progress=progress, log_path=log_path, progress_label=f"train {task}")
     return train_classifier(data["train"], data["valid"], data["test"], label_names=spec.label_names,
-                            settings=settings, device=device, progress=progress, log_path=log_path)
+                            settings=settings, device=device, progress=progress, log_path=log_path,
+                            progress_label=f"train {task}")
 
 
 # -- a model folder ------------------------------------------------------------------------------
 def train_to_folder(
     out_dir, *, task: str | None = None, data=None, text_col: str | None = None, label_col: str | None = None,
     valid=None, test=None, settings: TrainSettings | None = None, device: str = "auto", overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[Path, dict]:
     """Train on a built-in task or a labelled file and write a model folder -> (folder, metrics).
 
@@ -232,18 +236,20 @@ def train_to_folder(
     training = {"settings": settings.to_dict(), "seed": settings.seed, "device": str(dev),
                 "n_train": len(splits["train"]), "n_valid": len(splits["valid"]),
                 "n_test": len(splits["test"] or ()), "data": data_info, "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     out = Path(out_dir)
     check_out_dir(out, run_identity(task_info, training), overwrite=overwrite)   # before minutes of training
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / TRAIN_LOG
     if task_info["kind"] == "seq2seq":
         model, metrics = train_seq2seq(splits["train"], splits["valid"], splits["test"], settings=settings,
-                                       device=str(dev), progress=progress, log_path=log_path)
+                                       device=str(dev), progress=progress, log_path=log_path,
+                                       progress_label=f"train {task_info['name']}")
     else:
         model, metrics = train_classifier(splits["train"], splits["valid"], splits["test"],
                                           label_names=task_info["label_names"], settings=settings,
-                                          device=str(dev), progress=progress, log_path=log_path)
+                                          device=str(dev), progress=progress, log_path=log_path,
+                                          progress_label=f"train {task_info['name']}")
     if splits["test"] is None:
         metrics["test_accuracy"] = metrics["valid_accuracy"]
         metrics["test_set"] = ("none: test_accuracy is the validation accuracy "

@@ -70,3 +70,46 @@ def cli_run(capsys, *args) -> tuple[int, str, str]:
         cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+def assert_only_own_scripts(markup: str) -> None:
+    """A report page may hold only the attention view's scripts: its one code block (whose sha256 the page's
+    CSP names) and JSON data blocks with no raw "<"; any other <script> is an injection."""
+    import re
+
+    from attnaudit.analyses.attention_view import script_text
+
+    pattern = re.compile(r"<script\b([^>]*)>(.*?)</script\s*>", flags=re.S | re.I)
+    blocks = pattern.findall(markup)
+    assert not re.search(r"<script\b", pattern.sub("", markup), flags=re.I), "a <script> outside the view's blocks"
+    code = [body for attrs, body in blocks if not attrs.strip()]
+    data = [(attrs, body) for attrs, body in blocks if attrs.strip()]
+    assert len(code) <= 1 and all(body == script_text() for body in code), "an inline script that is not the view's"
+    for attrs, body in data:
+        assert re.fullmatch(r'\s*type="application/json"\s+class="aav-data"(\s+id="[\w-]+")?\s*', attrs), attrs
+        assert "<" not in body, "a data block with a raw '<'"
+
+
+class HtmlCollect:
+    """Start tags (with their attributes) and text of an HTML page, as the standard library parses it."""
+
+    def __init__(self, markup: str):
+        from html.parser import HTMLParser
+
+        collect = self
+
+        class _Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                collect.tags.append((tag, dict(attrs)))
+
+            def handle_startendtag(self, tag, attrs):
+                collect.tags.append((tag, dict(attrs)))
+
+            def handle_data(self, data):
+                collect.text.append(data)
+
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        parser = _Parser(convert_charrefs=True)
+        parser.feed(markup)
+        parser.close()

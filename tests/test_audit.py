@@ -76,7 +76,11 @@ def test_runner_sees_every_item_and_a_failed_item_is_listed(tiny_model, examples
         return None if item.startswith("chunk-0001") else compute()
 
     result = audit(tiny_model, examples, chunk_size=4, runner=runner, **FAST)
-    assert seen == ["chunk-0000-of-0003", "chunk-0001-of-0003", "chunk-0002-of-0003", "counterfactual", "sanity"]
+    # the counterfactual tests are one item per test and layer (2 layers and "all"), the sanity check one per explainer
+    per_layer = [f"counterfactual-{t}-layer-{layer}" for t in ("permutation", "adversarial", "uniform", "erasure")
+                 for layer in ("0", "1", "all")]
+    assert seen == ["chunk-0000-of-0003", "chunk-0001-of-0003", "chunk-0002-of-0003", *per_layer,
+                    "counterfactual-head_ablation", *(f"sanity-{e}" for e in FAST["explainers"])]
     assert list(result.failures) == ["chunk-0001-of-0003"]
     faith = result.metrics[result.metrics["metric"] == "deletion_auc"]
     assert sorted(faith["example_id"].unique()) == sorted(x.id for x in examples[:4] + examples[8:])
@@ -118,7 +122,7 @@ def test_settings_round_trip_to_plain_data():
 def test_write_report_from_an_audit(tiny_model, examples, tmp_path):
     result = audit(tiny_model, examples, **FAST)
     out = result.write_report(tmp_path / "rep", model_card={"architecture": {"n_layers": 2, "n_heads": 2}}, task="tiny")
-    assert (out / "index.html").is_file() and (out / "metrics.csv").is_file()
-    back = pd.read_csv(out / "metrics.csv", keep_default_na=False, na_values=[""])
+    assert (out / "index.html").is_file() and (out / "metrics.csv.gz").is_file()
+    back = pd.read_csv(out / "metrics.csv.gz", keep_default_na=False, na_values=[""])
     assert set(back["task"]) == {"tiny"} and len(back) == len(result.metrics)
     assert torch.get_num_threads() == 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnaudit import cli
+from attnaudit.model import train as train_module
 from attnaudit.model.train import TrainSettings
 from conftest import cli_run
 
@@ -24,7 +25,7 @@ def _one_thread(one_thread_module):
 @pytest.fixture(autouse=True)
 def tiny_defaults(monkeypatch):
     """The CLI trains with `defaults_for(task)`; here those are a seconds-long tiny model."""
-    monkeypatch.setattr(cli, "defaults_for", lambda task=None: TINY)
+    monkeypatch.setattr(train_module, "defaults_for", lambda task=None: TINY)
 
 
 
@@ -144,3 +145,21 @@ def test_train_data_file_with_a_valid_file(capsys, tmp_path, table):
     assert (metrics["n_train"], metrics["n_valid"]) == (40, 2) and "on dev.csv" in metrics["test_set"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["training"]["data"]["valid_sha256"] and cfg["training"]["data"]["holdout_fraction"] is None
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "run", "analyze", "explain"])
+def test_help_keeps_brackets_and_shows_flags_as_flags(capsys, command):
+    code, out, _ = cli_run(capsys, command, "--help")
+    assert code == 0
+    assert "<bool>" not in out and "--quiet" in out               # a flag reads "--quiet", not "--quiet <bool>"
+    if command == "analyze":
+        assert "TOML file with [audit] choices" in " ".join(out.split())   # not eaten as Rich markup
+        assert "--allow-untrained" in out and "--label-names <str>" in out
+    if command == "run":
+        assert "--quick " in out and "--resume " in out
+
+
+def test_train_without_quiet_reports_steps_on_stderr(capsys, tmp_path):
+    code, out, err = cli_run(capsys, "train", "--task", "needle", "--out", tmp_path / "m", "--epochs", "1")
+    assert code == 0, err
+    assert "train needle 0/" in err and " steps (100%)" in err and "\r" not in err   # plain lines: stderr is no tty

@@ -5,8 +5,11 @@ import networkx as nx
 import pytest
 import torch
 
+from hypothesis import given, settings, strategies as st
+
+import attnaudit.explain.flow as flow_module
 from attnaudit.explain import get_explainer
-from attnaudit.explain.flow import flow, max_flows
+from attnaudit.explain.flow import flow, flow_bounds, max_flows
 from attnaudit.explain.rollout import residual_attention
 from conftest import make_tiny_model
 
@@ -79,6 +82,53 @@ def test_certified_gap_and_the_generic_path():
     assert values.shape == (2, 10) and gap <= 1e-12
     assert abs(values[1, 6] - networkx_flow(torch.from_numpy(a_hat), 4, 6)) <= 1e-10
     assert (values <= 1 + 1e-12).all()                                            # [CLS] sends at most 1
+
+
+PRUNED_CASES = [(3, 9, [9, 6], 2, 3), (4, 12, [12, 7], 3, 5), (5, 10, [4, 10], 1, 4), (6, 14, [14, 9], 4, 16),
+                (4, 20, [20, 13], 16, 16), (3, 18, [18], 5, 1)]
+
+
+@pytest.mark.parametrize("n_layers,seq,lengths,keep,per_run", PRUNED_CASES)
+@pytest.mark.parametrize("sharpness", [1.0, 6.0])
+def test_pruned_runs_and_their_fallback_equal_networkx(monkeypatch, n_layers, seq, lengths, keep, per_run, sharpness):
+    # a small PRUNED_KEEP makes the pruned network short, so pairs go to the full network from a partial flow;
+    # PAIRS_PER_RUN below n splits the inputs over several joint Dinic runs; sharp patterns leave bounds slack
+    monkeypatch.setattr(flow_module, "PRUNED_KEEP", keep)
+    monkeypatch.setattr(flow_module, "PAIRS_PER_RUN", per_run)
+    g = torch.Generator().manual_seed(n_layers * 1000 + seq)
+    patterns, mask = random_patterns(n_layers, seq, lengths, seed=n_layers * 10 + seq)
+    if sharpness != 1.0:                                                          # peaked rows: few strong edges
+        patterns = (sharpness * torch.randn(patterns.shape, generator=g, dtype=torch.float64)).masked_fill(
+            ~mask[None, :, None, None, :], float("-inf")).softmax(-1) * mask[None, :, None, :, None]
+    a_hat = residual_attention(patterns, mask)
+    for tol, allowed in ((1e-7, 1e-6), (1e-12, 1e-9)):
+        got = flow(patterns, mask, tol=tol)
+        for b, n in enumerate(lengths):
+            for k in range(seq):
+                want = networkx_flow(a_hat[:, b], 0, k) if k < n else 0.0
+                assert abs(float(got[b, k]) - want) <= allowed, (tol, b, k)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_layers=st.integers(3, 5), n=st.integers(2, 9), keep=st.integers(1, 4), seed=st.integers(0, 2**16),
+       sharpness=st.sampled_from([0.5, 2.0, 8.0]))
+def test_max_flows_equal_networkx_on_random_graphs(n_layers, n, keep, seed, sharpness):
+    g = torch.Generator().manual_seed(seed)
+    scores = sharpness * torch.randn(n_layers, 1, 1, n, n, generator=g, dtype=torch.float64)
+    a_hat = residual_attention(scores.softmax(-1))[:, 0].numpy()                  # [layer, query, key]
+    old = flow_module.PRUNED_KEEP
+    flow_module.PRUNED_KEEP = keep
+    try:
+        values, gap = max_flows(a_hat, [0, n - 1], tol=1e-12)
+    finally:
+        flow_module.PRUNED_KEEP = old
+    assert gap <= 1e-12
+    bounds = [flow_bounds(a_hat, o) for o in (0, n - 1)]
+    for row, o in enumerate([0, n - 1]):
+        for k in range(n):
+            want = networkx_flow(torch.from_numpy(a_hat), o, k)
+            assert abs(values[row, k] - want) <= 1e-9, (row, k)
+            assert want <= bounds[row][k] + 1e-12                                  # flow_bounds is an upper bound
 
 
 def test_flow_explainer_on_a_three_layer_model(tiny_examples):

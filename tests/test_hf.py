@@ -201,6 +201,46 @@ def test_captured_attention_reproduces_eager(arch, models, folders):
         torch.testing.assert_close(patterns[layer][rows[layer]], theirs[rows[layer]], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_logits_and_real_rows_equal_eager_bit_for_bit(arch, models, folders, monkeypatch):
+    """The masks are built once per forward (one bias add, no masked fills per layer), and nothing changes."""
+    import attnaudit.model.hf as hf
+
+    model = models[arch]
+    batch = model.encode(TEXTS)
+    built, build = [], hf.attention_masks
+    monkeypatch.setattr(hf, "attention_masks", lambda *a, **k: built.append(1) or build(*a, **k))
+    with torch.no_grad():
+        ref = eager_reference(folders[arch])(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                                             output_attentions=True)
+        logits, cache = record(model, batch)
+    assert len(built) == 1                                            # once for all layers of the forward
+    assert torch.equal(logits, ref.logits)
+    rows = batch.attention_mask[:, None, :].expand(-1, model.n_heads, -1)   # [batch, head, query] real rows
+    for layer, theirs in enumerate(ref.attentions):
+        assert torch.equal(cache.stack()[layer][rows], theirs[rows])
+
+
+def test_attention_function_by_hand_with_bool_additive_and_no_mask():
+    from attnaudit.model.hf import eager_probs_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))     # [batch, head, seq, d_head]
+    real = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    keys = real[:, None, None, :].expand(2, 1, 4, 4)                    # transformers masks keys only
+    additive = torch.zeros(2, 1, 4, 4).masked_fill(~keys, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    scores = (q @ k.transpose(2, 3)) / math.sqrt(8)
+    want = scores.masked_fill(~keys, float("-inf")).softmax(-1) * real[:, None, :, None]   # padded rows 0
+    for mask in (keys, additive):
+        out, pattern = eager_probs_attention(module, q, k, v, mask)
+        torch.testing.assert_close(pattern, want)
+        assert (pattern[1, :, 2:] == 0).all() and (pattern[1, :, :, 2:] == 0).all()
+        torch.testing.assert_close(out, (want @ v).transpose(1, 2))
+    _, pattern = eager_probs_attention(module, q, k, v, None)
+    torch.testing.assert_close(pattern, scores.softmax(-1))
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_attention_policy_holes_match_eager(arch, models, folders):
     """Tokens removed from the attention mask mid-sequence: same probabilities as transformers' own forward."""

@@ -85,23 +85,23 @@ def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, 
     assert code == 0, err
     assert stdout.strip().splitlines()[-1] == f"report written to {out / 'index.html'}"
     assert "needle: " in stdout and "majority: " in stdout
-    for name in ("index.html", "report.md", "results.json", "metrics.csv", "attributions.jsonl", "curves.csv",
+    for name in ("index.html", "report.md", "results.json", "metrics.csv.gz", "attributions.jsonl.gz", "curves_mean.csv",
                  "counterfactual.csv"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert set(results["verdicts"]) == {"needle", "majority"}
     assert results["model_cards"]["needle"]["architecture"]["d_model"] == 32
-    metrics = pd.read_csv(out / "metrics.csv")
+    metrics = pd.read_csv(out / "metrics.csv.gz")
     assert set(metrics["task"]) == {"needle", "majority"} and metrics["example_id"].nunique() == 16
 
     # the same command again: finished items exist, so it refuses rather than silently recomputing
     code, _, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
     assert code == 2 and "--resume" in err, err
     # --resume: every item is reused, models too; the tables are the same bytes
-    before = (out / "metrics.csv").read_bytes()
+    before = (out / "metrics.csv.gz").read_bytes()
     code, stdout, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs, "--resume")
     assert code == 0, err
-    assert "reusing the model" in stdout and (out / "metrics.csv").read_bytes() == before
+    assert "reusing the model" in stdout and (out / "metrics.csv.gz").read_bytes() == before
     # other settings into the same report folder: refused, then replaced with --overwrite
     other = tmp_path / "other.toml"
     other.write_text(TINY_TOML.replace("seed = 3", "seed = 4"))
@@ -169,5 +169,5 @@ def test_run_covers_the_seq2seq_task(tmp_path, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert results["tasks"] == ["reorder"] and results["verdicts"]["reorder"]["answer"] != "undetermined"
-    metrics = pd.read_csv(tmp_path / "rep" / "metrics.csv")
+    metrics = pd.read_csv(tmp_path / "rep" / "metrics.csv.gz")
     assert {"gold_auprc", "comprehensiveness"} <= set(metrics["metric"]) and metrics["example_id"].nunique() == 20

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -370,8 +373,17 @@ def test_installed_names_import():
 
     assert attnaudit.__version__
     assert attnaudit.model.__name__ == "attnaudit.model"
-    import importlib.util
-    assert importlib.util.find_spec("model") is None or "attnaudit" not in str(importlib.util.find_spec("model").origin)
+
+
+def test_the_install_exposes_only_the_attnaudit_names(tmp_path):
+    """Outside the checkout, the folders model/, explain/, analyses/ are reachable only as attnaudit.*.
+
+    Run from an empty folder so that the checkout (whatever its folder is called) is not on sys.path."""
+    code = ("import importlib.util, attnaudit.model, attnaudit.explain, attnaudit.analyses\n"
+            "print([n for n in ('model', 'explain', 'analyses') if importlib.util.find_spec(n) is not None])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_a_pickle_file_path_is_refused_with_how_to_convert(tmp_path):

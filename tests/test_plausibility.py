@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -105,3 +107,23 @@ def test_errors_name_the_problem():
         gold_table(attr, Batch(batch.input_ids, batch.attention_mask, batch.special_mask, batch.tokens))
     with pytest.raises(ValueError, match="theta must be"):
         iou_f1(attr, gold, theta=0.0)
+
+
+def test_vectorised_average_precision_equals_sklearn_with_ties_and_padding():
+    from sklearn.metrics import average_precision_score
+
+    from attnaudit.analyses.plausibility import average_precision
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        b, s = int(rng.integers(1, 6)), int(rng.integers(1, 30))
+        scores = rng.integers(0, 4 if trial % 2 else 1000, size=(b, s)).astype(float)   # many ties half the time
+        gold = rng.random((b, s)) < rng.random()
+        keep = rng.random((b, s)) < 0.9
+        got = average_precision(scores, gold, keep)
+        for i in range(b):
+            g, k = gold[i] & keep[i], keep[i]
+            if not g.any():
+                assert np.isnan(got[i])
+            else:
+                assert abs(got[i] - average_precision_score(g[k], scores[i, k])) <= 1e-12, (trial, i)

@@ -112,7 +112,7 @@ def test_analyze_scores_an_eraser_split_against_its_rationales(eraser, tmp_path,
     code, stdout, err = cli_run(capsys, "analyze", "--model", model, "--data", eraser / "test.jsonl", "--config", config,
                             "--max-examples", 12, "--name", "tiny-movies", "--quiet", "--out", out)
     assert code == 0, err
-    table = pd.read_csv(out / "metrics.csv")
+    table = pd.read_csv(out / "metrics.csv.gz")
     plaus = table[table.metric == "rationale_token_f1"].groupby("explainer")["value"]
     assert set(plaus.size().index) == {"attention", "occlusion", "random"} and (plaus.size() == 12).all()
     assert plaus.mean()["occlusion"] >= 0.9                    # the one evidence word is the one that matters

@@ -23,6 +23,7 @@ import torch
 
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import audit
+from attnaudit.analyses.report_files import read_json_lines
 from attnaudit.analyses.store import ItemStore
 from attnaudit.explain.registry import REGISTRY
 from attnaudit.model.checkpoint import save_checkpoint
@@ -34,11 +35,12 @@ from test_jobs import TINY_TOML
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIT = sys.modules.get("attnaudit.analyses.audit") or importlib.import_module("attnaudit.analyses.audit")
-# two tasks × (8 chunks of 2 examples + counterfactual + sanity) = 20 saved items, each a fraction of a second
+# two tasks × (8 chunks of 2 examples + 13 counterfactual items (4 tests × 3 layers: 0, 1, all, + head ablation)
+# + 5 sanity items (one per explainer)) = 52 saved items, each a fraction of a second
 CONFIG = (TINY_TOML.replace("max_examples = 8", "max_examples = 16").replace("chunk_size = 4", "chunk_size = 2")
           .replace("[train.majority]\nepochs = 2\n\n", ""))
-N_ITEMS = 20
-TABLES = ("metrics.csv", "curves.csv", "counterfactual.csv", "counterfactual_permutation.csv")
+N_ITEMS = 52
+TABLES = ("metrics.csv.gz", "curves_mean.csv", "counterfactual.csv", "counterfactual_permutation.csv")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,7 +97,7 @@ def test_interrupted_run_exits_130_and_resume_equals_an_uninterrupted_run(refere
                                             "to continue.") and "Traceback" not in err
     done = [k for k, e in manifest_items(out).items() if e["status"] == "done"]
     assert 1 <= len(done) < N_ITEMS                                   # interrupted mid-analysis, work kept
-    assert not (out / "metrics.csv").exists()                         # no report from a part of the items
+    assert not (out / "metrics.csv.gz").exists() and not (out / "results.json").exists()                         # no report from a part of the items
     assert not (out / ".attnaudit" / "lock").exists()                 # the lock is released
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left
 
@@ -175,7 +177,7 @@ def test_one_failed_item_leaves_the_others_saved_exit_3_and_resume_finishes(refe
     monkeypatch.undo()
     code, _, err = cli_run(capsys, *args[:-1], "--resume", "--quiet")
     assert code == 0, err
-    assert (out / "metrics.csv").read_bytes() == (reference / "reference" / "metrics.csv").read_bytes()
+    assert (out / "metrics.csv.gz").read_bytes() == (reference / "reference" / "metrics.csv.gz").read_bytes()
 
 
 def test_out_of_memory_on_a_chunk_is_retried_as_two_halves(tiny_model, monkeypatch, tmp_path):
@@ -251,7 +253,7 @@ def test_path_traversal_ids_stay_inside_the_report_folder(tmp_path, capsys):
     new = files_under(tmp_path) - before
     assert new and all(p.resolve().is_relative_to(out.resolve()) for p in new), sorted(new - files_under(out))
     assert not Path("/tmp/evil-absolute").exists() and not (tmp_path / "evil").exists()
-    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    examples = read_json_lines(out / "examples.jsonl.gz")
     assert [x["id"] for x in examples] == EVIL_IDS                   # kept as data, never as a path
     assert [x["truncated"] for x in examples] == [False] * 6 + [True]   # 40 words, 30 positions: cut, and recorded
     assert json.loads((out / "results.json").read_text())["settings"]["n_truncated"] == {"reviews": 1}

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,8 @@ from attnaudit.analyses.report import (guard_cell, load_results, md, read_guarde
                                        write_report)
 from attnaudit.analyses.verdict import RULE, Verdict, derive_verdict
 from attnaudit.explain.registry import ATTENTION_FAMILY, REGISTRY
+
+from conftest import HtmlCollect, assert_only_own_scripts
 
 EXPLAINERS = list(REGISTRY)
 HIGHER = {"comprehensiveness": True, "sufficiency": False, "deletion_auc": False, "insertion_auc": True,
@@ -196,54 +198,41 @@ def report_dir(tmp_path_factory) -> Path:
     return write_report(tmp_path_factory.mktemp("report"), **synthetic_report_inputs())
 
 
-class Collect(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags, self.text = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_startendtag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def parse(path: Path) -> Collect:
-    p = Collect()
-    p.feed(path.read_text(encoding="utf-8"))
-    p.close()
-    return p
+def parse(path: Path) -> HtmlCollect:
+    return HtmlCollect(path.read_text(encoding="utf-8"))
 
 
 def test_report_folder_contents(report_dir):
     names = {p.name for p in report_dir.iterdir()}
-    assert {"index.html", "report.md", "results.json", "metrics.csv", "counterfactual.csv", "attributions.jsonl",
-            "curves.csv", "examples.jsonl", "attention.json", "figures"} <= names
-    assert not [n for n in names if n.endswith(".tmp")]
+    assert names == {"index.html", "report.md", "results.json", "metrics.csv.gz", "counterfactual.csv",
+                     "counterfactual_permutation.csv", "attributions.jsonl.gz", "curves_mean.csv", "agreement.csv",
+                     "examples.jsonl.gz", "attention.json", "figures"}
+    assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(f".{report_dir.name}.")]  # no staging folder
     pngs = sorted((report_dir / "figures").glob("*.png"))
-    assert len(pngs) == 9 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert len(pngs) == 10 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert max(p.stat().st_size for p in pngs) < 400_000
     res = json.loads((report_dir / "results.json").read_text())
     assert res["verdicts"]["keywords"]["answer"] in ("yes", "partly", "no")
     assert {"torch", "captum", "pandas", "attnaudit"} <= set(res["versions"])
     assert res["device"] == "cpu" and res["timings"]["explain"] == 1.5
+    assert res["tables"]["metrics.csv.gz"] == "full" and res["tables"]["attributions.jsonl.gz"].startswith("sampled")
+    assert set(res["tables"]) | {"results.json", "index.html", "report.md", "figures/"} == set(res["files"])
 
 
 def test_html_order_and_no_injection(report_dir):
     page = parse(report_dir / "index.html")
     tags = [t for t, _ in page.tags]
-    assert "script" not in tags and "iframe" not in tags and "object" not in tags
+    assert "iframe" not in tags and "object" not in tags
+    assert_only_own_scripts((report_dir / "index.html").read_text(encoding="utf-8"))
     ids = [a.get("id") for _, a in page.tags if a.get("id")]
-    assert ids == ["verdict", "model", "figures", "examples"]
+    assert ids == ["verdict", "verdict-keywords", "summary-figure", "attention", "attention-task00-keywords",
+                   "evidence", "examples", "model"]
     imgs = [a for t, a in page.tags if t == "img"]
-    assert len(imgs) == 9 and all(a["src"].startswith("data:image/png;base64,") for a in imgs)
+    assert len(imgs) == 10 and all(a["src"].startswith("data:image/png;base64,") for a in imgs)
     allowed = {"lang", "charset", "http-equiv", "content", "name", "href", "id", "class", "style", "title", "src",
                "alt", "open"}
     for tag, attrs in page.tags:
-        assert set(attrs) <= allowed, (tag, attrs)
+        assert set(attrs) <= allowed | ({"type"} if tag == "script" else set()), (tag, attrs)
         assert not any(k.startswith("on") for k in attrs)
         assert all(v.startswith("#") for k, v in attrs.items() if k == "href")
         assert not any("http://" in (v or "") or "https://" in (v or "") for v in attrs.values())
@@ -256,7 +245,7 @@ def test_html_order_and_no_injection(report_dir):
 
 
 def test_csv_cells_are_guarded(report_dir):
-    with open(report_dir / "metrics.csv", newline="") as f:
+    with gzip.open(report_dir / "metrics.csv.gz", "rt", newline="", encoding="utf-8") as f:
         cells = [c for row in csv.reader(f) for c in row]
     assert "'" + FORMULA in cells and FORMULA not in cells
     for c in cells:
@@ -264,7 +253,7 @@ def test_csv_cells_are_guarded(report_dir):
             float(c)
         except ValueError:
             assert not c.startswith(("=", "+", "-", "@")), c
-    back = read_guarded_csv(report_dir / "metrics.csv", ["example_id"])
+    back = read_guarded_csv(report_dir / "metrics.csv.gz", ["example_id"])
     assert FORMULA in set(back["example_id"])
     assert unguard_cell(guard_cell("'=x")) == "'=x" and guard_cell(-1.5) == -1.5
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ import pytest
 
 from attnaudit.analyses.report import write_report
 from test_report import IMG_TOKEN, SCRIPT_TOKEN, synthetic_report_inputs
+
+from conftest import HtmlCollect, assert_only_own_scripts
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
@@ -76,25 +77,11 @@ def test_report_loads_cleanly_and_is_not_blank(report, tmp_path):
     assert (pixels[..., :3].mean(-1) < 0.5).mean() > 0.005      # some dark ink
 
 
-class DomCollect(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags, self.text = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
 def test_injected_tokens_stay_text_in_the_live_dom(report, tmp_path):
     dom, console, requests = run_chromium(report, tmp_path, ["--dump-dom"])
     assert console == [] and requests == []
-    parsed = DomCollect()
-    parsed.feed(dom)
-    tags = [t for t, _ in parsed.tags]
-    assert "script" not in tags
+    parsed = HtmlCollect(dom)
+    assert_only_own_scripts(dom)
     assert all(a.get("src", "").startswith("data:image/png;base64,") for t, a in parsed.tags if t == "img")
     assert not any(k.startswith("on") for _, a in parsed.tags for k in a)
     text = "".join(parsed.text)
@@ -115,9 +102,72 @@ def test_the_committed_reports_load_cleanly(name, tmp_path):
         pytest.skip(f"reports/{name}/index.html is not in this checkout (its script under benchmarks/ writes it).")
     dom, console, requests = run_chromium(page, tmp_path, ["--dump-dom"])
     assert console == [] and requests == [], (console, requests)
-    parsed = DomCollect()
-    parsed.feed(dom)
+    parsed = HtmlCollect(dom)
     images = [a for t, a in parsed.tags if t == "img"]
     assert len(images) >= 8 and all(a.get("src", "").startswith("data:image/png;base64,") for a in images)
     text = "".join(parsed.text)
     assert "Verdict" in text and any(w in text for w in ("YES", "PARTLY", "NO", "UNDETERMINED"))
+
+
+# -- the first screen, measured in a real layout (selenium + chromedriver) ----------------------------
+def chrome_driver(width: int = 1400, height: int = 900):
+    """A headless Chromium under chromedriver with a viewport of exactly width × height CSS pixels."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        pytest.skip("chromedriver is not installed (apt-get install chromium-driver).")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-extensions",
+                 f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    return driver
+
+
+def test_verdict_and_summary_figure_are_in_the_first_screen(report, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = chrome_driver(1400, 900)
+    try:
+        driver.get(report.resolve().as_uri())
+        boxes = {name: driver.find_element(By.ID, name).rect for name in ("verdict-keywords", "summary-figure")}
+        image = driver.find_element(By.CSS_SELECTOR, "#summary-figure img")
+        loaded = driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image)
+        driver.save_screenshot(str(tmp_path / "first-screen.png"))
+        badge = driver.find_element(By.CSS_SELECTOR, "#verdict-keywords .answer").text
+        order = [s.get_attribute("id") for s in driver.find_elements(By.CSS_SELECTOR, "main > section")]
+    finally:
+        driver.quit()
+    for name, box in boxes.items():
+        assert box["height"] > 0 and box["y"] >= 0 and box["y"] + box["height"] <= 900, (name, box)
+    assert boxes["verdict-keywords"]["y"] < boxes["summary-figure"]["y"] and loaded > 100
+    assert badge in ("YES", "PARTLY", "NO", "UNDETERMINED")
+    assert order == ["verdict", "attention", "evidence", "examples", "model"]
+    import matplotlib.image
+
+    shot = matplotlib.image.imread(tmp_path / "first-screen.png")
+    assert shot.shape[:2] == (900, 1400)
+
+
+def test_long_texts_wrap_instead_of_running_off(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    inputs = synthetic_report_inputs(n=4, hostile=False)
+    long = ["[CLS]"] + ("a rather long review that goes on and on " * 30).split()
+    inputs["attributions"] = [{**r, "tokens": long, "scores": [0.0] + [0.1] * (len(long) - 1),
+                               "special": [True] + [False] * (len(long) - 1)} for r in inputs["attributions"]]
+    inputs["examples"] = [{**x, "gold": None} for x in inputs["examples"]]
+    page = write_report(tmp_path / "long", **inputs) / "index.html"
+    driver = chrome_driver(1400, 900)
+    try:
+        driver.get(page.resolve().as_uri())
+        width = driver.execute_script("return document.documentElement.scrollWidth")
+        cell = driver.find_element(By.CSS_SELECTOR, ".sent td").rect
+    finally:
+        driver.quit()
+    assert width <= 1400 and cell["height"] > 60, (width, cell)       # many lines, no horizontal scrolling

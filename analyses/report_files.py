@@ -1,0 +1,430 @@
+"""The report folder's data files: their names, encodings, the JSON-lines reader, and the atomic folder swap.
+
+    files = compact(full_files, full_tables=False)    # {name: bytes}: old or new layout in, new layout out
+    data = load_files(files)                          # the tables and records the pages are drawn from
+    commit_folder("reports/x", {**files, **pages})   # all of it appears at once, or nothing changes
+
+Layout (format_version 2). Per-example tables are gzip-compressed (mtime 0, no file name: same table,
+same bytes): metrics.csv.gz (always every row: `attnaudit report --reverdict` derives the verdicts from it),
+examples.jsonl.gz, attributions.jsonl.gz (the examples the report shows, or every record when
+full_tables) and curves.csv.gz (per-example curves, only when full_tables). Small tables stay plain:
+counterfactual.csv, counterfactual_permutation.csv, comparisons.csv, curves_mean.csv (mean and standard
+error per explainer, curve and fraction: what the curve figure draws), agreement.csv (Kendall τ between
+explainers over all examples: what the agreement figure draws) and attention.json (the drawn example per
+task, its first ATTENTION_POSITIONS positions, 3 decimals). results.json's "tables" says which are full
+and which sampled. Version-1 folders (plain metrics.csv, curves.csv, attributions.jsonl, examples.jsonl,
+every attention example in full) are read too, and `compact` turns them into this layout.
+
+CSV cells that start with = + - @ (formula triggers) get a leading '. JSON lines are split on "\\n" only:
+str.splitlines would also split inside a text holding U+2028, U+0085 or \\x1c, which json.dumps
+(ensure_ascii=False) leaves raw.
+
+`commit_folder` writes every file into a hidden sibling folder, then swaps it in (renameat2
+RENAME_EXCHANGE where Linux has it, else rename aside + rename in), carrying over what is not a report file
+(the `.attnaudit/` item store of resumable runs, anything the user put there). On an OSError (a full disk)
+the sibling is removed and the old folder is left as it was.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attnaudit.analyses import figures as F
+from attnaudit.analyses.verdict import _jsonable
+
+FORMAT, FORMAT_VERSION = "attnaudit-report", 2
+CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")   # "'" too, so that guarding can be undone exactly
+N_EXAMPLES = 3              # correctly and incorrectly classified examples shown per task
+ATTENTION_POSITIONS = 48    # positions of the attention example that the figures draw
+ATTENTION_DECIMALS = 3
+# key -> (file name in this layout, file name in format_version 1, text columns)
+TABLES = {"metrics": ("metrics.csv.gz", "metrics.csv"), "counterfactual": ("counterfactual.csv", "counterfactual.csv"),
+          "permutation": ("counterfactual_permutation.csv", "counterfactual_permutation.csv"),
+          "curves": ("curves.csv.gz", "curves.csv"), "curves_mean": ("curves_mean.csv", None),
+          "comparisons": ("comparisons.csv", "comparisons.csv"), "agreement": ("agreement.csv", None)}
+RECORDS = {"attributions": ("attributions.jsonl.gz", "attributions.jsonl"), "examples": ("examples.jsonl.gz", "examples.jsonl")}
+PAGES = ("index.html", "report.md", "results.json")
+REPORT_NAMES = ({n for pair in [*TABLES.values(), *RECORDS.values()] for n in pair if n}
+                | {"attention.json", "figures", *PAGES})
+TEXT_COLUMNS = ("task", "example_id", "explainer", "metric", "setting", "note", "test", "layer", "head", "statistic",
+                "curve", "vs", "reference", "reference_explainer", "verdict", "other")
+
+
+class ReportWriteError(OSError):
+    """The report folder could not be written; the previous one is unchanged. str() is the one-line message."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# -- encodings -----------------------------------------------------------------------------------
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with mtime 0 and no file name in the header: the same data gives the same bytes."""
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+def guard_cell(value):
+    """A text cell that a spreadsheet would run as a formula gets a leading ' (OWASP CSV injection)."""
+    return "'" + value if isinstance(value, str) and value.startswith(CSV_TRIGGERS) else value
+
+
+def unguard_cell(value):
+    return value[1:] if isinstance(value, str) and len(value) > 1 and value[0] == "'" and value[1:].startswith(CSV_TRIGGERS) else value
+
+
+def guarded_csv(frame: pd.DataFrame) -> str:
+    """CSV text with every text cell guarded (numbers are left as numbers, to 6 significant digits)."""
+    f = frame.copy()
+    for c in f.columns:
+        if f[c].dtype == object or pd.api.types.is_string_dtype(f[c]):
+            f[c] = f[c].map(guard_cell)
+    f.columns = [guard_cell(str(c)) for c in f.columns]
+    return f.to_csv(index=False, lineterminator="\n", float_format="%.6g")   # 6 significant digits: plenty, and small
+
+
+def read_guarded_csv(path, text_columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
+    """A CSV written by `guarded_csv` (plain or .gz) -> DataFrame with the guards taken off."""
+    return _csv_frame(Path(path).read_bytes(), str(path).endswith(".gz"), text_columns)
+
+
+def _csv_frame(data: bytes, gz: bool, text_columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
+    raw = gzip.decompress(data) if gz else data
+    cols = pd.read_csv(io.BytesIO(raw), nrows=0).columns
+    frame = pd.read_csv(io.BytesIO(raw), dtype={c: str for c in cols if c in text_columns}, keep_default_na=False,
+                        na_values=[""])
+    for c in frame.columns:
+        if frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c]):
+            frame[c] = frame[c].map(unguard_cell)
+    return frame
+
+
+def dumps(x) -> str:
+    return json.dumps(_jsonable(x), ensure_ascii=False, allow_nan=False)
+
+
+def json_lines_text(rows) -> str:
+    return "".join(dumps(r) + "\n" for r in rows)
+
+
+def parse_json_lines(text: str, *, name: str = "JSON lines") -> list:
+    """One JSON value per "\\n"-terminated line (blank lines skipped). Never str.splitlines: a value may hold
+    U+2028, U+2029, U+0085 or \\x0b-\\x0c, \\x1c-\\x1e raw, and those are not line ends here."""
+    out = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name} line {i} must be one JSON value; {e.msg} at column {e.colno}.") from e
+    return out
+
+
+def read_json_lines(path) -> list:
+    """A .jsonl or .jsonl.gz file -> list of values (see `parse_json_lines`)."""
+    data = Path(path).read_bytes()
+    return parse_json_lines((gzip.decompress(data) if str(path).endswith(".gz") else data).decode("utf-8"), name=str(path))
+
+
+# -- reading a folder ----------------------------------------------------------------------------
+def read_folder(out: Path) -> dict[str, bytes]:
+    """The data files of a report folder (either layout) -> {name: bytes}; results.json must be there."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"out_dir must be a folder written by write_report (with results.json); "
+                                f"{str(path)!r} does not exist.")
+    names = REPORT_NAMES - {"figures", "index.html", "report.md"}
+    return {n: (out / n).read_bytes() for n in sorted(names) if (out / n).is_file()}
+
+
+def _pick(files: Mapping[str, bytes], new: str, old: str | None):
+    for name in (new, old):
+        if name and name in files:
+            return name, files[name]
+    return None, None
+
+
+def load_files(files: Mapping[str, bytes]) -> dict:
+    """{name: bytes} of either layout -> {"results": dict, "metrics", "counterfactual", "permutation", "curves",
+    "curves_mean", "comparisons", "agreement": DataFrame or None, "attributions", "examples", "attention": lists}."""
+    results = json.loads(files["results.json"].decode("utf-8"))
+    if results.get("format") != FORMAT:
+        raise ValueError(f"results.json must have format {FORMAT!r}; got {results.get('format')!r}.")
+    loaded = {"results": results}
+    for key, (new, old) in TABLES.items():
+        name, data = _pick(files, new, old)
+        frame = None if data is None else _csv_frame(data, name.endswith(".gz"))
+        if frame is not None and "setting" in frame.columns:
+            frame["setting"] = frame["setting"].fillna("")
+        loaded[key] = frame
+    for key, (new, old) in RECORDS.items():
+        name, data = _pick(files, new, old)
+        text = "" if data is None else (gzip.decompress(data) if name.endswith(".gz") else data).decode("utf-8")
+        loaded[key] = parse_json_lines(text, name=name or key)
+    loaded["attention"] = json.loads(files["attention.json"].decode("utf-8")) if "attention.json" in files else []
+    return loaded
+
+
+def load_results(out_dir) -> dict:
+    """The saved report data (either layout) -> the dict of `load_files`."""
+    return load_files(read_folder(Path(out_dir)))
+
+
+# -- which examples the report shows ---------------------------------------------------------------
+def label_text(x, names) -> str:
+    """A label once: its name (with the index when the name differs from it), or the value itself."""
+    if names and isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(names) and str(names[x]) != str(x):
+        return f"{names[x]} ({x})"
+    return x
+
+
+def select_examples(task: str, data: dict, card: Mapping) -> list[dict]:
+    """Up to N_EXAMPLES correctly and N_EXAMPLES incorrectly classified examples with their records.
+
+    Each item: id, status ("correct"/"incorrect"/"label unknown"), label, prediction, gold (or None), records.
+    """
+    by_id: dict = {}
+    for r in data["attributions"]:
+        if r["task"] == task:
+            by_id.setdefault(str(r["id"]), []).append(r)
+    info = {str(x["id"]): x for x in data["examples"] if x["task"] == task and "id" in x}
+    names = card.get("label_names") if isinstance(card.get("label_names"), list) else None
+    picked = {"correct": [], "incorrect": [], "label unknown": []}
+    for ex_id, recs in by_id.items():
+        x = info.get(ex_id, {})
+        pred = x.get("prediction", recs[0].get("target"))
+        gold_label = x.get("label")
+        status = "label unknown" if gold_label is None or pred is None else \
+            "correct" if str(gold_label) == str(pred) else "incorrect"
+        if len(picked[status]) < N_EXAMPLES:
+            gold = x.get("gold", x.get("rationale"))
+            if all("words" in r for r in recs):          # sub-word models: show whitespace words
+                gold = x.get("word_gold")
+                recs = [{**r, "tokens": r["words"], "scores": r["word_scores"], "special": [False] * len(r["words"])}
+                        for r in recs]
+            picked[status].append(dict(id=ex_id, status=status, label=label_text(gold_label, names),
+                                       prediction=label_text(pred, names), prob=recs[0].get("prob"), gold=gold,
+                                       records=recs))
+    return picked["correct"] + picked["incorrect"] + picked["label unknown"]
+
+
+# -- the compact layout ----------------------------------------------------------------------------
+def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes]:
+    """Data files of either layout -> this layout's data files (results.json updated: files, tables, format).
+
+    Full tables (metrics, examples, counterfactual, comparisons) are re-encoded byte for byte; the figures'
+    inputs (curves_mean.csv, agreement.csv) are derived from the per-example data where it is present, else
+    kept; attributions are cut to the shown examples unless full_tables; attention to what is drawn.
+    """
+    data = load_files(files)
+    res = data["results"]
+    out: dict[str, bytes] = {}
+    tables: dict[str, str] = {}
+    for key in ("metrics", "counterfactual", "permutation", "comparisons"):
+        new, old = TABLES[key]
+        name, raw = _pick(files, new, old)
+        if raw is not None:
+            text = gzip.decompress(raw) if name.endswith(".gz") else raw
+            out[new] = gzip_bytes(text) if new.endswith(".gz") else text
+            tables[new] = "full"
+    curves = data["curves"]
+    if curves is not None:
+        out["curves_mean.csv"] = guarded_csv(F.curve_means(curves)).encode("utf-8")
+        if full_tables:
+            out["curves.csv.gz"] = gzip_bytes(guarded_csv(curves).encode("utf-8"))
+    elif data["curves_mean"] is not None:
+        out["curves_mean.csv"] = files["curves_mean.csv"]
+    if "curves_mean.csv" in out:
+        tables["curves_mean.csv"] = "full: mean, standard error and n per task, explainer, curve and fraction"
+    if "curves.csv.gz" in out:
+        tables["curves.csv.gz"] = "full"
+    records = data["attributions"]
+    before = res.get("tables", {}).get("attributions.jsonl.gz", "full")    # version 1 kept every record
+    if data["agreement"] is not None:
+        out["agreement.csv"] = files["agreement.csv"]
+    elif records:
+        out["agreement.csv"] = guarded_csv(agreement_frame(records, res["tasks"])).encode("utf-8")
+    if "agreement.csv" in out:
+        tables["agreement.csv"] = "full: mean Kendall tau between explainers over all examples, per task"
+    if data["examples"]:
+        out["examples.jsonl.gz"] = gzip_bytes(json_lines_text(data["examples"]).encode("utf-8"))
+        tables["examples.jsonl.gz"] = "full"
+    if records:
+        shown = {(t, ex["id"]) for t in res["tasks"]
+                 for ex in select_examples(t, data, res.get("model_cards", {}).get(t) or {})}
+        keep = records if full_tables else [r for r in records if (r["task"], str(r["id"])) in shown]
+        out["attributions.jsonl.gz"] = gzip_bytes(json_lines_text(keep).encode("utf-8"))
+        n_all = len({(r["task"], str(r["id"])) for r in records})
+        tables["attributions.jsonl.gz"] = (before if before != "full" else "full" if full_tables else
+                                           f"sampled: the {len(shown)} examples the report shows (of {n_all})")
+    attention = compact_attention(data["attention"])
+    if attention:
+        out["attention.json"] = dumps(attention).encode("utf-8")
+        tables["attention.json"] = (f"sampled: the example drawn per task, its first {ATTENTION_POSITIONS} positions, "
+                                    f"{ATTENTION_DECIMALS} decimals")
+    res = {**res, "format_version": FORMAT_VERSION, "tables": tables,
+           "files": sorted(out) + ["results.json", "index.html", "report.md", "figures/"]}
+    out["results.json"] = json.dumps(_jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return out
+
+
+def agreement_frame(records: Sequence[dict], tasks: Sequence[str]) -> pd.DataFrame:
+    """Tidy task, explainer, other, tau: `figures.agreement_matrix` per task, over every record given."""
+    rows = []
+    for task in tasks:
+        recs = [r for r in records if r["task"] == task]
+        if not recs:
+            continue
+        m = F.agreement_matrix(recs)
+        rows += [(task, a, b, float(m.loc[a, b])) for a in m.index for b in m.columns]
+    return pd.DataFrame(rows, columns=["task", "explainer", "other", "tau"])
+
+
+def compact_attention(items: Sequence[dict]) -> list[dict]:
+    """The first attention example per task, cut to the positions drawn and rounded."""
+    out, seen = [], set()
+    for a in items:
+        if a.get("task") in seen:
+            continue
+        seen.add(a.get("task"))
+        att = np.asarray(a["attention"], dtype=float)                  # [layer, head, query, key]
+        n = min(att.shape[2], ATTENTION_POSITIONS)
+        out.append({**a, "tokens": list(a["tokens"])[:n], "n_positions": int(a.get("n_positions", att.shape[2])),
+                    "attention": np.round(att[:, :, :n, :n], ATTENTION_DECIMALS).tolist()})
+    return out
+
+
+# -- writing the folder at once --------------------------------------------------------------------
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def commit_folder(out, files: Mapping[str, bytes]) -> Path:
+    """Make `out` hold exactly `files` ({relative name: bytes}) plus what it held that is not a report file.
+
+    The files go into a hidden sibling folder first; the swap is one rename where the kernel can exchange
+    two paths. On an OSError while writing, the sibling is removed, `out` is untouched and a
+    ReportWriteError names the path, the error and the space needed against the space free.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir must be a folder; got {str(out)!r}, which is an existing file.")
+    if out.is_symlink():
+        out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(len(b) for b in files.values())
+    stage = None
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
+        os.chmod(stage, 0o777 & ~_UMASK)
+        for name in sorted(files):
+            path = stage / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(path, files[name])
+        _fsync_dir(stage)
+    except OSError as e:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise _write_error(out, e, need) from e
+    try:
+        if not out.exists():
+            os.rename(stage, out)
+            _fsync_dir(out.parent)
+            return out
+        aside = _swap(stage, out)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise _write_error(out, e, need) from e
+    try:
+        for item in sorted(aside.iterdir()):        # .attnaudit/ (resume data) and the user's own files
+            if item.name not in REPORT_NAMES and not re.fullmatch(r"\..*\.tmp", item.name) and not (out / item.name).exists():
+                os.rename(item, out / item.name)
+    except OSError as e:
+        raise ReportWriteError(e.errno, f"the new report is in {str(out)!r}, but moving {item.name!r} over from the "
+                               f"previous one failed ({e.strerror}); it is still in {str(aside)!r}.") from e
+    shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(out.parent)
+    return out
+
+
+def _write_error(out: Path, e: OSError, need: int) -> ReportWriteError:
+    """One line: the folder, the error, the space needed against the space free (for a full disk), what is kept."""
+    space = ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+        space = f"; it needs about {_mb(need)} free there and {_mb(free)} are available"
+    kept = " and its .attnaudit/ are" if (out / ".attnaudit").exists() else " is"
+    return ReportWriteError(e.errno, f"could not write the report folder {str(out)!r}: {e.strerror or e} (errno "
+                                     f"{e.errno}){space}. The previous report{kept} unchanged.")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE) -> False where that is unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap(stage: Path, out: Path) -> Path:
+    """Put `stage` at `out` -> where the previous `out` now is (to be emptied by the caller)."""
+    if _exchange(stage, out):
+        return stage
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.rmdir(aside)
+    os.rename(out, aside)
+    try:
+        os.rename(stage, out)
+    except OSError:
+        os.rename(aside, out)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return aside
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TABLES", "RECORDS", "REPORT_NAMES", "ReportWriteError", "gzip_bytes",
+           "guard_cell", "unguard_cell", "guarded_csv", "read_guarded_csv", "parse_json_lines", "read_json_lines",
+           "json_lines_text", "dumps", "read_folder", "load_files", "load_results", "select_examples", "label_text",
+           "compact", "agreement_frame", "compact_attention", "commit_folder"]

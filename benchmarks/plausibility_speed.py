@@ -1,0 +1,60 @@
+"""Vectorised average precision (analyses.plausibility.average_precision) vs sklearn per example.
+
+    python benchmarks/plausibility_speed.py [--examples 64] [--explainers 15] [--seq 32] [--rounds 7]
+
+The workload of one audit chunk: `examples` rows of `seq` tokens, one score row per explainer. Both
+sides run interleaved in each round; the script prints the medians and ranges of the two times, their
+ratio, and the largest difference between the two results (they must agree to 1e-12).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from attnaudit.analyses.plausibility import average_precision
+
+
+def sklearn_loop(scores, gold, keep):
+    out = np.full(len(scores), np.nan)
+    for i in range(len(scores)):
+        if (gold[i] & keep[i]).any():
+            out[i] = average_precision_score(gold[i, keep[i]], scores[i, keep[i]])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--explainers", type=int, default=15)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    work = []
+    for _ in range(args.explainers):
+        lengths = rng.integers(args.seq // 4, args.seq + 1, size=args.examples)
+        keep = np.arange(args.seq)[None, :] < lengths[:, None]
+        work.append((rng.normal(size=(args.examples, args.seq)), rng.random((args.examples, args.seq)) < 0.2, keep))
+    times = {"sklearn": [], "vectorised": []}
+    diff = 0.0
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        ref = [sklearn_loop(*w) for w in work]
+        times["sklearn"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        got = [average_precision(*w) for w in work]
+        times["vectorised"].append(time.perf_counter() - t)
+        diff = max(diff, max(float(np.nanmax(np.abs(a - b))) for a, b in zip(ref, got)))
+    for side, ts in times.items():
+        print(f"{side:>10}: median {statistics.median(ts) * 1e3:8.2f} ms  (range {min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f} ms)")
+    ratios = [a / b for a, b in zip(times["sklearn"], times["vectorised"])]
+    print(f"speed-up: median {statistics.median(ratios):.0f}x (range {min(ratios):.0f}-{max(ratios):.0f}x) on "
+          f"{args.examples} examples x {args.explainers} explainers x {args.seq} tokens; largest difference {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
