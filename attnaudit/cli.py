@@ -310,10 +310,13 @@ def _verdict_lines(path: Path, quiet: bool) -> None:
     if quiet:
         return
     import json
+
+    from attnaudit.analyses.report_html import verdict_lines
+    from attnaudit.analyses.verdict import Verdict
     results = json.loads((path / "results.json").read_text(encoding="utf-8"))
     for task, v in results.get("verdicts", {}).items():
-        first = str(v.get("paragraph", "")).split(". ")[0].rstrip(".")
-        typer.echo(f"{task}: {str(v.get('answer', '')).upper()}: {first}.")
+        headline, _ = verdict_lines(Verdict.from_dict(v))     # what the answer means, as the page's first line
+        typer.echo(f"{task}: {str(v.get('answer', '')).upper()}: {headline}")
 
 
 @tasks_app.command("list")
