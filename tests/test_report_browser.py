@@ -171,3 +171,22 @@ def test_long_texts_wrap_instead_of_running_off(tmp_path):
     finally:
         driver.quit()
     assert width <= 1400 and cell["height"] > 60, (width, cell)       # many lines, no horizontal scrolling
+
+
+@pytest.mark.parametrize("name", ["default", "sst2", "sst2-minilm", "movies"])
+def test_each_committed_report_answers_in_the_first_screen(name):
+    """At 1400 × 900: every task's verdict badge and the whole summary figure are visible without scrolling."""
+    from selenium.webdriver.common.by import By
+
+    page = REPORTS / name / "index.html"
+    if not page.is_file():
+        pytest.skip(f"reports/{name}/index.html is not in this checkout")
+    driver = chrome_driver(1400, 900)
+    try:
+        driver.get(page.resolve().as_uri())
+        badges = [b.rect for b in driver.find_elements(By.CSS_SELECTOR, "article.verdict .answer")]
+        figure = driver.find_element(By.ID, "summary-figure").rect
+    finally:
+        driver.quit()
+    assert badges and all(0 <= b["y"] and b["y"] + b["height"] <= 900 for b in badges), badges
+    assert figure["height"] > 200 and 0 <= figure["y"] and figure["y"] + figure["height"] <= 900, figure
