@@ -333,13 +333,17 @@ class ItemStore:
             raise ValueError("resume and overwrite exclude each other; pass --resume or --overwrite, not both.")
         check_output_dir(self.folder)
         (self.root / "items").mkdir(parents=True, exist_ok=True)
+        self._lock_and_open()
+        return self
+
+    def _lock_and_open(self) -> None:
+        """Take this store's lock, then read (or start) its manifest; a failed open releases the lock."""
         self._lock()
         try:
             self._open()
         except BaseException:
             self._unlock()
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         self._unlock()
@@ -605,12 +609,7 @@ class RankStore(ItemStore):
 
     def __enter__(self) -> RankStore:
         (self.root / "ranks").mkdir(parents=True, exist_ok=True)
-        self._lock()
-        try:
-            self._open()
-        except BaseException:
-            self._unlock()
-            raise
+        self._lock_and_open()
         return self
 
     def _open(self) -> None:

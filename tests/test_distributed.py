@@ -317,7 +317,7 @@ def test_torchrun_on_nccl_matches_a_single_gpu_process(workdir, tmp_path):
 
 # -- the Python audit, sharded --------------------------------------------------------------------
 SCRIPT = """
-import pickle, sys
+import sys
 sys.path.insert(0, {tests!r})
 from conftest import make_tiny_model
 from attnaudit import distributed
@@ -327,7 +327,10 @@ texts = ["the film was good", "a boring plot", "the story was not bad and the ac
 examples = [Example(id=f"ex{{i}}", text=t, label=i % 2) for i, t in enumerate(texts)]
 result = distributed.audit(make_tiny_model(), examples, AuditSettings(**{small!r}), out={out!r})
 if distributed.from_env().is_main:
-    pickle.dump(result, open({pickled!r}, "wb"))
+    from attnaudit.analyses.store import dumps, frame_payload   # exact-float JSON, as the item store writes
+    open({saved!r}, "w").write(dumps({{"metrics": frame_payload(result.metrics), "curves": frame_payload(result.curves),
+        "counterfactual": {{k: frame_payload(v) for k, v in result.counterfactual.items()}},
+        "attributions": result.attributions, "examples": result.examples, "settings": result.settings}}))
 else:
     assert result is None
 """
@@ -360,15 +363,19 @@ def test_python_audit_through_the_store_gives_the_tables_of_audit(tmp_path):
 
 @pytest.mark.slow
 def test_python_audit_on_two_ranks_gives_the_tables_of_audit(tmp_path):
-    import pickle
+    from types import SimpleNamespace
+
+    from attnaudit.analyses.store import loads, payload_frame
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), small=SMALL, out=str(tmp_path / "items"),
-                                    pickled=str(tmp_path / "result.pkl")))
+                                    saved=str(tmp_path / "result.json")))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                            "127.0.0.1", "--master-port", str(_free_port()), str(script)],
                           env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = pickle.loads((tmp_path / "result.pkl").read_bytes())
+    saved = loads((tmp_path / "result.json").read_text(encoding="utf-8"))
+    got = SimpleNamespace(**{**saved, "metrics": payload_frame(saved["metrics"]), "curves": payload_frame(saved["curves"]),
+                             "counterfactual": {k: payload_frame(v) for k, v in saved["counterfactual"].items()}})
     want = audit(make_tiny_model(), _examples(), AuditSettings(**SMALL), progress=False)
     _same_result(got, want)
     assert list((tmp_path / "items" / ".attnaudit" / "ranks").glob("rank-1.json"))   # rank 1 did its share
