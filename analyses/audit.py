@@ -27,11 +27,12 @@ import pandas as pd
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.counterfactual import TESTS, counterfactual_table, n_units
+from attnaudit.analyses.counterfactual import MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
 from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.tables import COLUMNS, METRICS, faithfulness_table, summarize
+from attnaudit.explain.base import MAX_ROWS
 from attnaudit.explain.registry import REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
@@ -63,11 +64,11 @@ class AuditSettings:
     LIMITS = {"max_examples": (10_000_000, "examples explained by every explainer"),
               "chunk_size": (4096, "examples per batch, each × max_len tokens in memory at once"),
               "counterfactual_examples": (100_000, "examples × layers × (n_permutations + adversarial_steps) forwards"),
-              "n_permutations": (10_000, "forward passes per example and layer"),
-              "adversarial_steps": (10_000, "forward + backward passes per example and layer"),
+              "n_permutations": (MAX_PERMUTATIONS, "forward passes per example and layer"),
+              "adversarial_steps": (MAX_STEPS, "forward + backward passes per example and layer"),
               "sanity_examples": (100_000, "examples explained again at every randomised layer"),
               "curve_steps": (4096, "forward passes per deletion or insertion curve"),
-              "max_batch": (65_536, "rows in one forward pass")}
+              "max_batch": (MAX_ROWS, "rows in one forward pass")}
 
     explainers: tuple[str, ...] = tuple(REGISTRY)
     explainer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -215,7 +216,8 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
     chunks = [list(range(s, min(s + settings.chunk_size, len(batch)))) for s in range(0, len(batch), settings.chunk_size)]
     timings: dict[str, float] = {}
     parts, failures = [], {}
-    bar = _bar(len(batch), progress, f"{progress_label}: explain + faithfulness ({len(explainers)} explainers)")
+    bar = progress_bar(len(batch), enabled=progress, unit="examples",
+                       desc=f"{progress_label}: explain + faithfulness ({len(explainers)} explainers)")
     with model.evaluating():
         for i, idx in enumerate(chunks):
             item = f"chunk-{i:04d}-of-{len(chunks):04d}"
@@ -232,7 +234,7 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
         cf: dict[str, pd.DataFrame] = {}
         sub = batch.select(range(min(len(batch), settings.counterfactual_examples)))
         if "counterfactual" in settings.analyses:
-            bar = progress_bar(n_units(model, settings.counterfactual_tests), enabled=progress, unit="tests",
+            bar = progress_bar(len(_counterfactual_plan(model, settings.counterfactual_tests)), enabled=progress, unit="tests",
                                desc=f"{progress_label}: counterfactual attention tests on {len(sub)} examples")
             start = time.perf_counter()
             cf = _counterfactual_items(model, sub, settings, run, failures, done=bar.update)
@@ -274,18 +276,22 @@ def _counterfactual_items(model, sub: Batch, settings: AuditSettings, run: Runne
     tests = settings.counterfactual_tests
     if not tests:
         return run("counterfactual", lambda: counterfactual_table(model, sub, tests=tests, **options)) or {}
-    layers = [*range(model.n_layers), "all"]
-    plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers]
-    plan += [("head_ablation", None)] if "head_ablation" in tests else []
     pieces = {}
-    for test, layer in plan:
+    for test, layer in _counterfactual_plan(model, tests):
         item = f"counterfactual-{test}" + ("" if layer is None else f"-layer-{layer}")
         pieces[test, layer] = run(item, lambda test=test, layer=layer: counterfactual_table(
             model, sub, tests=(test,), layers=[] if layer is None else [layer], **options))
         if pieces[test, layer] is None:
             failures[item] = f"counterfactual test {test}" + ("" if layer is None else f" at layer {layer}") + " failed"
         done(1)
-    return merge_counterfactual(pieces, tests, layers)
+    return merge_counterfactual(pieces, tests, [*range(model.n_layers), "all"])
+
+
+def _counterfactual_plan(model, tests: Sequence[str]) -> list[tuple[str, Any]]:
+    """The counterfactual items: each test at each layer and at "all", head ablation once (layer None)."""
+    layers = [*range(model.n_layers), "all"]
+    plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers]
+    return plan + ([("head_ablation", None)] if "head_ablation" in tests else [])
 
 
 def merge_counterfactual(pieces: Mapping[tuple[str, Any], Mapping | None], tests: Sequence[str],
@@ -460,8 +466,3 @@ def attention_example(model, batch: Batch, i: int = 0) -> dict:
         _, cache = record(model, one)
     att = cache.stack("*self_attn.pattern")[:, 0].float().cpu()                  # [layer, head, query, key]
     return {"id": one.ids[0] if one.ids else str(i), "tokens": list(one.tokens[0]), "attention": att.numpy().round(5).tolist()}
-
-
-def _bar(n_examples: int, progress: bool | None, desc: str):
-    """One stage's bar, counting its examples (see attnaudit.model.progress)."""
-    return progress_bar(n_examples, desc=desc, unit="examples", enabled=progress)

@@ -23,7 +23,6 @@ natural log (∈ [0, ln 2]). Every function runs the model in eval mode and rest
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import pandas as pd
@@ -320,21 +319,10 @@ def head_ablation(model, batch: Batch, *, cls_rows: Tensor | None = None) -> pd.
 
 
 # -- the table ------------------------------------------------------------------------------------
-def n_units(model, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None) -> int:
-    """How many (test, layer) units `counterfactual_table` runs: each layer test per layer (and "all"),
-    head ablation once."""
-    n_layers = model.n_layers + 1 if layers is None else len(layers)
-    return sum(1 if t == "head_ablation" else n_layers for t in tests)
-
-
 def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None,
                          n_permutations: int = 100, epsilon: float = 0.01, adversarial_steps: int = 40,
-                         adversarial_lr: float = 0.1, penalty: float = 10.0, seed: int = 0,
-                         on_unit: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+                         adversarial_lr: float = 0.1, penalty: float = 10.0, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Run the chosen tests at each layer and at all layers at once -> {"summary": ..., test: per-example frame}.
-
-    `on_unit(what)`, if given, is called after each test at each layer (`n_units(model, tests, layers)` calls
-    in all), e.g. to move a progress bar.
 
     summary columns: test, layer, head, statistic, value (layer and head are strings: "0", "1", …, "all").
     Per-example frames: permutation (example_id, layer, max_attention, median_tvd), adversarial (example_id,
@@ -357,10 +345,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
     def add(test, layer, statistic, value, head="all"):
         summary.append((test, str(layer), str(head), statistic, float(value)))
 
-    def done(test, layer="all"):
-        if on_unit is not None:
-            on_unit(f"{test}, layer {layer}")
-
     for layer in layers:
         if "permutation" in tests:
             med = permutation_tvd(model, batch, layer=layer, n_permutations=n_permutations, seed=seed).median(1).values
@@ -370,7 +354,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
             add("permutation", layer, "max_attention_tvd_spearman", _spearman(top.numpy(), med.numpy()))
             frames["permutation"].append(pd.DataFrame({"example_id": ids, "layer": str(layer),
                                                        "max_attention": top.numpy(), "median_tvd": med.numpy()}))
-            done("permutation", layer)
         if "adversarial" in tests:
             adv = adversarial_attention(model, batch, layer=layer, epsilon=epsilon, n_steps=adversarial_steps,
                                         lr=adversarial_lr, penalty=penalty, seed=seed)
@@ -379,7 +362,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
             add("adversarial", layer, "constraint_satisfied_fraction", adv.satisfied.float().mean())
             frames["adversarial"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), "jsd": adv.jsd.numpy(),
                                                        "tvd": adv.tvd.numpy(), "satisfied": adv.satisfied.numpy()}))
-            done("adversarial", layer)
         if "uniform" in tests:
             probs = output_probs(model, batch, {s: uniform() for s in layer_sites(model, layer)})
             dist, flipped = tvd(probs, base), probs.argmax(-1) != base.argmax(-1)
@@ -392,7 +374,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
                 add("uniform", layer, "accuracy_original", (base.argmax(-1) == labels).float().mean())
             frames["uniform"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), "tvd": dist.numpy(),
                                                    "flipped": flipped.numpy()}))
-            done("uniform", layer)
         if "erasure" in tests:
             er = erasure(model, batch, layer=layer, seed=seed, cls_rows=rows)
             add("erasure", layer, "flip_rate_max", er.flip_max.float().mean())
@@ -402,7 +383,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
             add("erasure", layer, "jsd_max_exceeds_random_fraction", (er.jsd_max > er.jsd_random).float().mean())
             frames["erasure"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), **{
                 f.name: getattr(er, f.name).numpy() for f in fields(er)}}))
-            done("erasure", layer)
     if "head_ablation" in tests:
         heads = head_ablation(model, batch, cls_rows=rows)
         for r in heads.itertuples(index=False):
@@ -411,7 +391,6 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
         add("head_ablation", "all", "importance_tvd_mass_spearman", _spearman(heads.importance_tvd, heads.decisive_mass))
         add("head_ablation", "all", "prob_drop_mass_spearman", _spearman(heads.importance_prob_drop, heads.decisive_mass))
         frames["head_ablation"] = [heads]
-        done("head_ablation")
     out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
     out.update({t: pd.concat(f, ignore_index=True) for t, f in frames.items() if f})
     return out

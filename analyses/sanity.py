@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,11 +68,6 @@ def reinitialize(modules: list[nn.Module], *, seed: int) -> None:
                 nn.init.normal_(p, 0.0, 0.02)
 
 
-def n_steps(model) -> int:
-    """How many models `cascading_randomization` yields: the original and one per randomised layer."""
-    return 1 + len(cascading_layers(model))
-
-
 def cascading_randomization(model, *, seed: int = 0) -> Iterator[tuple[str, object]]:
     """Yield (step name, model) from "step=0:original" to the fully randomised model, cumulatively.
 
@@ -115,11 +110,8 @@ def rank_similarity(a: Attribution, b: Attribution, *, absolute: bool = False) -
 
 
 def randomization_table(model, batch: Batch, explainers: Sequence[str | Explainer], *, seed: int = 0,
-                        absolute: bool = False, on_unit: Callable[[str], None] | None = None) -> pd.DataFrame:
+                        absolute: bool = False) -> pd.DataFrame:
     """Similarity of each explainer's map to its original at every randomisation step -> tidy DataFrame.
-
-    `on_unit(what)`, if given, is called after each explainer at each step (`n_steps(model) × len(explainers)`
-    calls), e.g. to move a progress bar.
 
     Columns example_id, explainer, metric ("randomization_spearman"), setting (the step name), value.
     The reference map is the original model's, for its predicted class; every step explains that same
@@ -145,8 +137,6 @@ def randomization_table(model, batch: Batch, explainers: Sequence[str | Explaine
                 raise type(e)(f"while explaining at {step} with {explainer.name!r}: {e}") from e
             sim = rank_similarity(ref, attr, absolute=absolute)
             rows += [(i, explainer.name, METRIC, step, float(v)) for i, v in zip(ids, sim)]
-            if on_unit is not None:
-                on_unit(f"{explainer.name} at {step}")
     return pd.DataFrame(rows, columns=["example_id", "explainer", "metric", "setting", "value"])
 
 

@@ -294,6 +294,12 @@ def _elsewhere(path: Path) -> bool:
     return isinstance(info, dict) and info.get("host", socket.gethostname()) != socket.gethostname()
 
 
+def short_repr(value: Any, n: int = 60) -> str:
+    """repr(value) cut to n characters ("..." at the end), for one difference in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """The leaves where two JSON values differ -> [(dotted key, old, new)]; a missing key reads "<missing>"."""
     if isinstance(old, dict) and isinstance(new, dict):

@@ -227,9 +227,9 @@ def environment() -> dict:
 
 def fingerprint_differences(fingerprints: Sequence[Any]) -> list[str]:
     """Each rank's fingerprint against rank 0's -> lines "rank R differs from rank 0 in KEY: A -> B"."""
-    from attnaudit.analyses.store import differences, dumps, loads
+    from attnaudit.analyses.store import differences, dumps, loads, short_repr
     first = loads(dumps(fingerprints[0]))
-    return [f"rank {r} differs from rank 0 in {key}: {_short(a)} -> {_short(b)}"
+    return [f"rank {r} differs from rank 0 in {key}: {short_repr(a)} -> {short_repr(b)}"
             for r, fp in enumerate(fingerprints[1:], start=1) for key, a, b in differences(first, loads(dumps(fp)))]
 
 
@@ -240,11 +240,6 @@ def check_same(fingerprint: Mapping) -> None:
         raise ValueError("the ranks of this job do not run the same audit, so their items could not be merged:\n  "
                          + "\n  ".join(lines[:20]) + ("\n  ..." if len(lines) > 20 else "")
                          + "\ngive every rank the same package, model, data, settings and --threads.")
-
-
-def _short(value, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def resume_hint() -> str:

@@ -26,16 +26,16 @@ import torch
 
 from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
 from attnaudit.analyses.tables import COLUMNS
-from attnaudit.analyses.report import load_results, write_report
+from attnaudit.analyses.report import write_report
 from attnaudit.analyses.seq2seq import audit_translator
 from attnaudit import distributed
 from attnaudit.analyses.store import (ItemStore, RankStore, StoreError, check_output_dir, differences, frame_payload,
-                                      payload_frame, sha256_file, sha256_json)
+                                      payload_frame, sha256_file, sha256_json, short_repr)
 from attnaudit.model.checkpoint import load_model, read_config
 from attnaudit.model.datasets import data_format, read_labelled
 from attnaudit.model.labels import name_classes, parse_label_names
 from attnaudit.model.seq2seq import Translator
-from attnaudit.model.tasks import TASK_NAMES, get_task
+from attnaudit.model.tasks import TASK_NAMES
 from attnaudit.model.train import TrainSettings, defaults_for, resolve_device, task_examples, train_to_folder
 
 DEFAULT_TASKS = ("keywords", "needle", "majority", "reorder")
@@ -276,13 +276,8 @@ def _check_report_folder(out: Path, identity: dict, *, overwrite: bool, resume: 
     if builtin and not resume and is_builtin_report(results, quick=quick):
         return True
     diffs = differences(old, json.loads(json.dumps(identity)))
-    changed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
+    changed = ", ".join(f"{k}: {short_repr(a, 40)} -> {short_repr(b, 40)}" for k, a, b in diffs[:3]) + (", ..." if len(diffs) > 3 else "")
     raise ValueError(f"--out {str(out)!r} holds the report of different models or settings ({changed}); {how}.")
-
-
-def _short(value, n: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def is_builtin_report(results: Mapping, *, quick: bool) -> bool:

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-from attnaudit import cli
 from attnaudit.model import train as train_module
 from attnaudit.model.train import TrainSettings
 from conftest import cli_run

@@ -151,21 +151,3 @@ def test_errors_name_parameter_and_value(tiny_model, tiny_batch):
         counterfactual_table(tiny_model, tiny_batch, tests=("permutations",))
     with pytest.raises(ValueError, match="n_permutations must be an int >= 1"):
         permutation_tvd(tiny_model, tiny_batch, layer=0, n_permutations=0)
-
-
-def test_counterfactual_table_reports_each_unit_once(tiny_model, tiny_batch):
-    from attnaudit.analyses.counterfactual import counterfactual_table, n_units
-
-    seen = []
-    counterfactual_table(tiny_model, tiny_batch, n_permutations=3, adversarial_steps=2, on_unit=seen.append)
-    assert len(seen) == n_units(tiny_model) == 4 * (tiny_model.n_layers + 1) + 1
-    assert seen[0] == "permutation, layer 0" and seen[-1] == "head_ablation, layer all"
-
-
-def test_randomization_table_reports_each_unit_once(tiny_model, tiny_batch):
-    from attnaudit.analyses.sanity import n_steps, randomization_table
-
-    seen = []
-    randomization_table(tiny_model, tiny_batch, ["attention", "random"], on_unit=seen.append)
-    assert len(seen) == n_steps(tiny_model) * 2
-    assert seen[0] == "attention at step=0:original"

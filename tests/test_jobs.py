@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from attnaudit.jobs import plan_run, run_job
+from attnaudit.jobs import plan_run
 from conftest import cli_run
 
 TINY_TOML = """

@@ -6,7 +6,6 @@ import io
 import pytest
 
 from attnaudit.analyses.audit import audit
-from attnaudit.model.data import Example
 from attnaudit.model.progress import LineProgress, NoBar, format_seconds, progress_bar
 from attnaudit.model.train import TrainSettings, train_task
 
