@@ -124,7 +124,7 @@ class AuditSettings:
         check_policy(self.policy)
         F.check_bins(self.bins)
 
-    def with_(self, **changes) -> "AuditSettings":
+    def with_(self, **changes) -> AuditSettings:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
             raise ValueError(f"unknown audit setting {unknown[0]!r}; known: {', '.join(f.name for f in fields(self))}.")

@@ -33,8 +33,15 @@ import torch
 from torch import Tensor
 
 from attnaudit.analyses.perturb import (
-    as_engine, check_attribution, deletion_path, insertion_path, path_counts, keep_top_k, leave_one_out_path,
-    remove_top_k, top_k_mask,
+    as_engine,
+    check_attribution,
+    deletion_path,
+    insertion_path,
+    keep_top_k,
+    leave_one_out_path,
+    path_counts,
+    remove_top_k,
+    top_k_mask,
 )
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch

@@ -26,8 +26,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
 from attnaudit.analyses.sanity import DEFAULT_THRESHOLD as RANDOMIZATION_THRESHOLD
+from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
 from attnaudit.analyses.sanity import step_index
 from attnaudit.analyses.stats import HIGHER_IS_BETTER
 from attnaudit.analyses.verdict import TVD_LARGE, TVD_SMALL, headline_settings

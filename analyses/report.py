@@ -30,11 +30,28 @@ import numpy as np
 import pandas as pd
 
 from attnaudit.analyses import figures as F
-from attnaudit.analyses.report_files import (FORMAT, FORMAT_VERSION, N_EXAMPLES, TEXT_COLUMNS, ReportWriteError,
-                                             commit_folder, compact, compact_attention, dumps, guard_cell,
-                                             guarded_csv, json_lines_text, load_files, load_results,
-                                             parse_json_lines, read_folder, read_guarded_csv, read_json_lines,
-                                             select_examples, unguard_cell)
+from attnaudit.analyses.report_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    N_EXAMPLES,
+    TEXT_COLUMNS,
+    ReportWriteError,
+    commit_folder,
+    compact,
+    compact_attention,
+    dumps,
+    guard_cell,
+    guarded_csv,
+    json_lines_text,
+    load_files,
+    load_results,
+    parse_json_lines,
+    read_folder,
+    read_guarded_csv,
+    read_json_lines,
+    select_examples,
+    unguard_cell,
+)
 from attnaudit.analyses.report_html import CSP, SUMMARY_FIGURE, e, render_html, slug
 from attnaudit.analyses.report_md import md, render_markdown
 from attnaudit.analyses.tables import summarize
@@ -214,7 +231,7 @@ def _verdicts(metrics, cf_summary, comparisons, cards, tasks) -> tuple[dict, dic
     for task in tasks:
         m = metrics[metrics["task"] == task].drop(columns="task")
         summaries[task] = summarize(m)
-        pick = lambda df: None if df is None else df[df["task"] == task].drop(columns="task")  # noqa: E731
+        pick = lambda df: None if df is None else df[df["task"] == task].drop(columns="task")  # noqa: B023, E731
         verdicts[task] = derive_verdict(m, task=task, counterfactual=pick(cf_summary), comparisons=pick(comparisons),
                                         model_card=cards.get(task), summary=summaries[task])
     return summaries, verdicts
@@ -286,22 +303,22 @@ def _render_figures(data) -> dict[str, tuple[str, bytes]]:
             curves = _frame(data, "curves", task)
         agreement = _frame(data, "agreement", task)
         todo = [("summary", "Faithfulness metrics per explainer (mean, 95% bootstrap interval).",
-                 lambda: F.metric_summary_figure(summary))]
+                 lambda: F.metric_summary_figure(summary))]  # noqa: B023
         if curves is not None and len(curves):
-            todo.append(("curves", "Deletion and insertion curves (mean, 95% band).", lambda: F.curves_figure(curves)))
+            todo.append(("curves", "Deletion and insertion curves (mean, 95% band).", lambda: F.curves_figure(curves)))  # noqa: B023
         if summary["metric"].str.startswith(("gold_", "rationale_")).any():
-            todo.append(("gold", "Ground-truth recovery per explainer.", lambda: F.gold_figure(summary)))
+            todo.append(("gold", "Ground-truth recovery per explainer.", lambda: F.gold_figure(summary)))  # noqa: B023
         if agreement is not None and len(agreement):
             todo.append(("agreement", "Agreement between explainers: Kendall τ per example, averaged over all examples.",
-                         lambda: F.agreement_figure(agreement)))
+                         lambda: F.agreement_figure(agreement)))  # noqa: B023
         if (summary["metric"] == "randomization_spearman").any():
             todo.append(("sanity", "Sanity check: similarity to the original map as layers are randomised.",
-                         lambda: F.sanity_figure(summary)))
+                         lambda: F.sanity_figure(summary)))  # noqa: B023
         if perm is not None and len(perm):
             todo.append(("permutation", "Output change under permuted attention vs maximum attention weight.",
-                         lambda: F.permutation_figure(perm)))
+                         lambda: F.permutation_figure(perm)))  # noqa: B023
         if cf is not None and (cf["test"] == "uniform").any():
-            todo.append(("uniform", "Uniform attention, per layer.", lambda: F.uniform_figure(cf)))
+            todo.append(("uniform", "Uniform attention, per layer.", lambda: F.uniform_figure(cf)))  # noqa: B023
         att = next((a for a in data["attention"] if a["task"] == task), None)
         if att is not None:
             a = np.asarray(att["attention"], dtype=float)

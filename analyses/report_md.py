@@ -13,7 +13,15 @@ import math
 from collections.abc import Sequence
 
 from attnaudit.analyses.report_files import select_examples
-from attnaudit.analyses.report_html import RATIONALE_METRICS, SUMMARY_FIGURE, _flatten, _num, _rationale_rows, rank_grid, run_table
+from attnaudit.analyses.report_html import (
+    RATIONALE_METRICS,
+    SUMMARY_FIGURE,
+    _flatten,
+    _num,
+    _rationale_rows,
+    rank_grid,
+    run_table,
+)
 from attnaudit.analyses.verdict import RULE, Verdict
 
 _MD_ESCAPE = {"\\": "\\\\", "`": "\\`", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#",

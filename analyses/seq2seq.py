@@ -37,7 +37,14 @@ from torch import Tensor
 
 from attnaudit.analyses.counterfactual import _spearman, tvd
 from attnaudit.analyses.faithfulness import curve_auc
-from attnaudit.analyses.perturb import deletion_path, insertion_path, keep_top_k, leave_one_out_path, materialize, remove_top_k
+from attnaudit.analyses.perturb import (
+    deletion_path,
+    insertion_path,
+    keep_top_k,
+    leave_one_out_path,
+    materialize,
+    remove_top_k,
+)
 from attnaudit.analyses.plausibility import auprc, precision_at_k
 from attnaudit.analyses.tables import COLUMNS, bin_setting
 from attnaudit.explain.attribution import Attribution
@@ -267,7 +274,7 @@ def translator_metrics(model: Translator, examples: Sequence[Example], *, explai
         a = attrs[name] = unit_attribution(name, sc, pairs, units, engine)
 
         def add(metric: str, setting: str, values: Tensor):
-            rows.extend((ids[i], name, metric, setting, float(v), "") for i, v in enumerate(_per_example(units, values, n)))
+            rows.extend((ids[i], name, metric, setting, float(v), "") for i, v in enumerate(_per_example(units, values, n)))  # noqa: B023
 
         full = a.target_prob                                                         # [unit]
         for metric, plan in (("comprehensiveness", remove_top_k), ("sufficiency", keep_top_k)):
@@ -348,7 +355,7 @@ def translator_counterfactual(model: Translator, examples: Sequence[Example], *,
         rand = torch.rand(scored.shape, generator=torch.Generator().manual_seed(seed))
         key_random = rand.masked_fill(~scored, -1.0).argmax(1)                       # [unit]
         for name, key in (("max", key_max), ("random", key_random)):
-            p = _forward(model, pairs, units.src, edits=lambda sl, key=key: {s: zero_key(key[sl]) for s in edit_sites},
+            p = _forward(model, pairs, units.src, edits=lambda sl, key=key: {s: zero_key(key[sl]) for s in edit_sites},  # noqa: B023
                          max_batch=max_batch, reduce=lambda pr, sl: pr[torch.arange(pr.shape[0]), units.tgt[sl]])
             add("erasure", layer, f"flip_rate_{name}", (p.argmax(-1) != base.argmax(-1)).float().mean())
             add("erasure", layer, f"median_tvd_{name}", tvd(p, base).median())

@@ -34,7 +34,7 @@ from typing import Any
 from attnaudit.model.checkpoint import atomic_write_bytes, file_sha256
 
 try:
-    import fcntl                                      # the kernel drops an flock when its holder dies
+    import fcntl  # the kernel drops an flock when its holder dies
 except ImportError:                                   # pragma: no cover - not on Windows
     fcntl = None
 

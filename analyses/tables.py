@@ -26,7 +26,7 @@ from torch import Tensor
 
 from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, as_engine, check_policy
-from attnaudit.analyses.stats import TIDY_COLUMNS, check_tidy, bootstrap_ci
+from attnaudit.analyses.stats import TIDY_COLUMNS, bootstrap_ci, check_tidy
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch
 
@@ -119,11 +119,11 @@ def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attributi
         if "tau_loo" in metrics:
             rows += tidy_rows(attr, name, "tau_loo", "", F.tau_loo(engine, batch, attr, **opts))
         if "infidelity" in metrics:
-            rows += _captum_rows(attr, name, "infidelity", lambda: F.infidelity(model, batch, attr, seed=seed))
+            rows += _captum_rows(attr, name, "infidelity", lambda: F.infidelity(model, batch, attr, seed=seed))  # noqa: B023
         if "sensitivity_max" in metrics:
             explainer = (explainers or {}).get(name)
             rows += _captum_rows(attr, name, "sensitivity_max",
-                                 lambda: F.sensitivity_max(model, batch, attr, explainer=explainer, seed=seed))
+                                 lambda: F.sensitivity_max(model, batch, attr, explainer=explainer, seed=seed))  # noqa: B023
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs.update(policy=policy, max_batch=engine.max_batch, bins=list(bins), engine=engine.stats.as_dict())
     return table
@@ -209,9 +209,9 @@ def save_tables(tables: Mapping[str, pd.DataFrame], folder: str | os.PathLike, *
         plain = df.copy()
         plain.attrs = {}
         if fmt == "parquet":
-            _atomic(path, lambda tmp: plain.to_parquet(tmp, index=False))
+            _atomic(path, lambda tmp: plain.to_parquet(tmp, index=False))  # noqa: B023
         else:
-            _atomic(path, lambda tmp: plain.to_csv(tmp, index=False, na_rep="NaN"))
+            _atomic(path, lambda tmp: plain.to_csv(tmp, index=False, na_rep="NaN"))  # noqa: B023
         for other in ("parquet", "csv"):                   # a stale copy in the other format would shadow it
             stale = folder / f"{name}.{other}"
             if other != fmt and stale.exists():

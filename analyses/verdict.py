@@ -93,7 +93,7 @@ class Verdict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Verdict":
+    def from_dict(cls, d: Mapping) -> Verdict:
         tuples = ("facts", "caveats", "ranks", "qualifying", "randomization")
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
@@ -173,8 +173,8 @@ def attention_ranks(ranks: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFr
     out = []
     for _, r in fam.iterrows():
         def p(vs):
-            hit = comparisons[(comparisons["explainer"] == r["explainer"]) & (comparisons["metric"] == r["metric"])
-                              & (comparisons["setting"] == r["setting"]) & (comparisons["vs"] == vs)]
+            hit = comparisons[(comparisons["explainer"] == r["explainer"]) & (comparisons["metric"] == r["metric"])  # noqa: B023
+                              & (comparisons["setting"] == r["setting"]) & (comparisons["vs"] == vs)]  # noqa: B023
             return float(hit["p_holm"].iloc[0]) if len(hit) else math.nan
         p_best, p_random = p("best"), p("random")
         random_mean = means.get((r["metric"], "random"), math.nan)

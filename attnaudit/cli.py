@@ -23,7 +23,7 @@ from pathlib import Path
 
 import typer
 
-from attnaudit.model.tasks import TASK_NAMES   # light: `--help` and `tasks list` import no torch, pandas or captum
+from attnaudit.model.tasks import TASK_NAMES  # light: `--help` and `tasks list` import no torch, pandas or captum
 
 # rich_markup_mode=None: plain help, so "[audit]" is text rather than Rich markup and flags read "--quick"
 # (typer's Rich panels print every flag as "--quick <bool>").
@@ -223,6 +223,8 @@ def explain_cli(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
+    import json
+
     from attnaudit.explain.registry import REGISTRY
     from attnaudit.explain.run import explain_all
     from attnaudit.model.checkpoint import atomic_write_text, load_model
@@ -230,7 +232,6 @@ def explain_cli(
     from attnaudit.model.labels import name_classes, parse_label_names
     from attnaudit.model.progress import progress_bar
     from attnaudit.model.settings import resolve_device
-    import json
     if (text is None) == (data is None):
         raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")
     names = list(REGISTRY) if explainer.strip() == "all" else [n.strip() for n in explainer.split(",") if n.strip()]

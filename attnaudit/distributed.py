@@ -219,6 +219,7 @@ def environment() -> dict:
     """What besides the job's settings decides the numbers: package, torch and Python versions, device kind,
     CPU kernels and threads (results are bitwise reproducible per thread count)."""
     import torch
+
     import attnaudit
     return {"attnaudit": attnaudit.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.is_available(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -314,6 +315,7 @@ def audit(model, data, settings=None, *, out, resume: bool = False, overwrite: b
 def model_hash(model) -> str:
     """sha256 over the model's parameter and buffer names, shapes, dtypes and values (on CPU)."""
     import hashlib
+
     import torch
     net = getattr(model, "net", model)
     h = hashlib.sha256()
@@ -327,6 +329,7 @@ def model_hash(model) -> str:
 def data_hash(data) -> str:
     """sha256 of what the audit reads from `data`: a Batch's ids and tensors, or the examples / texts."""
     from dataclasses import asdict, is_dataclass
+
     from attnaudit.analyses.store import sha256_json
     from attnaudit.model.interface import Batch
     if isinstance(data, Batch):

@@ -16,21 +16,31 @@ import json
 import os
 import platform
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pandas as pd
+import tomllib
 import torch
 
+from attnaudit import distributed
 from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
-from attnaudit.analyses.tables import COLUMNS
 from attnaudit.analyses.report import write_report
 from attnaudit.analyses.seq2seq import audit_translator
-from attnaudit import distributed
-from attnaudit.analyses.store import (ItemStore, RankStore, StoreError, check_output_dir, differences, frame_payload,
-                                      payload_frame, sha256_file, sha256_json, short_repr)
+from attnaudit.analyses.store import (
+    ItemStore,
+    RankStore,
+    StoreError,
+    check_output_dir,
+    differences,
+    frame_payload,
+    payload_frame,
+    sha256_file,
+    sha256_json,
+    short_repr,
+)
+from attnaudit.analyses.tables import COLUMNS
 from attnaudit.model.checkpoint import load_model, read_config
 from attnaudit.model.datasets import data_format, read_labelled
 from attnaudit.model.labels import name_classes, parse_label_names
@@ -223,7 +233,7 @@ def store_runner(store: ItemStore, prefix: str):
     return run
 
 
-def shard_runner(store: ItemStore, prefix: str, index, ranks: "distributed.Ranks"):
+def shard_runner(store: ItemStore, prefix: str, index, ranks: distributed.Ranks):
     """store_runner for this rank's items only (item i of the job: rank distributed.owner(i, world_size));
     None for the others, which their ranks compute. `index` counts the job's items across tasks."""
     def run(item, compute):
@@ -234,7 +244,7 @@ def shard_runner(store: ItemStore, prefix: str, index, ranks: "distributed.Ranks
     return run
 
 
-def gather_runner(store: ItemStore, prefix: str, index, ranks: "distributed.Ranks"):
+def gather_runner(store: ItemStore, prefix: str, index, ranks: distributed.Ranks):
     """Rank 0's runner after its own items: wait for each item's rank to save it, then read it back
     (None when it failed, as store_runner gives)."""
     def run(item, compute):
@@ -303,7 +313,7 @@ def _audit_all(jobs: list[tuple[str, object, list, dict]], settings: AuditSettin
         return _audit_sharded(jobs, settings, out, fingerprint=fingerprint, resume=resume, overwrite=overwrite,
                               progress=progress, echo=echo)
     with ItemStore(out, fingerprint=fingerprint, resume=resume, overwrite=overwrite) as store:
-        for task, model, examples, card in jobs:
+        for task, model, examples, _card in jobs:
             results[task] = _audit_one(task, model, examples, settings, store_runner(store, task), progress, echo)
         failures = store.failures()
     if failures:
@@ -345,7 +355,7 @@ def _audit_sharded(jobs, settings: AuditSettings, out: Path, *, fingerprint: dic
     try:
         distributed.agree(error)
         index = iter(range(1 << 62))                   # one count over all tasks' items: the same on every rank
-        for task, model, examples, card in jobs:       # pass 1: this rank's own items
+        for task, model, examples, _card in jobs:       # pass 1: this rank's own items
             _own_items(task, model, examples, settings, shard_runner(store, task, index, ranks),
                        progress if ranks.is_main else False, echo if ranks.is_main else (lambda _: None))
         if not ranks.is_main:

@@ -24,7 +24,14 @@ import torch
 
 from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.perturb import (
-    DEFAULT_MAX_BATCH, PerturbationEngine, deletion_path, insertion_path, keep_top_k, leave_one_out_path, materialize, remove_top_k,
+    DEFAULT_MAX_BATCH,
+    PerturbationEngine,
+    deletion_path,
+    insertion_path,
+    keep_top_k,
+    leave_one_out_path,
+    materialize,
+    remove_top_k,
 )
 from attnaudit.analyses.tables import ENGINE_METRICS, faithfulness_table
 from attnaudit.explain import get_explainer

@@ -74,9 +74,9 @@ def main() -> None:
             a, b = ours.logits(ids, mask), plain(input_ids=ids, attention_mask=mask).logits   # warm both
             control(input_ids=ids, attention_mask=mask)
             times: dict[str, list[float]] = {"ours": [], "HF": [], "control": []}
-            run = {"ours": lambda: ours.logits(ids, mask),
-                   "HF": lambda: plain(input_ids=ids, attention_mask=mask).logits,
-                   "control": lambda: control(input_ids=ids, attention_mask=mask).logits}
+            run = {"ours": lambda: ours.logits(ids, mask),  # noqa: B023
+                   "HF": lambda: plain(input_ids=ids, attention_mask=mask).logits,  # noqa: B023
+                   "control": lambda: control(input_ids=ids, attention_mask=mask).logits}  # noqa: B023
             for r in range(args.rounds):                                          # rotate who goes first
                 for side in np.roll(list(run), r):
                     start = time.perf_counter()

@@ -16,11 +16,11 @@ The epoch is chosen on val; test is scored once.
 """
 from __future__ import annotations
 
+from _real_data import ROOT, Stopwatch, arguments, audit_and_report, trained_here
+
 from attnaudit.model.datasets import read_labelled
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
-
-from _real_data import ROOT, Stopwatch, arguments, audit_and_report, trained_here
 
 CONFIG = ROOT / "benchmarks" / "report_movies.toml"
 MAX_LEN, EPOCHS = 256, 20          # 10 epochs (the default) still improved at epoch 8: val 0.745

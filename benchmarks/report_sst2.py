@@ -15,10 +15,10 @@ predictions and do not depend on that. Prints the stage times; the report states
 """
 from __future__ import annotations
 
+from _real_data import ROOT, Stopwatch, arguments, audit_and_report, trained_here
+
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
-
-from _real_data import ROOT, Stopwatch, arguments, audit_and_report, trained_here
 
 CONFIG = ROOT / "benchmarks" / "report_sst2.toml"
 

@@ -67,7 +67,7 @@ class Attribution:
         return self.scored_mask.sum(1)
 
     # -- derived values -------------------------------------------------------------------------
-    def normalized(self) -> "Attribution":
+    def normalized(self) -> Attribution:
         """Scores divided by the sum of |scores| over scored tokens (each example sums to 1 in |·|)."""
         s = self.scores * self.scored_mask
         total = s.abs().sum(1, keepdim=True)
@@ -96,7 +96,7 @@ class Attribution:
         rank_of = torch.empty_like(self.ranking()).scatter_(1, self.ranking(), torch.arange(self.scores.shape[1]).expand_as(self.scores).contiguous())
         return (rank_of < counts[:, None]) & self.scored_mask
 
-    def select(self, index) -> "Attribution":
+    def select(self, index) -> Attribution:
         """Examples `index` (a list of ints) as a new Attribution, trimmed to their longest sequence."""
         idx = list(index)
         seq = int(self.attention_mask[idx].sum(1).max()) if idx else 0
@@ -137,7 +137,7 @@ class Attribution:
         return out
 
     @classmethod
-    def from_records(cls, records: list[dict]) -> "Attribution":
+    def from_records(cls, records: list[dict]) -> Attribution:
         """Inverse of `to_records` (token ids are not stored, so input_ids are positions' placeholders: -1)."""
         if not records:
             raise ValueError("records must hold at least one example.")
@@ -172,7 +172,7 @@ class Attribution:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Attribution":
+    def load(cls, path: str | Path) -> Attribution:
         lines = Path(path).read_text(encoding="utf-8").split("\n")    # never splitlines: U+2028 is no line end
         records = []
         for n, line in enumerate(lines, 1):

@@ -25,7 +25,6 @@ from attnaudit.explain.attribution import Attribution
 from attnaudit.model.data import Example
 from attnaudit.model.interface import Batch
 
-
 MAX_FORWARDS = 4096   # forward passes per example an explainer may run, unless its max_cost says more
 MAX_ROWS = 65536      # rows (inputs) in one forward pass: the most any max_batch may be
 

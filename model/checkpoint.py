@@ -234,7 +234,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_opt
     folder = Path(path)
     cfg = read_config(folder)
     if "architectures" in cfg:
-        from attnaudit.model.hf import load_hf   # transformers is imported only for HuggingFace folders
+        from attnaudit.model.hf import load_hf  # transformers is imported only for HuggingFace folders
 
         return load_hf(folder, device=device, **hf_options)
     if hf_options:

@@ -215,7 +215,7 @@ def _line_meta(cleaned: dict, line: int) -> dict | None:
 def _read_delimited_rows(path: Path, suffix: str, needed: list[str],
                          cleaned: dict | None = None) -> list[tuple[int, dict[str, str]]]:
     """CSV/TSV rows as (line number, {column: text}); the header is line 1. `cleaned`: see `read_source`."""
-    import pandas as pd                      # here, not at the top: the CLI's --help and `tasks` stay fast
+    import pandas as pd  # here, not at the top: the CLI's --help and `tasks` stay fast
 
     tsv = suffix == ".tsv"
     text = read_source(path, cleaned)

@@ -38,7 +38,13 @@ from attnaudit.model.data import Example
 from attnaudit.model.fit import fit, log_csv
 from attnaudit.model.hf import ATTENTION, HFClassifier, load_hf, transformers_module
 from attnaudit.model.run_folder import (
-    HOLDOUT, METRICS, TRAIN_LOG, _differences, check_out_dir, file_sha256, labelled_splits,
+    HOLDOUT,
+    METRICS,
+    TRAIN_LOG,
+    _differences,
+    check_out_dir,
+    file_sha256,
+    labelled_splits,
 )
 from attnaudit.model.settings import TrainSettings, resolve_device
 

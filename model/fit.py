@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
 from attnaudit.model.progress import progress_bar
 from attnaudit.model.schedule import NoamLR
 from attnaudit.model.settings import TrainSettings

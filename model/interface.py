@@ -53,11 +53,11 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
-    def select(self, index: Sequence[int] | slice) -> "Batch":
+    def select(self, index: Sequence[int] | slice) -> Batch:
         """A sub-batch (examples `index`), trimmed to its longest sequence."""
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         seq = int(self.attention_mask[idx].sum(1).max()) if idx else 0
@@ -92,7 +92,7 @@ class ClassifierSurface:
         return self
 
     @contextmanager
-    def evaluating(self) -> Iterator["ClassifierSurface"]:
+    def evaluating(self) -> Iterator[ClassifierSurface]:
         """Eval mode inside the block (no dropout: deterministic), the previous mode restored after."""
         was = self.net.training
         self.net.eval()

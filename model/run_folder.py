@@ -29,7 +29,7 @@ def labelled_splits(data, *, text_col: str | None = None, label_col: str | None 
     (`attnaudit.model.datasets.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
     held out for validation; without `test`, "test" is None. `info` records paths, sha256s and formats.
     """
-    from attnaudit.model.datasets import read_labelled     # datasets imports data; keep this module light
+    from attnaudit.model.datasets import read_labelled  # datasets imports data; keep this module light
 
     first = read_labelled(data, text_col=text_col, label_col=label_col)
     examples, label_names = first.examples, first.label_names

@@ -54,7 +54,7 @@ class Translator:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def to(self, device) -> "Translator":
+    def to(self, device) -> Translator:
         self.net.to(device)
         return self
 

@@ -70,7 +70,7 @@ class TrainSettings:
             ("max_vocab", self.max_vocab is None or (positive(self.max_vocab) and self.max_vocab > 5),
              "None or an int > 5 (the five special tokens plus at least one word)"),
         ]
-        from attnaudit.model.checkpoint import MAX_ARCHITECTURE       # one table of architecture caps
+        from attnaudit.model.checkpoint import MAX_ARCHITECTURE  # one table of architecture caps
         checks += [(name, positive(getattr(self, name)) and getattr(self, name) <= MAX_ARCHITECTURE[name],
                     f"an int in [1, {MAX_ARCHITECTURE[name]:,}]") for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_len")]
         for name, ok, rule in checks:
@@ -80,7 +80,7 @@ class TrainSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **changes) -> "TrainSettings":
+    def replace(self, **changes) -> TrainSettings:
         """A copy with some fields changed; unknown names are answered with the valid ones."""
         known = [f.name for f in fields(self)]
         unknown = sorted(set(changes) - set(known))

@@ -12,8 +12,8 @@ seed, offline:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from attnaudit.model.data import Example
 

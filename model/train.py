@@ -30,7 +30,14 @@ from attnaudit.model.evaluate import evaluate_classifier, evaluate_translator, p
 from attnaudit.model.fit import LOG_COLUMNS, fit, log_csv
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.run_folder import (
-    HOLDOUT, METRICS, TRAIN_LOG, check_out_dir, file_sha256, run_identity, labelled_splits, table_splits,
+    HOLDOUT,
+    METRICS,
+    TRAIN_LOG,
+    check_out_dir,
+    file_sha256,
+    labelled_splits,
+    run_identity,
+    table_splits,
 )
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.settings import DEVICES, TrainSettings, defaults_for, resolve_device

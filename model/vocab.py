@@ -33,7 +33,7 @@ class Vocab:
         self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = range(len(SPECIAL_TOKENS))
 
     @classmethod
-    def build(cls, texts: Iterable[str], *, min_freq: int = 1, max_size: int | None = None) -> "Vocab":
+    def build(cls, texts: Iterable[str], *, min_freq: int = 1, max_size: int | None = None) -> Vocab:
         """Most frequent words first (ties alphabetical, so the result is deterministic)."""
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1; got {min_freq}.")

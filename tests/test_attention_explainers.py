@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from attnaudit.explain import Explainer, get_explainer
 from attnaudit.explain.attention import attention_scores
@@ -11,7 +12,6 @@ from attnaudit.explain.rollout import residual_attention, rollout
 from attnaudit.explain.run import explain_all
 from attnaudit.model.hooks import hooks, record
 from attnaudit.model.interventions import replace
-from conftest import make_tiny_model
 
 ATTENTION = ["attention", "rollout", "flow", "grad_attention", "attention_x_grad", "attention_norm"]
 

@@ -11,11 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from attnaudit.analyses.attention_view import (AttentionView, attention_panel, evidence_from_tables, json_for_script,
-                                               model_panels, render_fragment, render_page, script_csp_source,
-                                               script_text, show_attention)
 from conftest import make_tiny_model
+
+from attnaudit.analyses.attention_view import (
+    AttentionView,
+    attention_panel,
+    evidence_from_tables,
+    json_for_script,
+    model_panels,
+    render_fragment,
+    render_page,
+    script_csp_source,
+    script_text,
+    show_attention,
+)
 
 HOSTILE = '</script><img src=x onerror="alert(1)">&amp;'
 
@@ -188,8 +197,9 @@ def test_evidence_from_the_audit_tables():
 
 
 def test_the_report_embeds_one_view_per_task_allowed_by_its_csp(tmp_path):
-    from attnaudit.analyses.report import write_report
     from test_report import synthetic_report_inputs
+
+    from attnaudit.analyses.report import write_report
 
     page = (write_report(tmp_path / "r", **synthetic_report_inputs(n=6)) / "index.html").read_text(encoding="utf-8")
     csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1))

@@ -221,8 +221,9 @@ def test_show_attention_renders_in_a_jupyter_kernel(tmp_path, browser):
 
 
 def test_the_report_page_runs_its_view_under_its_csp(browser, tmp_path):
-    from attnaudit.analyses.report import write_report
     from test_report import SCRIPT_TOKEN, synthetic_report_inputs
+
+    from attnaudit.analyses.report import write_report
 
     page = write_report(tmp_path / "r", **synthetic_report_inputs(n=6)) / "index.html"
     assert open_page(browser, page) == ["ready"]                  # a wrong hash would leave it unstarted and log

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import cli_run, make_tiny_model
 
 from attnaudit import get_explainer
 from attnaudit.analyses.audit import AuditSettings, audit
@@ -18,8 +19,6 @@ from attnaudit.explain.registry import REGISTRY
 from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.data import Example, read_table, read_texts
 from attnaudit.model.hooks import record
-
-from conftest import cli_run, make_tiny_model
 
 FAST = dict(explainers=("attention", "saliency"), analyses=("faithfulness",))
 QUICK = {"integrated_gradients": {"n_steps": 8}, "lime": {"n_samples": 20}, "kernel_shap": {"n_samples": 20},

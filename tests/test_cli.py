@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import cli_run
 
 from attnaudit.model import train as train_module
 from attnaudit.model.train import TrainSettings
-from conftest import cli_run
 
 TINY = TrainSettings(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32, epochs=1, batch_size=32,
                      warmup=20, n_train=96, n_valid=32, n_test=32)

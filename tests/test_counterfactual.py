@@ -5,12 +5,21 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
-from attnaudit.analyses.counterfactual import (adversarial_attention, cls_attention, counterfactual_table, erasure,
-                                               head_ablation, jsd, output_probs, permutation_tvd, tvd)
+from attnaudit.analyses.counterfactual import (
+    adversarial_attention,
+    cls_attention,
+    counterfactual_table,
+    erasure,
+    head_ablation,
+    jsd,
+    output_probs,
+    permutation_tvd,
+    tvd,
+)
 from attnaudit.model.hooks import active_hook_count
 from attnaudit.model.interventions import zero_key
-from conftest import make_tiny_model
 
 
 def attention_layers(model):

@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from attnaudit import distributed as D
 from attnaudit.analyses.audit import AuditSettings, audit
 from attnaudit.analyses.counterfactual import counterfactual_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.store import ItemStore, StoreLocked
-from conftest import make_tiny_model
 
 SMALL = dict(explainers=("attention", "rollout", "saliency", "random"), chunk_size=2, n_permutations=3,
              adversarial_steps=2, counterfactual_examples=4, sanity_examples=3, max_examples=4)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import kendalltau
+from test_perturb import make_attribution, random_attribution
 
 from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.perturb import PerturbationEngine
 from attnaudit.explain.base import Explainer
 from attnaudit.model.interface import Batch
-from test_perturb import make_attribution, random_attribution
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 4
 
@@ -201,7 +201,7 @@ def ferret_by_hand(model, batch, attr, kind, only_pos=True):
         input_ids = batch.input_ids[i, 1 : n_real - 1].tolist()                     # remove_first_last
         score = attr.scores[i, 1 : n_real - 1].numpy()
         forward = lambda x: float(model.logits(torch.tensor([[CLS, *x, SEP]]), torch.ones(1, len(x) + 2, dtype=torch.bool)
-                                               ).softmax(-1)[0, attr.target[i]])    # noqa: E731
+                                               ).softmax(-1)[0, attr.target[i]])  # noqa: B023, E731
         baseline = forward(input_ids)
         probs, last = [], None
         for v in np.arange(0.1, 1.1, 0.1):
@@ -258,8 +258,8 @@ def test_ferret_rationales_skip_repeats_and_empty_thresholds():
 def needle():
     """A model trained for a few seconds on `needle` (the label is the one needle word), and 120 test examples."""
     try:
-        from attnaudit.model.train import defaults_for, train_task
         from attnaudit.model.tasks import make_examples
+        from attnaudit.model.train import defaults_for, train_task
     except ImportError:            # the bag-of-words oracle test below still runs: its model provably reads one token
         pytest.skip("attnaudit.model.train is not importable")
     settings = defaults_for("needle").replace(n_train=1500, n_valid=200, n_test=200, epochs=4, d_model=32,

@@ -17,15 +17,21 @@ import torch
 transformers = pytest.importorskip(
     "transformers", reason="fine-tuning needs the optional extra: pip install 'attnaudit[hf]'")
 
+from conftest import cli_run
+
 import attnaudit
 from attnaudit.model import finetune as finetune_module
 from attnaudit.model.data import Example
 from attnaudit.model.finetune import (
-    PROVENANCE, finetune_hf, finetune_settings, finetune_to_folder, peak_lr, training_tensors,
+    PROVENANCE,
+    finetune_hf,
+    finetune_settings,
+    finetune_to_folder,
+    peak_lr,
+    training_tensors,
 )
 from attnaudit.model.hf import load_hf, minilm_path
 from attnaudit.model.schedule import noam_lr
-from conftest import cli_run
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

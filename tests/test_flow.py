@@ -4,14 +4,14 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-
-from hypothesis import given, settings, strategies as st
+from conftest import make_tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnaudit.explain.flow as flow_module
 from attnaudit.explain import get_explainer
 from attnaudit.explain.flow import flow, flow_bounds, max_flows
 from attnaudit.explain.rollout import residual_attention
-from conftest import make_tiny_model
 
 
 def random_patterns(n_layers: int, seq: int, lengths: list[int], *, seed: int, n_heads: int = 2):

@@ -6,11 +6,11 @@ import importlib.util
 import captum.attr
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from attnaudit.explain import get_explainer
 from attnaudit.explain.gradients import CaptumExplainer, baseline_embeds
 from attnaudit.explain.perturbation import target_probs
-from conftest import make_tiny_model
 
 
 def logit_grad(model, batch, target: int):

@@ -12,10 +12,11 @@ import pytest
 transformers = pytest.importorskip(
     "transformers", reason="the HuggingFace adapter needs the optional extra: pip install 'attnaudit[hf]'")
 
-import attnaudit
-from attnaudit.model.datasets import read_labelled
 from conftest import cli_run, make_tiny_model
 from test_hf import tiny_net, wordpiece_tokenizer, write_folder
+
+import attnaudit
+from attnaudit.model.datasets import read_labelled
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -55,6 +55,6 @@ def test_the_public_api_still_resolves():
         for name in module.__all__:
             assert getattr(module, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        attnaudit.nope
+        attnaudit.nope  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        model.nope
+        model.nope  # noqa: B018

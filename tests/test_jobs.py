@@ -5,9 +5,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import cli_run
 
 from attnaudit.jobs import plan_run
-from conftest import cli_run
 
 TINY_TOML = """
 [run]

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_model
 
 from attnaudit.model.attention import MultiHeadAttention
 from attnaudit.model.checkpoint import load_model, save_checkpoint
@@ -19,11 +20,13 @@ from attnaudit.model.positional import sinusoidal_table
 from attnaudit.model.schedule import NoamLR, noam_lr
 from attnaudit.model.seq2seq import Translator
 from attnaudit.model.transformer import (
-    TransformerClassifier, TransformerConfig, TransformerSeq2Seq, causal_allowed, padding_allowed,
+    TransformerClassifier,
+    TransformerConfig,
+    TransformerSeq2Seq,
+    causal_allowed,
+    padding_allowed,
 )
 from attnaudit.model.vocab import Vocab
-
-from conftest import make_tiny_model
 
 
 # -- attention math --------------------------------------------------------------------------------

@@ -6,11 +6,19 @@ import math
 import pytest
 import torch
 
-from attnaudit.analyses.perturb import (
-    PerturbationEngine, deletion_path, insertion_path, keep_top_k, leave_one_out_path, materialize, path_counts,
-    rank_positions, remove_top_k, top_k_mask,
-)
 from attnaudit.analyses import faithfulness as F
+from attnaudit.analyses.perturb import (
+    PerturbationEngine,
+    deletion_path,
+    insertion_path,
+    keep_top_k,
+    leave_one_out_path,
+    materialize,
+    path_counts,
+    rank_positions,
+    remove_top_k,
+    top_k_mask,
+)
 from attnaudit.explain.attribution import Attribution
 
 CLS, SEP, PAD, MASK = 1, 2, 0, 4

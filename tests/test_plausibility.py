@@ -4,12 +4,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
-from attnaudit.analyses.plausibility import (auprc, gold_table, iou_f1, precision_at_k, predicted_rationale,
-                                             rationale_table, spans, token_f1)
+from attnaudit.analyses.plausibility import (
+    auprc,
+    gold_table,
+    iou_f1,
+    precision_at_k,
+    predicted_rationale,
+    rationale_table,
+    spans,
+    token_f1,
+)
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch
 

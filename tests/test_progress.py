@@ -127,6 +127,7 @@ def test_training_reports_steps_in_a_log(capsys):
 
 def test_cli_explain_a_file_reports_texts_and_quiet_silences_it(tmp_path, capsys):
     from conftest import cli_run, make_tiny_model
+
     from attnaudit.model.checkpoint import save_checkpoint
 
     folder = save_checkpoint(make_tiny_model(), tmp_path / "m")

@@ -6,12 +6,12 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import cli_run
 
 from attnaudit.model.datasets import data_format, read_labelled
 from attnaudit.model.run_folder import labelled_splits
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
-from conftest import cli_run
 
 WORDS = {0: "dull awful boring", 1: "great joy superb"}
 FILLER = "the film was seen by me on a day".split()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_run, make_tiny_model
+from test_jobs import TINY_TOML
 
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import audit
@@ -29,9 +31,6 @@ from attnaudit.explain.registry import REGISTRY
 from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.data import Example
 from attnaudit.model.hooks import active_hook_count, hooks, record
-
-from conftest import cli_run, make_tiny_model
-from test_jobs import TINY_TOML
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIT = sys.modules.get("attnaudit.analyses.audit") or importlib.import_module("attnaudit.analyses.audit")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import WORDS, cli_run, make_tiny_model
 
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import AuditSettings
@@ -29,8 +30,6 @@ from attnaudit.model.datasets import read_labelled
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.transformer import TransformerClassifier, TransformerConfig
 from attnaudit.model.vocab import Vocab
-
-from conftest import WORDS, cli_run, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

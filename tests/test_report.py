@@ -9,13 +9,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HtmlCollect, assert_only_own_scripts
 
-from attnaudit.analyses.report import (guard_cell, load_results, md, read_guarded_csv, render_report, unguard_cell,
-                                       write_report)
+from attnaudit.analyses.report import (
+    guard_cell,
+    load_results,
+    md,
+    read_guarded_csv,
+    render_report,
+    unguard_cell,
+    write_report,
+)
 from attnaudit.analyses.verdict import RULE, Verdict, derive_verdict
 from attnaudit.explain.registry import ATTENTION_FAMILY, REGISTRY
-
-from conftest import HtmlCollect, assert_only_own_scripts
 
 EXPLAINERS = list(REGISTRY)
 HIGHER = {"comprehensiveness": True, "sufficiency": False, "deletion_auc": False, "insertion_auc": True,

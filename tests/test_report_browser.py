@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from attnaudit.analyses.report import write_report
+from conftest import HtmlCollect, assert_only_own_scripts
 from test_report import IMG_TOKEN, SCRIPT_TOKEN, synthetic_report_inputs
 
-from conftest import HtmlCollect, assert_only_own_scripts
+from attnaudit.analyses.report import write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "

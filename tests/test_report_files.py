@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_report import synthetic_report_inputs
 
 from attnaudit.analyses import report_files
 from attnaudit.analyses.report import load_results, read_json_lines, render_report, write_report
 from attnaudit.analyses.report_files import ReportWriteError, parse_json_lines
-from test_report import synthetic_report_inputs
 
 SEPARATORS = "\u2028\u2029\u0085\x0b\x0c\x1c\x1d\x1e"      # str.splitlines splits on each of these
 

@@ -11,11 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from attnaudit.analyses.report import render_report, write_report
+from conftest import HtmlCollect, assert_only_own_scripts
 from test_report import synthetic_report_inputs
 
-from conftest import HtmlCollect, assert_only_own_scripts
+from attnaudit.analyses.report import render_report, write_report
 
 SCRIPT = "</script><script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'

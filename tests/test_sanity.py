@@ -6,13 +6,18 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import WORDS, make_tiny_model
 
-from attnaudit.analyses.sanity import (cascading_layers, cascading_randomization, randomization_table,
-                                       randomization_verdict, rank_similarity)
+from attnaudit.analyses.sanity import (
+    cascading_layers,
+    cascading_randomization,
+    randomization_table,
+    randomization_verdict,
+    rank_similarity,
+)
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
 from attnaudit.model.data import Example
-from conftest import WORDS, make_tiny_model
 
 
 class FreshRandom(Explainer):

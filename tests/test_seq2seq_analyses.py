@@ -10,8 +10,14 @@ import torch
 
 from attnaudit.analyses.report import write_report
 from attnaudit.analyses.seq2seq import (
-    EXPLAINERS, TeacherForcedEngine, audit_translator, cross_rollout, prepare, translator_counterfactual,
-    translator_metrics, translator_scores,
+    EXPLAINERS,
+    TeacherForcedEngine,
+    audit_translator,
+    cross_rollout,
+    prepare,
+    translator_counterfactual,
+    translator_metrics,
+    translator_scores,
 )
 from attnaudit.analyses.tables import COLUMNS
 from attnaudit.model.data import Example
@@ -119,8 +125,8 @@ def test_batched_occlusion_equals_single_forwards(reorder_model, test_examples):
     with torch.no_grad():
         for i in range(len(examples)):
             def p_ref(ids):
-                logits = net(ids[None], s.attention_mask[i : i + 1], pairs.tgt_in[i : i + 1], pairs.tgt_mask[i : i + 1])
-                return logits.softmax(-1)[0].gather(-1, pairs.tgt_out[i, :, None])[:, 0]  # [tgt]
+                logits = net(ids[None], s.attention_mask[i : i + 1], pairs.tgt_in[i : i + 1], pairs.tgt_mask[i : i + 1])  # noqa: B023
+                return logits.softmax(-1)[0].gather(-1, pairs.tgt_out[i, :, None])[:, 0]  # [tgt]  # noqa: B023
             full = p_ref(s.input_ids[i])
             for j in range(1, int(s.attention_mask[i].sum()) - 1):      # scored tokens, one at a time
                 ids = s.input_ids[i].clone()

@@ -6,13 +6,24 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from test_perturb import random_attribution
 
 from attnaudit.analyses.perturb import PerturbationEngine
-from attnaudit.analyses.stats import HIGHER_IS_BETTER, bootstrap_ci, direction, holm, paired_comparisons, wilcoxon_paired
-from attnaudit.analyses.tables import (
-    METRICS, faithfulness_table, load_tables, save_tables, summarize,
+from attnaudit.analyses.stats import (
+    HIGHER_IS_BETTER,
+    bootstrap_ci,
+    direction,
+    holm,
+    paired_comparisons,
+    wilcoxon_paired,
 )
-from test_perturb import random_attribution
+from attnaudit.analyses.tables import (
+    METRICS,
+    faithfulness_table,
+    load_tables,
+    save_tables,
+    summarize,
+)
 
 
 # -- statistics ---------------------------------------------------------------------------------

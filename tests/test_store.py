@@ -17,11 +17,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from attnaudit.analyses.store import (MAX_NAME, FingerprintMismatch, ItemStore, OutputPathError, StoreExists,
-                                      StoreLocked, check_output_dir, frame_payload, inside, interruptible,
-                                      payload_frame, safe_name, sha256_files, sha256_json)
+from attnaudit.analyses.store import (
+    MAX_NAME,
+    FingerprintMismatch,
+    ItemStore,
+    OutputPathError,
+    StoreExists,
+    StoreLocked,
+    check_output_dir,
+    frame_payload,
+    inside,
+    interruptible,
+    payload_frame,
+    safe_name,
+    sha256_files,
+    sha256_json,
+)
 
 FP = {"model": "aaa", "data": "ddd", "settings": {"k": 0.2, "n": 10}}
 REPO = Path(__file__).resolve().parents[1]

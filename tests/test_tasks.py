@@ -10,8 +10,19 @@ import sys
 import pytest
 
 from attnaudit.model.tasks import (
-    ADJECTIVES, FILLERS, LEXICON, NEEDLES, NEGATIVE, NEGATOR, NOUNS, POSITIVE, TASK_NAMES, VERBS,
-    Task, get_task, make_examples,
+    ADJECTIVES,
+    FILLERS,
+    LEXICON,
+    NEEDLES,
+    NEGATIVE,
+    NEGATOR,
+    NOUNS,
+    POSITIVE,
+    TASK_NAMES,
+    VERBS,
+    Task,
+    get_task,
+    make_examples,
 )
 
 N = 600  # per task and split: enough to hit every branch, fast enough for the whole file to run in ~1 s

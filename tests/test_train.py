@@ -7,12 +7,18 @@ import json
 import pytest
 import torch
 
+from attnaudit.model import train as train_module
 from attnaudit.model.checkpoint import load_model, save_checkpoint
 from attnaudit.model.data import Example
 from attnaudit.model.schedule import noam_lr
-from attnaudit.model import train as train_module
 from attnaudit.model.train import (
-    TrainSettings, check_out_dir, defaults_for, resolve_device, train_classifier, train_seq2seq, train_task,
+    TrainSettings,
+    check_out_dir,
+    defaults_for,
+    resolve_device,
+    train_classifier,
+    train_seq2seq,
+    train_task,
     train_to_folder,
 )
 from attnaudit.model.transformer import TransformerClassifier, TransformerSeq2Seq
