@@ -289,7 +289,7 @@ def model_panels(model, text, **options) -> list[dict]:
     from attnaudit.model.hooks import record
 
     if getattr(model, "kind", None) == "seq2seq":
-        from attnaudit.model.data import Example
+        from attnaudit.data.examples import Example
 
         source = text.text if hasattr(text, "text") else str(text)
         target = getattr(text, "target", None) or model.translate([source])[0]

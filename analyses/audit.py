@@ -28,17 +28,17 @@ import torch
 
 from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.counterfactual import MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
-from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.tables import COLUMNS, METRICS, faithfulness_table, summarize
+from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
+from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
 from attnaudit.explain.registry import REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
 from attnaudit.model.interface import Batch
-from attnaudit.model.progress import progress_bar
 
 ANALYSES = ("faithfulness", "plausibility", "counterfactual", "sanity")
 CURVE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)     # curves are resampled here so examples line up
@@ -197,7 +197,7 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
             every 10 s in a log), None (default) at a terminal or in Jupyter, False never.
             progress_label: what the bars are called, e.g. "audit keywords".
         runner: runner(item_name, compute) -> payload; lets a caller save each finished item (chunk of
-            examples, counterfactual, sanity) and skip it on resume (see `attnaudit.analyses.store`).
+            examples, counterfactual, sanity) and skip it on resume (see `attnaudit.jobs.store`).
             Payloads are dicts of DataFrames and lists. A runner may return None for a failed item;
             the audit goes on without it and lists it in `failures`.
 

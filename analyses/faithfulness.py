@@ -32,18 +32,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnaudit.analyses.perturb import (
+from attnaudit.explain.attribution import Attribution
+from attnaudit.explain.perturb import (
     as_engine,
     check_attribution,
     deletion_path,
     insertion_path,
     keep_top_k,
-    leave_one_out_path,
+    leave_one_out,
     path_counts,
     remove_top_k,
     top_k_mask,
 )
-from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch
 
 ERASER_BINS = (0.01, 0.05, 0.10, 0.20, 0.50)
@@ -214,16 +214,7 @@ def decision_flip_fraction(engine_or_model, batch: Batch, attribution: Attributi
     return torch.where(first >= 0, removed / n.clamp_min(1), torch.tensor(float(never)))
 
 
-# -- leave-one-out and τ_b ------------------------------------------------------------------------
-def leave_one_out(engine_or_model, batch: Batch, *, target: Tensor, policy: str | None = None,
-                  max_batch: int | None = None) -> Tensor:
-    """Occlusion with a window of one: p(x) − p(x without token j) -> [batch, seq] (0 on unscored positions)."""
-    engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
-    keep, valid = leave_one_out_path(engine.attention_mask, engine.special_mask)    # [batch, seq, seq], [batch, seq]
-    full = engine.full_probs(target, policy=policy)                                 # [batch]
-    return torch.nan_to_num(full[:, None] - engine.probs(keep, target, valid=valid, policy=policy), nan=0.0)
-
-
+# -- τ_b and τ-LOO (leave_one_out lives with the engine) ------------------------------------------------------------------------
 def kendall_tau_b(x: Tensor, y: Tensor, mask: Tensor, *, rows_per_step: int = 64) -> Tensor:
     """Kendall's τ_b between x and y over the positions in mask, per row -> [batch] (NaN if undefined).
 

@@ -56,6 +56,7 @@ from attnaudit.analyses.report_html import CSP, SUMMARY_FIGURE, e, render_html, 
 from attnaudit.analyses.report_md import md, render_markdown
 from attnaudit.analyses.tables import summarize
 from attnaudit.analyses.verdict import _jsonable, derive_verdict, rank_table
+from attnaudit.core.version import __version__
 
 FILES = ("index.html", "report.md", "results.json", "metrics.csv.gz", "counterfactual.csv",
          "counterfactual_permutation.csv", "curves_mean.csv", "curves.csv.gz", "comparisons.csv", "agreement.csv",
@@ -205,9 +206,7 @@ def _task_records(rows: list, name: str, tasks: Sequence[str]) -> list[dict]:
 
 
 def versions() -> dict:
-    import attnaudit
-
-    out = {"attnaudit": attnaudit.__version__, "python": platform.python_version()}
+    out = {"attnaudit": __version__, "python": platform.python_version()}
     for pkg in ("torch", "captum", "pandas", "numpy", "scipy", "matplotlib", "seaborn"):
         try:
             out[pkg] = metadata.version(pkg)

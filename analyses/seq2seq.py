@@ -37,7 +37,11 @@ from torch import Tensor
 
 from attnaudit.analyses.counterfactual import _spearman, tvd
 from attnaudit.analyses.faithfulness import curve_auc
-from attnaudit.analyses.perturb import (
+from attnaudit.analyses.plausibility import auprc, precision_at_k
+from attnaudit.analyses.tables import COLUMNS, bin_setting
+from attnaudit.data.examples import Example
+from attnaudit.explain.attribution import Attribution
+from attnaudit.explain.perturb import (
     deletion_path,
     insertion_path,
     keep_top_k,
@@ -45,10 +49,6 @@ from attnaudit.analyses.perturb import (
     materialize,
     remove_top_k,
 )
-from attnaudit.analyses.plausibility import auprc, precision_at_k
-from attnaudit.analyses.tables import COLUMNS, bin_setting
-from attnaudit.explain.attribution import Attribution
-from attnaudit.model.data import Example
 from attnaudit.model.hooks import hooks, record
 from attnaudit.model.interventions import permute, uniform, zero_key
 from attnaudit.model.seq2seq import PairBatch, Translator

@@ -25,9 +25,9 @@ import pandas as pd
 from torch import Tensor
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, as_engine, check_policy
 from attnaudit.analyses.stats import TIDY_COLUMNS, bootstrap_ci, check_tidy
 from attnaudit.explain.attribution import Attribution
+from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, as_engine, check_policy
 from attnaudit.model.interface import Batch
 
 COLUMNS = [*TIDY_COLUMNS, "note"]

@@ -26,8 +26,8 @@ from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
 from attnaudit.analyses.sanity import randomization_verdict
 from attnaudit.analyses.stats import direction, paired_comparisons
 from attnaudit.analyses.tables import summarize
+from attnaudit.data.tasks import TASK_NAMES
 from attnaudit.explain.registry import ATTENTION_FAMILY
-from attnaudit.model.tasks import TASK_NAMES
 
 # (metric, preferred setting): the faithfulness and ground-truth measures the attention family is ranked on
 HEADLINE_METRICS: tuple[tuple[str, str | None], ...] = (

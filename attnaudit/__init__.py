@@ -13,7 +13,7 @@ the audit and the report.
 """
 import importlib
 
-__version__ = "0.1.0"
+from attnaudit.core.version import __version__
 
 _NAMES = {
     "load_model": "attnaudit.model.checkpoint", "get_explainer": "attnaudit.explain.registry",

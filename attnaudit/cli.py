@@ -23,7 +23,7 @@ from pathlib import Path
 
 import typer
 
-from attnaudit.model.tasks import TASK_NAMES  # light: `--help` and `tasks list` import no torch, pandas or captum
+from attnaudit.data.tasks import TASK_NAMES  # light: `--help` and `tasks list` import no torch, pandas or captum
 
 # rich_markup_mode=None: plain help, so "[audit]" is text rather than Rich markup and flags read "--quick"
 # (typer's Rich panels print every flag as "--quick <bool>").
@@ -64,7 +64,7 @@ def train_cli(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary; only the last line."),
 ):
     """Train the lecture's Transformer on a built-in task or your own file; write a model folder."""
-    from attnaudit.model.datasets import data_format
+    from attnaudit.data.readers import data_format
     from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
@@ -118,7 +118,7 @@ def finetune_cli(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary; only the last line."),
 ):
     """Fine-tune a HuggingFace classifier (or add and train a head) on your file; write a HuggingFace folder."""
-    from attnaudit.analyses.store import interruptible
+    from attnaudit.jobs.store import interruptible
     from attnaudit.model.finetune import finetune_to_folder
     from attnaudit.model.settings import resolve_device
     resolve_device(device)                          # a bad --device fails before any data is read
@@ -225,12 +225,12 @@ def explain_cli(
     """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
     import json
 
+    from attnaudit.core.progress import progress_bar
+    from attnaudit.data.examples import read_texts
+    from attnaudit.data.labels import name_classes, parse_label_names
     from attnaudit.explain.registry import REGISTRY
     from attnaudit.explain.run import explain_all
     from attnaudit.model.checkpoint import atomic_write_text, load_model
-    from attnaudit.model.data import read_texts
-    from attnaudit.model.labels import name_classes, parse_label_names
-    from attnaudit.model.progress import progress_bar
     from attnaudit.model.settings import resolve_device
     if (text is None) == (data is None):
         raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")
@@ -296,7 +296,7 @@ def _threads(threads: int) -> None:
 
 def _job(job, threads: int, quiet: bool, *args, **options) -> None:
     """Run a report job with SIGTERM acting as Ctrl-C; print the verdict lines and where the report is."""
-    from attnaudit.analyses.store import interruptible
+    from attnaudit.jobs.store import interruptible
     _threads(threads)
     with interruptible():
         path = job(*args, **options, progress=not quiet, echo=(lambda _: None) if quiet else typer.echo)
@@ -323,7 +323,7 @@ def _verdict_lines(path: Path, quiet: bool) -> None:
 @tasks_app.command("list")
 def tasks_list_cli():
     """Print the built-in tasks with their classes and default sizes."""
-    from attnaudit.model.tasks import get_task
+    from attnaudit.data.tasks import get_task
     for name in TASK_NAMES:
         t = get_task(name)
         classes = ", ".join(t.label_names) if t.label_names else "seq2seq"
@@ -340,8 +340,8 @@ def tasks_export_cli(
     n: int = typer.Option(None, "--n", help="Number of examples (default: the split's size)."),
 ):
     """Write a split of a built-in task as JSON lines: text, label or target, rationale or alignment."""
-    from attnaudit.model.data import write_jsonl
-    from attnaudit.model.tasks import make_examples
+    from attnaudit.data.examples import write_jsonl
+    from attnaudit.data.tasks import make_examples
     examples = make_examples(task, split, n=n, seed=seed)
     typer.echo(f"wrote {len(examples)} {task} {split} examples to {write_jsonl(examples, out)}")
 

@@ -220,15 +220,15 @@ def environment() -> dict:
     CPU kernels and threads (results are bitwise reproducible per thread count)."""
     import torch
 
-    import attnaudit
-    return {"attnaudit": attnaudit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    from attnaudit.core.version import __version__
+    return {"attnaudit": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.is_available(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def fingerprint_differences(fingerprints: Sequence[Any]) -> list[str]:
     """Each rank's fingerprint against rank 0's -> lines "rank R differs from rank 0 in KEY: A -> B"."""
-    from attnaudit.analyses.store import differences, dumps, loads, short_repr
+    from attnaudit.jobs.store import differences, dumps, loads, short_repr
     first = loads(dumps(fingerprints[0]))
     return [f"rank {r} differs from rank 0 in {key}: {short_repr(a)} -> {short_repr(b)}"
             for r, fp in enumerate(fingerprints[1:], start=1) for key, a, b in differences(first, loads(dumps(fp)))]
@@ -330,7 +330,7 @@ def data_hash(data) -> str:
     """sha256 of what the audit reads from `data`: a Batch's ids and tensors, or the examples / texts."""
     from dataclasses import asdict, is_dataclass
 
-    from attnaudit.analyses.store import sha256_json
+    from attnaudit.jobs.store import sha256_json
     from attnaudit.model.interface import Batch
     if isinstance(data, Batch):
         return sha256_json({"ids": data.ids, "input_ids": data.input_ids.tolist(),

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.perturb import (
+from attnaudit.analyses.tables import ENGINE_METRICS, faithfulness_table
+from attnaudit.data.tasks import FILLERS, NEGATIVE, POSITIVE
+from attnaudit.explain import get_explainer
+from attnaudit.explain.perturb import (
     DEFAULT_MAX_BATCH,
     PerturbationEngine,
     deletion_path,
@@ -33,10 +36,7 @@ from attnaudit.analyses.perturb import (
     materialize,
     remove_top_k,
 )
-from attnaudit.analyses.tables import ENGINE_METRICS, faithfulness_table
-from attnaudit.explain import get_explainer
 from attnaudit.model.interface import TextClassifier
-from attnaudit.model.tasks import FILLERS, NEGATIVE, POSITIVE
 from attnaudit.model.transformer import TransformerClassifier, TransformerConfig
 from attnaudit.model.vocab import Vocab
 

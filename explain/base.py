@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnaudit.data.examples import Example
 from attnaudit.explain.attribution import Attribution
-from attnaudit.model.data import Example
 from attnaudit.model.interface import Batch
 
 MAX_FORWARDS = 4096   # forward passes per example an explainer may run, unless its max_cost says more

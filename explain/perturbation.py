@@ -9,7 +9,7 @@ the outputs on random subsets of the tokens, through captum.
 What is explained: f = the target class's probability (softmax of the logits), the scale on which
 "removing this word lowers the probability by 0.3" reads naturally. [CLS]/[SEP] are never perturbed
 or removed and get score 0; padding stays padding. Every perturbed forward runs through the project's
-one engine, `attnaudit.analyses.perturb.PerturbationEngine` (in float32: no bf16 autocast on CUDA, as
+one engine, `attnaudit.explain.perturb.PerturbationEngine` (in float32: no bf16 autocast on CUDA, as
 explanation scores are small differences of probabilities), so identical perturbations run once.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 from attnaudit.explain.base import MAX_ROWS, Explainer, check_max_cost, forwards_cost
 from attnaudit.explain.control import check_seed, example_seed, seeded
 from attnaudit.explain.gradients import baseline_embeds, check_choice, check_positive_int
+from attnaudit.explain.perturb import PerturbationEngine, leave_one_out
 from attnaudit.model.interface import Batch
 
 POLICIES = ("mask", "delete")
@@ -45,9 +46,7 @@ def target_probs(model, input_ids: Tensor, attention_mask: Tensor, target: Tenso
 
 
 def _engine(model, batch: Batch, *, policy: str, max_batch: int):
-    """The perturbation engine for one explain call (imported here: attnaudit.analyses imports explain)."""
-    from attnaudit.analyses.perturb import PerturbationEngine
-
+    """The perturbation engine for one explain call."""
     return PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=False)
 
 
@@ -73,8 +72,6 @@ class Occlusion(Explainer):
         check_positive_int("max_batch", self.max_batch, maximum=MAX_ROWS)
 
     def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
-        from attnaudit.analyses.faithfulness import leave_one_out
-
         engine = _engine(model, batch, policy=self.policy, max_batch=self.max_batch)
         return leave_one_out(engine, batch, target=target.cpu())                  # [batch, seq], 0 on specials
 

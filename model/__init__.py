@@ -1,16 +1,18 @@
-"""The lecture's Transformer, its hook sites, built-in tasks, training and the model interface.
+"""The lecture's Transformer, its hook sites, training and the model interface (built-in tasks and data readers
+live in `attnaudit.data`; their names are re-exported here).
 
-Names are imported on first use (module `__getattr__`), so `import attnaudit.model.tasks` or the CLI's
+Names are imported on first use (module `__getattr__`), so `import attnaudit.model` or the CLI's
 `--help` does not pay for torch, safetensors or pandas.
 """
 import importlib
 
 _NAMES = {
-    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Example": "data",
-    "read_eraser": "datasets", "read_hatexplain": "datasets", "read_labelled": "datasets", "read_sst2": "datasets",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Example": "attnaudit.data.examples",
+    "read_eraser": "attnaudit.data.readers", "read_hatexplain": "attnaudit.data.readers",
+    "read_labelled": "attnaudit.data.readers", "read_sst2": "attnaudit.data.readers",
     "Cache": "hooks", "HookPoint": "hooks", "hooks": "hooks", "record": "hooks", "recording": "hooks",
     "Batch": "interface", "TextClassifier": "interface", "Translator": "seq2seq",
-    "TASK_NAMES": "tasks", "get_task": "tasks", "make_examples": "tasks",
+    "TASK_NAMES": "attnaudit.data.tasks", "get_task": "attnaudit.data.tasks", "make_examples": "attnaudit.data.tasks",
     "TransformerClassifier": "transformer", "TransformerConfig": "transformer", "TransformerSeq2Seq": "transformer",
 }
 
@@ -21,7 +23,8 @@ __all__ = ["load_model", "save_checkpoint", "Example", "Batch", "TextClassifier"
 
 def __getattr__(name: str):
     if name in _NAMES:
-        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        module = _NAMES[name] if "." in _NAMES[name] else f"{__name__}.{_NAMES[name]}"
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value                  # later look-ups skip this function
         return value
     try:                                         # attnaudit.model.fit etc. after a bare `import attnaudit.model`

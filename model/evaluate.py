@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 from attnaudit.model.interface import Batch, TextClassifier
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.transformer import TransformerSeq2Seq

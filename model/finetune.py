@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnaudit.data.examples import Example
 from attnaudit.model.checkpoint import CONFIG, atomic_write_text
-from attnaudit.model.data import Example
 from attnaudit.model.fit import fit, log_csv
 from attnaudit.model.hf import ATTENTION, HFClassifier, load_hf, transformers_module
 from attnaudit.model.run_folder import (
@@ -297,7 +297,7 @@ def finetune_to_folder(
         hf_dir: config.json + model.safetensors + tokenizer; without a head (MiniLM) a fresh one is added,
             a trained head must have as many classes as the data.
         data, text_col, label_col: the training file: a table and its two columns, or an ERASER / HateXplain
-            file, which names its own (`attnaudit.model.datasets.read_labelled`).
+            file, which names its own (`attnaudit.data.readers.read_labelled`).
         valid: a validation file; None holds out a seeded 10% of `data`. test: an optional test file.
         n_train: train on a seeded random subset of this many training rows (None: all of them).
         lr, epochs, batch_size, max_len, seed: see `finetune_settings`.

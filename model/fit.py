@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from attnaudit.model.progress import progress_bar
+from attnaudit.core.progress import progress_bar
 from attnaudit.model.schedule import NoamLR
 from attnaudit.model.settings import TrainSettings
 
@@ -38,7 +38,7 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
             has the highest score, ties going to the lower loss: a later epoch that classifies as well
             but more confidently wins.
         progress: True: a bar (a plain line every 10 s in a log), None: only at a terminal or in Jupyter,
-            False: silent (see attnaudit.model.progress). desc: its label, e.g. "train keywords".
+            False: silent (see attnaudit.core.progress). desc: its label, e.g. "train keywords".
         group: reorders each epoch's shuffled indices [n_train] before they are cut into batches (e.g. to
             put texts of similar length together, so less padding is computed); None keeps the shuffle.
     Returns:

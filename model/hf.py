@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 from attnaudit.model.hooks import HookPoint
 from attnaudit.model.interface import Batch, ClassifierSurface
 

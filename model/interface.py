@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 from attnaudit.model.hooks import HookPoint
 from attnaudit.model.transformer import TransformerClassifier
 from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words

@@ -26,10 +26,10 @@ def labelled_splits(data, *, text_col: str | None = None, label_col: str | None 
     """Train, valid and test Examples from labelled files -> {"train", "valid", "test", "label_names", "info"}.
 
     Each file may be a table (text_col, label_col), an ERASER annotation file or a HateXplain file
-    (`attnaudit.model.datasets.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
+    (`attnaudit.data.readers.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
     held out for validation; without `test`, "test" is None. `info` records paths, sha256s and formats.
     """
-    from attnaudit.model.datasets import read_labelled  # datasets imports data; keep this module light
+    from attnaudit.data.readers import read_labelled  # datasets imports data; keep this module light
 
     first = read_labelled(data, text_col=text_col, label_col=label_col)
     examples, label_names = first.examples, first.label_names

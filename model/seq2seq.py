@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 from attnaudit.model.hooks import HookPoint
 from attnaudit.model.interface import Batch, TextClassifier
 from attnaudit.model.transformer import TransformerSeq2Seq

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from attnaudit.model.tasks import get_task
+from attnaudit.data.tasks import get_task
 from attnaudit.model.transformer import TransformerConfig
 
 DEVICES = ("auto", "cpu", "cuda")

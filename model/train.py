@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnaudit.data.examples import Example
+from attnaudit.data.tasks import TASK_NAMES, get_task, make_examples
 from attnaudit.model.checkpoint import atomic_write_text, save_checkpoint
-from attnaudit.model.data import Example
 from attnaudit.model.evaluate import evaluate_classifier, evaluate_translator, pair_loss
 from attnaudit.model.fit import LOG_COLUMNS, fit, log_csv
 from attnaudit.model.interface import TextClassifier
@@ -41,7 +42,6 @@ from attnaudit.model.run_folder import (
 )
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.settings import DEVICES, TrainSettings, defaults_for, resolve_device
-from attnaudit.model.tasks import TASK_NAMES, get_task, make_examples
 from attnaudit.model.transformer import TransformerClassifier, TransformerSeq2Seq, init_weights
 from attnaudit.model.vocab import Vocab, words
 

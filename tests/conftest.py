@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.transformer import TransformerClassifier, TransformerConfig
 from attnaudit.model.vocab import Vocab

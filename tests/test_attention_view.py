@@ -169,7 +169,7 @@ def test_an_encoder_decoder_gives_self_causal_and_cross_panels():
     src, tgt = Vocab.build(["a b c d"]), Vocab.build(["d c b a"])
     cfg = TransformerConfig(vocab_size=len(src), tgt_vocab_size=len(tgt), d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=16)
     model = Translator(TransformerSeq2Seq(cfg).eval(), src, tgt)
-    from attnaudit.model.data import Example
+    from attnaudit.data.examples import Example
 
     panels = model_panels(model, Example(id="x", text="a b c", label=0, target="c b a"))
     assert [p["kind"] for p in panels] == ["self", "causal", "cross"]

@@ -8,7 +8,7 @@ import torch
 
 from attnaudit.analyses.audit import CURVE_GRID, AuditSettings, audit
 from attnaudit.analyses.tables import COLUMNS
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 
 FAST = dict(explainers=("attention", "rollout", "saliency", "occlusion", "random"), n_permutations=4,
             adversarial_steps=3, sanity_examples=3, counterfactual_examples=6)

@@ -15,9 +15,9 @@ from conftest import cli_run, make_tiny_model
 
 from attnaudit import get_explainer
 from attnaudit.analyses.audit import AuditSettings, audit
+from attnaudit.data.examples import Example, read_table, read_texts
 from attnaudit.explain.registry import REGISTRY
 from attnaudit.model.checkpoint import save_checkpoint
-from attnaudit.model.data import Example, read_table, read_texts
 from attnaudit.model.hooks import record
 
 FAST = dict(explainers=("attention", "saliency"), analyses=("faithfulness",))

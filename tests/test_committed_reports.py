@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED
 
-from attnaudit.analyses.store import sha256_file
 from attnaudit.jobs import BUILTIN_TITLE, _check_report_folder, is_builtin_report, plan_run, run_identity
+from attnaudit.jobs.store import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attnaudit.model.data import Example, read_table, write_jsonl
+from attnaudit.data.examples import Example, read_table, write_jsonl
 
 TSV = 'sentence\tlabel\nit \'s a "charming" film\t1\nNA\t0\nnull and void\t1\n'
 

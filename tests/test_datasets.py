@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from attnaudit.model.datasets import (
+from attnaudit.data.readers import (
     LoadedSplit,
     from_hf_dataset,
     read_eraser,

@@ -19,7 +19,7 @@ from attnaudit import distributed as D
 from attnaudit.analyses.audit import AuditSettings, audit
 from attnaudit.analyses.counterfactual import counterfactual_table
 from attnaudit.analyses.sanity import randomization_table
-from attnaudit.analyses.store import ItemStore, StoreLocked
+from attnaudit.jobs.store import ItemStore, StoreLocked
 
 SMALL = dict(explainers=("attention", "rollout", "saliency", "random"), chunk_size=2, n_permutations=3,
              adversarial_steps=2, counterfactual_examples=4, sanity_examples=3, max_examples=4)
@@ -136,7 +136,7 @@ def test_a_live_rank_of_another_job_keeps_the_folder_locked(tmp_path):
 
 
 def D_rank_store(folder, rank):
-    from attnaudit.analyses.store import RankStore
+    from attnaudit.jobs.store import RankStore
     return RankStore(folder, rank=rank, fingerprint=_fp())
 
 
@@ -284,7 +284,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.cuda
 @cuda
 def test_model_explainers_and_perturbation_engine_on_cuda(tiny_examples):
-    from attnaudit.analyses.perturb import PerturbationEngine
+    from attnaudit.explain.perturb import PerturbationEngine
     from attnaudit.explain.registry import get_explainer
     cpu = make_tiny_model()
     gpu = make_tiny_model().to("cuda") if hasattr(make_tiny_model(), "to") else None
@@ -322,12 +322,12 @@ sys.path.insert(0, {tests!r})
 from conftest import make_tiny_model
 from attnaudit import distributed
 from attnaudit.analyses.audit import AuditSettings
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 texts = ["the film was good", "a boring plot", "the story was not bad and the actor was great", "good", "bad plot"]
 examples = [Example(id=f"ex{{i}}", text=t, label=i % 2) for i, t in enumerate(texts)]
 result = distributed.audit(make_tiny_model(), examples, AuditSettings(**{small!r}), out={out!r})
 if distributed.from_env().is_main:
-    from attnaudit.analyses.store import dumps, frame_payload   # exact-float JSON, as the item store writes
+    from attnaudit.jobs.store import dumps, frame_payload   # exact-float JSON, as the item store writes
     open({saved!r}, "w").write(dumps({{"metrics": frame_payload(result.metrics), "curves": frame_payload(result.curves),
         "counterfactual": {{k: frame_payload(v) for k, v in result.counterfactual.items()}},
         "attributions": result.attributions, "examples": result.examples, "settings": result.settings}}))
@@ -337,7 +337,7 @@ else:
 
 
 def _examples():
-    from attnaudit.model.data import Example
+    from attnaudit.data.examples import Example
     texts = ["the film was good", "a boring plot", "the story was not bad and the actor was great", "good", "bad plot"]
     return [Example(id=f"ex{i}", text=t, label=i % 2) for i, t in enumerate(texts)]
 
@@ -365,7 +365,7 @@ def test_python_audit_through_the_store_gives_the_tables_of_audit(tmp_path):
 def test_python_audit_on_two_ranks_gives_the_tables_of_audit(tmp_path):
     from types import SimpleNamespace
 
-    from attnaudit.analyses.store import loads, payload_frame
+    from attnaudit.jobs.store import loads, payload_frame
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), small=SMALL, out=str(tmp_path / "items"),
                                     saved=str(tmp_path / "result.json")))
@@ -385,7 +385,7 @@ def test_five_ranks_simulated_in_one_process_give_the_tables_of_audit(tmp_path, 
     """The sharded path without process groups: ranks 4..1 compute their items (rank 4 owns no chunk),
     then rank 0 its own, then rank 0 assembles them all from the store."""
     from attnaudit import jobs
-    from attnaudit.analyses.store import RankStore
+    from attnaudit.jobs.store import RankStore
     model, settings, noop = make_tiny_model(), AuditSettings(**SMALL), (lambda _: None)
     with ItemStore(tmp_path, fingerprint=_fp()) as main:
         for rank in (4, 3, 2, 1):

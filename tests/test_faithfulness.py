@@ -12,8 +12,8 @@ from scipy.stats import kendalltau
 from test_perturb import make_attribution, random_attribution
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.perturb import PerturbationEngine
 from attnaudit.explain.base import Explainer
+from attnaudit.explain.perturb import PerturbationEngine
 from attnaudit.model.interface import Batch
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 4
@@ -258,7 +258,7 @@ def test_ferret_rationales_skip_repeats_and_empty_thresholds():
 def needle():
     """A model trained for a few seconds on `needle` (the label is the one needle word), and 120 test examples."""
     try:
-        from attnaudit.model.tasks import make_examples
+        from attnaudit.data.tasks import make_examples
         from attnaudit.model.train import defaults_for, train_task
     except ImportError:            # the bag-of-words oracle test below still runs: its model provably reads one token
         pytest.skip("attnaudit.model.train is not importable")

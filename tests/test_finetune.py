@@ -20,8 +20,8 @@ transformers = pytest.importorskip(
 from conftest import cli_run
 
 import attnaudit
+from attnaudit.data.examples import Example
 from attnaudit.model import finetune as finetune_module
-from attnaudit.model.data import Example
 from attnaudit.model.finetune import (
     PROVENANCE,
     finetune_hf,

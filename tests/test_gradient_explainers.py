@@ -92,7 +92,7 @@ def needle_model():
 
 
 def test_integrated_gradients_completeness_on_trained_needle_model(needle_model):
-    from attnaudit.model.tasks import make_examples
+    from attnaudit.data.tasks import make_examples
 
     check_completeness(needle_model, needle_model.encode(make_examples("needle", "test", n=8, seed=5)))
 
@@ -137,7 +137,7 @@ def test_occlusion_delete_equals_the_text_without_the_word(tiny_model):
 
 def spy_on_engines(monkeypatch) -> list:
     """Every PerturbationEngine built while the test runs, in order."""
-    from attnaudit.analyses.perturb import PerturbationEngine
+    from attnaudit.explain.perturb import PerturbationEngine
 
     built, original = [], PerturbationEngine.__init__
 

@@ -18,12 +18,12 @@ transformers = pytest.importorskip(
 
 import attnaudit
 from attnaudit.analyses.counterfactual import counterfactual_table
-from attnaudit.analyses.perturb import PerturbationEngine
 from attnaudit.analyses.sanity import reinitialize
 from attnaudit.analyses.tables import faithfulness_table
+from attnaudit.data.examples import Example
 from attnaudit.explain import Attribution, get_explainer, list_explainers
+from attnaudit.explain.perturb import PerturbationEngine
 from attnaudit.explain.words import aggregate_words
-from attnaudit.model.data import Example
 from attnaudit.model.hf import HFClassifier, minilm_path, transformers_module
 from attnaudit.model.hooks import hooks, record
 from attnaudit.model.interventions import permute, replace, uniform, zero_head, zero_key

@@ -16,7 +16,7 @@ from conftest import cli_run, make_tiny_model
 from test_hf import tiny_net, wordpiece_tokenizer, write_folder
 
 import attnaudit
-from attnaudit.model.datasets import read_labelled
+from attnaudit.data.readers import read_labelled
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

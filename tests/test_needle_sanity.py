@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from attnaudit.data.tasks import make_examples
 from attnaudit.explain import get_explainer
-from attnaudit.model.tasks import make_examples
 from attnaudit.model.train import defaults_for, train_task
 
 N_EXAMPLES = 120

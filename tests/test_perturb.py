@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.perturb import (
+from attnaudit.explain.attribution import Attribution
+from attnaudit.explain.perturb import (
     PerturbationEngine,
     deletion_path,
     insertion_path,
@@ -19,7 +20,6 @@ from attnaudit.analyses.perturb import (
     remove_top_k,
     top_k_mask,
 )
-from attnaudit.explain.attribution import Attribution
 
 CLS, SEP, PAD, MASK = 1, 2, 0, 4
 

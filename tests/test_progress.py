@@ -6,7 +6,7 @@ import io
 import pytest
 
 from attnaudit.analyses.audit import audit
-from attnaudit.model.progress import LineProgress, NoBar, format_seconds, progress_bar
+from attnaudit.core.progress import LineProgress, NoBar, format_seconds, progress_bar
 from attnaudit.model.train import TrainSettings, train_task
 
 TINY = TrainSettings(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=32, epochs=2, batch_size=16,

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import cli_run
 
-from attnaudit.model.datasets import data_format, read_labelled
+from attnaudit.data.readers import data_format, read_labelled
 from attnaudit.model.run_folder import labelled_splits
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder

@@ -26,10 +26,10 @@ from test_jobs import TINY_TOML
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import audit
 from attnaudit.analyses.report_files import read_json_lines
-from attnaudit.analyses.store import ItemStore
+from attnaudit.data.examples import Example
 from attnaudit.explain.registry import REGISTRY
+from attnaudit.jobs.store import ItemStore
 from attnaudit.model.checkpoint import save_checkpoint
-from attnaudit.model.data import Example
 from attnaudit.model.hooks import active_hook_count, hooks, record
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from conftest import WORDS, cli_run, make_tiny_model
 
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import AuditSettings
+from attnaudit.data.examples import read_table, read_texts
+from attnaudit.data.readers import read_labelled
 from attnaudit.explain.flow import flow, flow_seconds
 from attnaudit.model.checkpoint import save_checkpoint
-from attnaudit.model.data import read_table, read_texts
-from attnaudit.model.datasets import read_labelled
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.transformer import TransformerClassifier, TransformerConfig
 from attnaudit.model.vocab import Vocab
@@ -90,7 +90,7 @@ def test_audit_sizes_have_limits(setting):
 
 def test_counterfactual_and_engine_sizes_have_limits(tiny_model, tiny_batch, monkeypatch):
     from attnaudit.analyses import counterfactual as cf
-    from attnaudit.analyses.perturb import PerturbationEngine
+    from attnaudit.explain.perturb import PerturbationEngine
 
     monkeypatch.setattr(cf, "output_probs", lambda *a, **k: pytest.fail("a forward ran although a limit refuses it"))
     with pytest.raises(ValueError, match=r"n_permutations=1,000,000,000 would need 1.0e\+09 forward passes per "

@@ -25,7 +25,7 @@ def _train(folder: Path, **env) -> tuple[str, dict]:
     subprocess.run([sys.executable, "-c", TRAIN, str(folder)], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    from attnaudit.analyses.store import sha256_file
+    from attnaudit.jobs.store import sha256_file
     return sha256_file(folder / "model.safetensors"), cfg["training"]
 
 

@@ -15,9 +15,9 @@ from attnaudit.analyses.sanity import (
     randomization_verdict,
     rank_similarity,
 )
+from attnaudit.data.examples import Example
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
-from attnaudit.model.data import Example
 
 
 class FreshRandom(Explainer):

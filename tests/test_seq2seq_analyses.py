@@ -20,8 +20,8 @@ from attnaudit.analyses.seq2seq import (
     translator_scores,
 )
 from attnaudit.analyses.tables import COLUMNS
-from attnaudit.model.data import Example
-from attnaudit.model.tasks import make_examples
+from attnaudit.data.examples import Example
+from attnaudit.data.tasks import make_examples
 from attnaudit.model.train import TrainSettings, train_task
 
 # 2 layers, d_model=32, 3000 examples, 3 epochs: test exact match 1.0 in about 2 s on one thread.

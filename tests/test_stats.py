@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from test_perturb import random_attribution
 
-from attnaudit.analyses.perturb import PerturbationEngine
 from attnaudit.analyses.stats import (
     HIGHER_IS_BETTER,
     bootstrap_ci,
@@ -24,6 +23,7 @@ from attnaudit.analyses.tables import (
     save_tables,
     summarize,
 )
+from attnaudit.explain.perturb import PerturbationEngine
 
 
 # -- statistics ---------------------------------------------------------------------------------

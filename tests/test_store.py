@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnaudit.analyses.store import (
+from attnaudit.jobs.store import (
     MAX_NAME,
     FingerprintMismatch,
     ItemStore,
@@ -89,7 +89,7 @@ def test_save_is_atomic_when_the_rename_fails(tmp_path, monkeypatch):
 def test_sigkill_during_many_writes_leaves_no_torn_json(tmp_path):
     child = python("""
         import sys
-        from attnaudit.analyses.store import ItemStore
+        from attnaudit.jobs.store import ItemStore
         with ItemStore(sys.argv[1], fingerprint={"k": 1}) as store:
             i = 0
             while True:
@@ -128,7 +128,7 @@ def test_lock_refuses_a_second_store_here_and_in_a_subprocess(tmp_path):
                 pass
         child = python("""
             import sys
-            from attnaudit.analyses.store import ItemStore, StoreLocked
+            from attnaudit.jobs.store import ItemStore, StoreLocked
             try:
                 with ItemStore(sys.argv[1], fingerprint={}, resume=True):
                     pass

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from attnaudit.model.tasks import (
+from attnaudit.data.tasks import (
     ADJECTIVES,
     FILLERS,
     LEXICON,
@@ -51,7 +51,7 @@ def test_same_seed_same_examples_other_seed_or_split_differs(name):
 
 
 def test_same_examples_in_a_fresh_process():
-    code = ("from attnaudit.model.tasks import make_examples as m; "
+    code = ("from attnaudit.data.tasks import make_examples as m; "
             "print([e.text for e in m('keywords', 'valid', n=5, seed=1)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([e.text for e in make_examples("keywords", "valid", n=5, seed=1)])

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from attnaudit.data.examples import Example
 from attnaudit.model import train as train_module
 from attnaudit.model.checkpoint import load_model, save_checkpoint
-from attnaudit.model.data import Example
 from attnaudit.model.schedule import noam_lr
 from attnaudit.model.train import (
     TrainSettings,

@@ -7,7 +7,7 @@
 Each task's model is trained once into `runs/` (reused when a model with the same task and settings is
 already there), explained and analysed by `attnaudit.analyses.audit.audit`, and all tasks go into one
 report. Finished work is saved item by item (a chunk of examples, the counterfactual tests, the sanity
-check) through `attnaudit.analyses.store.ItemStore` under OUT/.attnaudit/, so an interrupted run loses at
+check) through `attnaudit.jobs.store.ItemStore` under OUT/.attnaudit/, so an interrupted run loses at
 most the item in flight and `resume=True` finishes it with the same numbers.
 """
 from __future__ import annotations
@@ -28,7 +28,11 @@ from attnaudit import distributed
 from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
 from attnaudit.analyses.report import write_report
 from attnaudit.analyses.seq2seq import audit_translator
-from attnaudit.analyses.store import (
+from attnaudit.analyses.tables import COLUMNS
+from attnaudit.data.labels import name_classes, parse_label_names
+from attnaudit.data.readers import data_format, read_labelled
+from attnaudit.data.tasks import TASK_NAMES
+from attnaudit.jobs.store import (
     ItemStore,
     RankStore,
     StoreError,
@@ -40,12 +44,8 @@ from attnaudit.analyses.store import (
     sha256_json,
     short_repr,
 )
-from attnaudit.analyses.tables import COLUMNS
 from attnaudit.model.checkpoint import load_model, read_config
-from attnaudit.model.datasets import data_format, read_labelled
-from attnaudit.model.labels import name_classes, parse_label_names
 from attnaudit.model.seq2seq import Translator
-from attnaudit.model.tasks import TASK_NAMES
 from attnaudit.model.train import TrainSettings, defaults_for, resolve_device, task_examples, train_to_folder
 
 DEFAULT_TASKS = ("keywords", "needle", "majority", "reorder")
@@ -421,7 +421,7 @@ def _own_items(task, model, examples, settings, runner, progress, echo) -> None:
 def _audit_translator(model, examples, settings: AuditSettings, run, *, progress: bool | None = None,
                       label: str = "audit") -> AuditResult:
     """The encoder-decoder's analyses (attnaudit.analyses.seq2seq), as one saved item, in AuditResult form."""
-    from attnaudit.model.progress import progress_bar
+    from attnaudit.core.progress import progress_bar
     examples = list(examples)[: settings.max_examples]
     start = time.perf_counter()
     with progress_bar(len(examples), desc=f"{label}: seq2seq analyses", enabled=progress) as bar:

@@ -387,3 +387,13 @@ def check_attribution(batch: Batch, attribution: Attribution) -> None:
             f"attribution {attribution.method!r} does not match the batch: input_ids of shape "
             f"{tuple(attribution.input_ids.shape)} vs {tuple(batch.input_ids.shape)} (or different ids); "
             "explain and evaluate the same Batch (an Attribution loaded from JSON has no ids: re-explain it).")
+
+
+# -- leave-one-out (occlusion with a window of one; also τ-LOO's reference) ------------------------------
+def leave_one_out(engine_or_model, batch: Batch, *, target: Tensor, policy: str | None = None,
+                  max_batch: int | None = None) -> Tensor:
+    """Occlusion with a window of one: p(x) − p(x without token j) -> [batch, seq] (0 on unscored positions)."""
+    engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
+    keep, valid = leave_one_out_path(engine.attention_mask, engine.special_mask)    # [batch, seq, seq], [batch, seq]
+    full = engine.full_probs(target, policy=policy)                                 # [batch]
+    return torch.nan_to_num(full[:, None] - engine.probs(keep, target, valid=valid, policy=policy), nan=0.0)

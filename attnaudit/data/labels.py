@@ -4,7 +4,7 @@
     model.label_names                                   # ("negative", "positive") instead of LABEL_0, LABEL_1
 
 A HuggingFace folder saved without `id2label` calls its classes LABEL_0, LABEL_1, ...; a data file's
-integer labels are class indices either way (see `attnaudit.model.data.label_index`).
+integer labels are class indices either way (see `attnaudit.data.examples.label_index`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from attnaudit.model.data import Example, _sorted_labels, json_lines, label_index, read_source, read_table
+from attnaudit.data.examples import Example, _sorted_labels, json_lines, label_index, read_source, read_table
 
 HATEXPLAIN_RULES = ("mean", "union")
 

@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from attnaudit.model.data import Example
+from attnaudit.data.examples import Example
 
 # Neutral words shared by the classification tasks; none of them decides anything.
 FILLERS = (
