@@ -36,8 +36,15 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from attnaudit.core.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
+    from attnaudit.model.seq2seq import Translator
 
 KINDS = ("self", "causal", "cross")
 TOP_K, THRESHOLD, MAX_EDGES, GRID_SIZE = 8, 0.01, 200_000, 32
@@ -272,8 +279,7 @@ class AttentionView:
 
     def save(self, path) -> Path:
         path = Path(path)
-        path.write_text(self.to_html(), encoding="utf-8")
-        return path
+        return atomic_write_text(path, self.to_html())
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{p['name']} [{p['n_layers']}×{p['n_heads']}×{len(p['query_tokens'])}×{len(p['key_tokens'])}]"
@@ -281,7 +287,7 @@ class AttentionView:
         return f"AttentionView({shapes}; layer={self.layer}, head={self.head})"
 
 
-def model_panels(model, text, **options) -> list[dict]:
+def model_panels(model: ExplainableModel | Translator, text, **options) -> list[dict]:
     """Record one text's attention -> panels: encoder self-attention; for an encoder–decoder also its decoder
     self-attention (causal) and cross-attention, teacher-forced on the model's own greedy translation."""
     import torch
@@ -314,7 +320,7 @@ def model_panels(model, text, **options) -> list[dict]:
     return [attention_panel(att[:, :, :n, :n], tokens[:n], name="self-attention", **options)]
 
 
-def show_attention(model, text=None, *, layer: int = 0, head: int | None = None, evidence: Mapping | None = None,
+def show_attention(model: ExplainableModel | Translator | Mapping | str | Path, text=None, *, layer: int = 0, head: int | None = None, evidence: Mapping | None = None,
                    rows: int = ROWS, max_lines: int = MAX_LINES, **options) -> AttentionView:
     """The head and model views of one example, inline in Jupyter.
 
@@ -413,6 +419,7 @@ def report_evidence(res: Mapping, data: Mapping, task: str, example_id) -> dict:
     """`evidence_from_tables` for one task of a loaded report (results.json's dict, `load_files`' tables)."""
     import pandas as pd
 
+    from attnaudit.analyses.schema import normalize_setting
     from attnaudit.analyses.verdict import rank_table
 
     cf = data.get("counterfactual")
@@ -421,7 +428,7 @@ def report_evidence(res: Mapping, data: Mapping, task: str, example_id) -> dict:
     ranks = None
     if not summary.empty:
         summary = summary.astype({"mean": float, "ci_low": float, "ci_high": float})
-        summary["setting"] = summary["setting"].fillna("").astype(str)
+        summary = normalize_setting(summary)
         ranks = rank_table(summary)
     records = [r for r in data.get("attributions") or [] if r.get("task") == task]
     return evidence_from_tables(counterfactual=cf, ranks=ranks, attributions=records, example_id=example_id)

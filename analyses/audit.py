@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.counterfactual import MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
-from attnaudit.analyses.tables import COLUMNS, METRICS, faithfulness_table, summarize
+from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS
+from attnaudit.analyses.tables import METRICS, faithfulness_table, summarize
 from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
 from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
@@ -39,6 +40,9 @@ from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
 from attnaudit.model.interface import Batch
+
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
 
 ANALYSES = ("faithfulness", "plausibility", "counterfactual", "sanity")
 CURVE_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)     # curves are resampled here so examples line up
@@ -185,7 +189,7 @@ def _direct(item: str, compute: Callable[[], Any]) -> Any:
 
 
 # -- the audit ------------------------------------------------------------------------------------
-def audit(model, data, settings: AuditSettings | None = None, *, progress: bool | None = None,
+def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, *, progress: bool | None = None,
           progress_label: str = "audit", runner: Runner | None = None, **changes) -> AuditResult:
     """Run the chosen explainers and analyses on `model` over `data` -> AuditResult.
 
@@ -268,7 +272,7 @@ def audit(model, data, settings: AuditSettings | None = None, *, progress: bool 
 # explainers seed per example), so computing them apart, on any rank, gives the numbers of one call.
 # They are not split by example: a permutation, adversarial start or random erasure draws for all the
 # examples from one generator, and head ablation averages over them.
-def _counterfactual_items(model, sub: Batch, settings: AuditSettings, run: Runner, failures: dict, *,
+def _counterfactual_items(model: ExplainableModel, sub: Batch, settings: AuditSettings, run: Runner, failures: dict, *,
                           done: Callable[[int], Any] = lambda n: None) -> dict:
     """counterfactual_table(model, sub, ...) computed as one item per (test, layer) -> its merged tables."""
     options = dict(n_permutations=settings.n_permutations, adversarial_steps=settings.adversarial_steps,
@@ -287,7 +291,7 @@ def _counterfactual_items(model, sub: Batch, settings: AuditSettings, run: Runne
     return merge_counterfactual(pieces, tests, [*range(model.n_layers), "all"])
 
 
-def _counterfactual_plan(model, tests: Sequence[str]) -> list[tuple[str, Any]]:
+def _counterfactual_plan(model: ExplainableModel, tests: Sequence[str]) -> list[tuple[str, Any]]:
     """The counterfactual items: each test at each layer and at "all", head ablation once (layer None)."""
     layers = [*range(model.n_layers), "all"]
     plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers]
@@ -311,7 +315,7 @@ def merge_counterfactual(pieces: Mapping[tuple[str, Any], Mapping | None], tests
     return out
 
 
-def _sanity_items(model, small: Batch, explainers, settings: AuditSettings, run: Runner, failures: dict, *,
+def _sanity_items(model: ExplainableModel, small: Batch, explainers, settings: AuditSettings, run: Runner, failures: dict, *,
                   done: Callable[[int], Any] = lambda n: None) -> dict | None:
     """randomization_table(model, small, explainers) as one item per explainer -> {"metrics"} in its row order."""
     parts = []
@@ -332,7 +336,7 @@ def merge_sanity(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([f[f["setting"] == s] for s in steps for f in frames], ignore_index=True)
 
 
-def _as_batch(model, data, max_examples: int | None) -> Batch:
+def _as_batch(model: ExplainableModel, data, max_examples: int | None) -> Batch:
     if isinstance(data, Batch):
         batch = data
     else:
@@ -352,7 +356,7 @@ def _as_batch(model, data, max_examples: int | None) -> Batch:
     return batch
 
 
-def _chunk(model, batch: Batch, explainers, settings: AuditSettings) -> dict:
+def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSettings) -> dict:
     """Explain one chunk with every explainer and score it -> {"metrics", "curves", "attributions", "examples", ...}."""
     attributions = explain_all(model, batch, explainers)                 # name -> Attribution
     prob = next(iter(attributions.values())).target_prob                  # [batch]
@@ -403,7 +407,7 @@ def _retry_oom(compute: Callable[[], Any], smaller: Callable[[], Any]) -> Any:
     return smaller()
 
 
-def _chunk_in_halves(model, batch: Batch, idx: list[int], explainers, settings: AuditSettings) -> dict:
+def _chunk_in_halves(model: ExplainableModel, batch: Batch, idx: list[int], explainers, settings: AuditSettings) -> dict:
     """`_chunk` on each half of the examples `idx`, with half the perturbation batch -> one merged payload."""
     half = settings.with_(max_batch=max(1, settings.max_batch // 2))
     middle = (len(idx) + 1) // 2                                         # one example: one "half"
@@ -456,10 +460,10 @@ def _curves(engine: PerturbationEngine, batch: Batch, attribution, name: str, ma
                 continue
             probs = np.interp(CURVE_GRID, np.linspace(0.0, 1.0, len(y)), y)
             rows += [(batch.ids[i], name, kind, float(f), float(p)) for f, p in zip(CURVE_GRID, probs)]
-    return pd.DataFrame(rows, columns=["example_id", "explainer", "curve", "fraction", "prob"])
+    return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
 
-def attention_example(model, batch: Batch, i: int = 0) -> dict:
+def attention_example(model: ExplainableModel, batch: Batch, i: int = 0) -> dict:
     """Every encoder layer's and head's attention for example i -> {"id", "tokens", "attention" [layer, head, q, k]}."""
     one = batch.select([i])
     with torch.no_grad():

@@ -22,17 +22,20 @@ natural log (∈ [0, ln 2]). Every function runs the model in eval mode and rest
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from torch import Tensor
 
+from attnaudit.core.ranking import spearman
 from attnaudit.model.hooks import Edit, hooks
 from attnaudit.model.interface import Batch
 from attnaudit.model.interventions import permute, uniform, zero_head, zero_key
+
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
 
 TESTS = ("permutation", "adversarial", "uniform", "erasure", "head_ablation")
 Layer = int | str  # a layer index, or "all"
@@ -63,7 +66,7 @@ def _p_log(p: Tensor, q: Tensor) -> Tensor:
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-def layer_sites(model, layer: Layer) -> list[str]:
+def layer_sites(model: ExplainableModel, layer: Layer) -> list[str]:
     """The attention sites a setting edits: one layer's, or all of them for ``"all"``."""
     n = model.n_layers
     if layer == "all":
@@ -73,13 +76,13 @@ def layer_sites(model, layer: Layer) -> list[str]:
     return [model.attention_sites[layer]]
 
 
-def output_probs(model, batch: Batch, edits: dict[str, Edit] | None = None) -> Tensor:
+def output_probs(model: ExplainableModel, batch: Batch, edits: dict[str, Edit] | None = None) -> Tensor:
     """Class probabilities [batch, n_classes] (float32, CPU) with the given edits applied."""
     with model.evaluating(), torch.no_grad(), hooks(model, edits or {}):
         return model(batch).float().softmax(-1).cpu()
 
 
-def cls_attention(model, batch: Batch) -> Tensor:
+def cls_attention(model: ExplainableModel, batch: Batch) -> Tensor:
     """The [CLS] (query 0) row of every layer's attention -> [layer, batch, head, key] (CPU)."""
     rows: dict[str, Tensor] = {}
 
@@ -115,14 +118,8 @@ def _per_layer(cls_rows: Tensor, layer: Layer) -> Tensor:
     return cls_rows.mean(0) if layer == "all" else cls_rows[layer]
 
 
-def _spearman(x, y) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN, which we keep
-        return float(spearmanr(x, y).statistic) if len(x) > 1 else float("nan")
-
-
 # -- permutation (Jain & Wallace 2019) ------------------------------------------------------------
-def max_attention(model, batch: Batch, *, layer: Layer) -> Tensor:
+def max_attention(model: ExplainableModel, batch: Batch, *, layer: Layer) -> Tensor:
     """Max over heads and keys of the [CLS]-row attention at `layer` -> [batch]; mean over layers for "all"."""
     layer_sites(model, layer)
     per_layer = cls_attention(model, batch).amax(dim=(2, 3))                      # [layer, batch]
@@ -134,7 +131,7 @@ MAX_PERMUTATIONS = 10_000   # permutations per example and layer (each one forwa
 MAX_STEPS = 10_000          # adversarial steps per example and layer (each one forward + backward pass)
 
 
-def permutation_tvd(model, batch: Batch, *, layer: Layer, n_permutations: int = 100, seed: int = 0,
+def permutation_tvd(model: ExplainableModel, batch: Batch, *, layer: Layer, n_permutations: int = 100, seed: int = 0,
                     max_rows: int | None = None) -> Tensor:
     """Output TVD under N random permutations of attention among allowed keys -> [batch, n_permutations].
 
@@ -181,7 +178,7 @@ def _softmax_allowed(theta: Tensor, allowed: Tensor) -> Tensor:
     return z.softmax(-1) * allowed
 
 
-def adversarial_attention(model, batch: Batch, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
+def adversarial_attention(model: ExplainableModel, batch: Batch, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
                           lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0,
                           seed: int = 0) -> AdversarialResult:
     """Search attention maximally different from the original with almost the same output.
@@ -270,7 +267,7 @@ class ErasureResult:
     flip_random: Tensor
 
 
-def erasure(model, batch: Batch, *, layer: Layer, seed: int = 0, cls_rows: Tensor | None = None) -> ErasureResult:
+def erasure(model: ExplainableModel, batch: Batch, *, layer: Layer, seed: int = 0, cls_rows: Tensor | None = None) -> ErasureResult:
     """Zero one key at `layer` (all its heads and query rows, renormalised): the most attended vs a random one.
 
     Both keys are drawn from the scored positions (real, not special). `cls_rows` [layer, batch, head, key]
@@ -295,7 +292,7 @@ def erasure(model, batch: Batch, *, layer: Layer, seed: int = 0, cls_rows: Tenso
 
 
 # -- head ablation --------------------------------------------------------------------------------
-def head_ablation(model, batch: Batch, *, cls_rows: Tensor | None = None) -> pd.DataFrame:
+def head_ablation(model: ExplainableModel, batch: Batch, *, cls_rows: Tensor | None = None) -> pd.DataFrame:
     """Each head's importance (output change when zeroed) and its attention mass on the decisive tokens.
 
     Returns one row per (layer, head): importance_tvd (mean output TVD), importance_prob_drop (mean drop
@@ -319,7 +316,7 @@ def head_ablation(model, batch: Batch, *, cls_rows: Tensor | None = None) -> pd.
 
 
 # -- the table ------------------------------------------------------------------------------------
-def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None,
+def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None,
                          n_permutations: int = 100, epsilon: float = 0.01, adversarial_steps: int = 40,
                          adversarial_lr: float = 0.1, penalty: float = 10.0, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Run the chosen tests at each layer and at all layers at once -> {"summary": ..., test: per-example frame}.
@@ -351,7 +348,7 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
             top = _per_layer(rows.amax(dim=(2, 3)), layer)                        # [batch]
             add("permutation", layer, "median_tvd", med.median())
             add("permutation", layer, "mean_tvd", med.mean())
-            add("permutation", layer, "max_attention_tvd_spearman", _spearman(top.numpy(), med.numpy()))
+            add("permutation", layer, "max_attention_tvd_spearman", spearman(top.numpy(), med.numpy()))
             frames["permutation"].append(pd.DataFrame({"example_id": ids, "layer": str(layer),
                                                        "max_attention": top.numpy(), "median_tvd": med.numpy()}))
         if "adversarial" in tests:
@@ -388,8 +385,8 @@ def counterfactual_table(model, batch: Batch, *, tests: tuple[str, ...] = TESTS,
         for r in heads.itertuples(index=False):
             for stat in ("importance_tvd", "importance_prob_drop", "decisive_mass"):
                 add("head_ablation", r.layer, stat, getattr(r, stat), head=r.head)
-        add("head_ablation", "all", "importance_tvd_mass_spearman", _spearman(heads.importance_tvd, heads.decisive_mass))
-        add("head_ablation", "all", "prob_drop_mass_spearman", _spearman(heads.importance_prob_drop, heads.decisive_mass))
+        add("head_ablation", "all", "importance_tvd_mass_spearman", spearman(heads.importance_tvd, heads.decisive_mass))
+        add("head_ablation", "all", "prob_drop_mass_spearman", spearman(heads.importance_prob_drop, heads.decisive_mass))
         frames["head_ablation"] = [heads]
     out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
     out.update({t: pd.concat(f, ignore_index=True) for t, f in frames.items() if f})

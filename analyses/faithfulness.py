@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,11 +47,17 @@ from attnaudit.explain.perturb import (
 )
 from attnaudit.model.interface import Batch
 
+if TYPE_CHECKING:
+    from attnaudit.explain.perturb import PerturbationEngine
+    from attnaudit.model.interface import ExplainableModel
+
+    EngineOrModel = PerturbationEngine | ExplainableModel     # a built engine (shared forwards) or a model
+
 ERASER_BINS = (0.01, 0.05, 0.10, 0.20, 0.50)
 FERRET_BINS = tuple(float(t) for t in np.arange(0.1, 1.1, 0.1))   # ferret's thresholds, float error included
 
 
-def _setup(engine_or_model, batch: Batch, attribution: Attribution, policy, max_batch):
+def _setup(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, policy, max_batch):
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     check_attribution(batch, attribution)
     return engine, engine.full_probs(attribution.target, policy=policy)            # [batch]
@@ -65,7 +72,7 @@ def check_bins(bins) -> tuple[float, ...]:
 
 
 # -- ERASER comprehensiveness and sufficiency -----------------------------------------------------
-def comprehensiveness_curve(engine_or_model, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
+def comprehensiveness_curve(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
                             only_pos: bool = False, policy: str | None = None, max_batch: int | None = None) -> Tensor:
     """p(x) − p(x without the top-⌈k·n⌉ tokens), for each k in `bins` -> [batch, n_bins]."""
     engine, full = _setup(engine_or_model, batch, attribution, policy, max_batch)
@@ -73,7 +80,7 @@ def comprehensiveness_curve(engine_or_model, batch: Batch, attribution: Attribut
     return full[:, None] - engine.probs(keep, attribution.target, policy=policy)  # [batch, bin]
 
 
-def sufficiency_curve(engine_or_model, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
+def sufficiency_curve(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
                       only_pos: bool = False, policy: str | None = None, max_batch: int | None = None) -> Tensor:
     """p(x) − p(special tokens and the top-⌈k·n⌉ tokens only), for each k in `bins` -> [batch, n_bins]."""
     engine, full = _setup(engine_or_model, batch, attribution, policy, max_batch)
@@ -81,23 +88,23 @@ def sufficiency_curve(engine_or_model, batch: Batch, attribution: Attribution, *
     return full[:, None] - engine.probs(keep, attribution.target, policy=policy)  # [batch, bin]
 
 
-def comprehensiveness(engine_or_model, batch: Batch, attribution: Attribution, *, k: float = 0.2, **options) -> Tensor:
+def comprehensiveness(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, k: float = 0.2, **options) -> Tensor:
     """Drop in the explained class's probability after removing the top-⌈k·n⌉ tokens -> [batch] (higher is better)."""
     return comprehensiveness_curve(engine_or_model, batch, attribution, bins=(k,), **options)[:, 0]
 
 
-def sufficiency(engine_or_model, batch: Batch, attribution: Attribution, *, k: float = 0.2, **options) -> Tensor:
+def sufficiency(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, k: float = 0.2, **options) -> Tensor:
     """Drop in the explained class's probability when only the top-⌈k·n⌉ tokens remain -> [batch] (lower is better)."""
     return sufficiency_curve(engine_or_model, batch, attribution, bins=(k,), **options)[:, 0]
 
 
-def aopc_comprehensiveness(engine_or_model, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
+def aopc_comprehensiveness(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS,
                            **options) -> Tensor:
     """Comprehensiveness averaged over `bins` (area over the perturbation curve) -> [batch]."""
     return comprehensiveness_curve(engine_or_model, batch, attribution, bins=bins, **options).mean(1)
 
 
-def aopc_sufficiency(engine_or_model, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS, **options) -> Tensor:
+def aopc_sufficiency(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, bins=ERASER_BINS, **options) -> Tensor:
     """Sufficiency averaged over `bins` -> [batch]."""
     return sufficiency_curve(engine_or_model, batch, attribution, bins=bins, **options).mean(1)
 
@@ -125,7 +132,7 @@ def ferret_rationales(attribution: Attribution, *, bins=FERRET_BINS, only_pos: b
     return torch.stack(masks, 1), torch.stack(used, 1)
 
 
-def ferret_aopc(engine_or_model, batch: Batch, attribution: Attribution, *, kind: str = "comprehensiveness",
+def ferret_aopc(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, kind: str = "comprehensiveness",
                 bins=FERRET_BINS, only_pos: bool = True, policy: str | None = "delete",
                 max_batch: int | None = None) -> Tensor:
     """ferret's `aopc_compr` / `aopc_suff` -> [batch]: mean of p(x) − p(perturbed) over the thresholds it uses.
@@ -147,7 +154,7 @@ def ferret_aopc(engine_or_model, batch: Batch, attribution: Attribution, *, kind
 
 
 # -- RISE deletion and insertion ------------------------------------------------------------------
-def deletion_curve(engine_or_model, batch: Batch, attribution: Attribution, *, policy: str | None = None,
+def deletion_curve(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, policy: str | None = None,
                    max_batch: int | None = None, max_steps: int | None = None) -> Tensor:
     """p(target) after removing the top-s tokens, s = 0..n -> [batch, step] (NaN past each example's n).
 
@@ -159,7 +166,7 @@ def deletion_curve(engine_or_model, batch: Batch, attribution: Attribution, *, p
     return engine.probs(keep, attribution.target, valid=valid, policy=policy)
 
 
-def insertion_curve(engine_or_model, batch: Batch, attribution: Attribution, *, policy: str | None = None,
+def insertion_curve(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, policy: str | None = None,
                     max_batch: int | None = None, max_steps: int | None = None) -> Tensor:
     """p(target) with the special tokens and the top-s tokens only, s = 0..n -> [batch, step] (NaN past n)."""
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
@@ -182,18 +189,18 @@ def curve_auc(curve: Tensor) -> Tensor:
     return torch.where(n > 0, area, torch.nan).float()
 
 
-def deletion_auc(engine_or_model, batch: Batch, attribution: Attribution, **options) -> Tensor:
+def deletion_auc(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, **options) -> Tensor:
     """Area under the deletion curve on [0, 1] -> [batch] (lower is better: the probability falls fast)."""
     return curve_auc(deletion_curve(engine_or_model, batch, attribution, **options))
 
 
-def insertion_auc(engine_or_model, batch: Batch, attribution: Attribution, **options) -> Tensor:
+def insertion_auc(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, **options) -> Tensor:
     """Area under the insertion curve on [0, 1] -> [batch] (higher is better: the probability rises fast)."""
     return curve_auc(insertion_curve(engine_or_model, batch, attribution, **options))
 
 
 # -- decision flip --------------------------------------------------------------------------------
-def decision_flip_fraction(engine_or_model, batch: Batch, attribution: Attribution, *, never: float = 1.0,
+def decision_flip_fraction(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, never: float = 1.0,
                            policy: str | None = None, max_batch: int | None = None,
                            max_steps: int | None = None) -> Tensor:
     """Fraction of the n scored tokens removed, in ranked order, when the predicted class first changes -> [batch].
@@ -236,7 +243,7 @@ def kendall_tau_b(x: Tensor, y: Tensor, mask: Tensor, *, rows_per_step: int = 64
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def tau_loo(engine_or_model, batch: Batch, attribution: Attribution, *, policy: str | None = None,
+def tau_loo(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, policy: str | None = None,
             max_batch: int | None = None) -> Tensor:
     """Kendall τ_b between the scores and leave-one-out importance over scored tokens -> [batch] (higher is better)."""
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
@@ -250,13 +257,13 @@ class MetricNotApplicable(ValueError):
     """The metric does not apply to this model or explainer; the message says why."""
 
 
-def _needs_embeddings(model, metric: str) -> None:
+def _needs_embeddings(model: ExplainableModel, metric: str) -> None:
     missing = [m for m in ("embed", "logits_from_embeds", "evaluating") if not hasattr(model, m)]
     if missing:
         raise MetricNotApplicable(f"{metric} perturbs embeddings, but the model has no {', '.join(missing)}.")
 
 
-def infidelity(model, batch: Batch, attribution: Attribution, *, n_perturb_samples: int = 20,
+def infidelity(model: ExplainableModel, batch: Batch, attribution: Attribution, *, n_perturb_samples: int = 20,
                noise_std: float = 0.1, normalize: bool = True, seed: int = 0,
                max_examples_per_batch: int | None = None) -> Tensor:
     """captum's infidelity with token gates on the embeddings -> [batch] (lower is better).
@@ -299,7 +306,7 @@ def infidelity(model, batch: Batch, attribution: Attribution, *, n_perturb_sampl
 class _ShiftedEmbeddings:
     """The model with `delta` added to the token embeddings of `input_ids` (any other ids: untouched)."""
 
-    def __init__(self, model, input_ids: Tensor, delta: Tensor):
+    def __init__(self, model: ExplainableModel, input_ids: Tensor, delta: Tensor):
         self._model, self._ids, self._delta = model, input_ids, delta
 
     def __getattr__(self, name):
@@ -343,7 +350,7 @@ def rebuild_explainer(attribution: Attribution):
         raise MetricNotApplicable(f"explainer {attribution.method!r} could not be rebuilt from its params: {e}") from e
 
 
-def sensitivity_max(model, batch: Batch, attribution: Attribution, *, explainer=None, perturb_radius: float = 0.02,
+def sensitivity_max(model: ExplainableModel, batch: Batch, attribution: Attribution, *, explainer=None, perturb_radius: float = 0.02,
                     n_perturb_samples: int = 10, seed: int = 0, max_examples_per_batch: int | None = None) -> Tensor:
     """captum's sensitivity-max: max over noisy embeddings of ‖φ(x+δ) − φ(x)‖ / ‖φ(x)‖ -> [batch] (lower is better).
 

@@ -361,7 +361,8 @@ def uniform_figure(counterfactual: pd.DataFrame) -> Figure:
 
 
 # -- attention pictures --------------------------------------------------------------------------
-def _check_attention(attention, tokens) -> np.ndarray:
+def check_attention(attention, tokens) -> np.ndarray:
+    """[layer, head, query, key] attention (nested lists or array) with one token per position -> float array."""
     a = np.asarray(attention, dtype=float)
     if a.ndim != 4 or a.shape[2] != a.shape[3]:
         raise ValueError(f"attention must be [layer, head, query, key] with query == key; got shape {a.shape}.")
@@ -377,7 +378,7 @@ def attention_lines_figure(attention, tokens: Sequence[str], *, min_weight: floa
         attention: [layer, head, query, key], rows summing to 1.
         tokens: one string per position. Weights below `min_weight` are not drawn.
     """
-    a = _check_attention(attention, tokens)
+    a = check_attention(attention, tokens)
     n_layer, n_head, n = a.shape[:3]
     colors = sns.color_palette("tab10", n_head)
     fig = _figure(max(6.0, 0.42 * n + 1.5), 2.3 * n_layer + 0.4)
@@ -407,7 +408,7 @@ def attention_lines_figure(attention, tokens: Sequence[str], *, min_weight: floa
 
 def attention_grid_figure(attention, tokens: Sequence[str]) -> Figure:
     """Layer × head grid of attention heatmaps (rows: queries, columns: keys)."""
-    a = _check_attention(attention, tokens)
+    a = check_attention(attention, tokens)
     n_layer, n_head, n = a.shape[:3]
     side = min(2.6, max(1.6, 0.12 * n))
     fig = _figure(side * n_head + 1.2, side * n_layer + 0.8)
@@ -433,4 +434,4 @@ def attention_grid_figure(attention, tokens: Sequence[str]) -> Figure:
 
 __all__ = ["figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
            "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
-           "attention_grid_figure", "explainer_order", "explainer_colors"]
+           "attention_grid_figure", "explainer_order", "explainer_colors", "check_attention"]

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from attnaudit.analyses.schema import tidy_frame, tidy_rows
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch
 
@@ -173,10 +174,7 @@ def _attributions(attributions: Attribution | Sequence[Attribution], batch: Batc
 
 
 def _rows(attr: Attribution, metric: str, setting: str, values: Tensor) -> list[tuple]:
-    return [(attr.example_id(i), attr.method, metric, setting, float(v)) for i, v in enumerate(values)]
-
-
-COLUMNS = ["example_id", "explainer", "metric", "setting", "value"]
+    return tidy_rows(attr.ids, attr.method, metric, setting, values, note=None)
 
 
 def gold_table(attributions: Attribution | Sequence[Attribution], batch: Batch) -> pd.DataFrame:
@@ -186,7 +184,7 @@ def gold_table(attributions: Attribution | Sequence[Attribution], batch: Batch) 
     for a in attrs:
         rows += _rows(a, "gold_auprc", "", auprc(a, gold))
         rows += _rows(a, "gold_precision_at_k", "k=n_gold", precision_at_k(a, gold))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return tidy_frame(rows, note=False)
 
 
 def rationale_table(attributions: Attribution | Sequence[Attribution], batch: Batch, *, theta: float = 0.5,
@@ -202,4 +200,4 @@ def rationale_table(attributions: Attribution | Sequence[Attribution], batch: Ba
         rows += _rows(a, "rationale_token_f1", rule, token_f1(a, gold, k=k, threshold=threshold))
         rows += _rows(a, "rationale_iou_f1", f"{rule},theta={theta}", iou_f1(a, gold, theta=theta, k=k, threshold=threshold))
         rows += _rows(a, "rationale_auprc", "", auprc(a, gold))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return tidy_frame(rows, note=False)

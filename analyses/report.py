@@ -54,8 +54,10 @@ from attnaudit.analyses.report_files import (
 )
 from attnaudit.analyses.report_html import CSP, SUMMARY_FIGURE, e, render_html, slug
 from attnaudit.analyses.report_md import md, render_markdown
+from attnaudit.analyses.schema import check_tidy, normalize_setting
 from attnaudit.analyses.tables import summarize
-from attnaudit.analyses.verdict import _jsonable, derive_verdict, rank_table
+from attnaudit.analyses.verdict import derive_verdict, rank_table
+from attnaudit.core.io import jsonable
 from attnaudit.core.version import __version__
 
 FILES = ("index.html", "report.md", "results.json", "metrics.csv.gz", "counterfactual.csv",
@@ -87,7 +89,7 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
     _check_metrics(metrics)
     default = str((settings or {}).get("task", "default")) if "task" not in metrics.columns else None
     metrics = _with_task(metrics, "metrics", default)
-    metrics = metrics.assign(setting=metrics["setting"].fillna("").astype(str))
+    metrics = normalize_setting(metrics)
     tasks = list(dict.fromkeys(metrics["task"]))
     cf_summary, permutation = _split_counterfactual(counterfactual)
     cf_summary = _with_task(cf_summary, "counterfactual", default, tasks)
@@ -121,16 +123,14 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
         "model_cards": cards, "settings": dict(settings or {}), "versions": versions(),
         "device": _device(settings, cards), "timings": dict(timings or {}),
     }
-    files["results.json"] = json.dumps(_jsonable(results), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    files["results.json"] = json.dumps(jsonable(results), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return _write_folder(out, compact(files, full_tables=full_tables))
 
 
 def _check_metrics(metrics) -> None:
     if not isinstance(metrics, pd.DataFrame):
         raise ValueError(f"metrics must be a pandas DataFrame of tidy rows; got {type(metrics).__name__}.")
-    missing = [c for c in ("example_id", "explainer", "metric", "setting", "value") if c not in metrics.columns]
-    if missing:
-        raise ValueError(f"metrics must have columns example_id, explainer, metric, setting, value; missing {missing}.")
+    check_tidy(metrics, name="metrics")
     if metrics.empty:
         raise ValueError("metrics must hold at least one row; got an empty table.")
 
@@ -170,11 +170,11 @@ def _cards(model_cards, tasks) -> dict:
     if "architecture" in model_cards:
         if len(tasks) != 1:
             raise ValueError(f"model_cards must be {{task: card}} when there are several tasks ({tasks}); got one card.")
-        return {tasks[0]: _jsonable(dict(model_cards))}
+        return {tasks[0]: jsonable(dict(model_cards))}
     unknown = [t for t in model_cards if str(t) not in tasks]
     if unknown:
         raise ValueError(f"model_cards names tasks {unknown} that metrics does not have; tasks: {tasks}.")
-    return {str(t): _jsonable(dict(c)) for t, c in model_cards.items()}
+    return {str(t): jsonable(dict(c)) for t, c in model_cards.items()}
 
 
 def _attention_list(att) -> list[dict]:
@@ -186,7 +186,7 @@ def _attention_list(att) -> list[dict]:
         if not isinstance(a, Mapping) or "attention" not in a or "tokens" not in a:
             raise ValueError(f"attention_examples[{i}] must be a dict with 'tokens' and 'attention' "
                              f"[layer, head, query, key]; got {type(a).__name__}.")
-        F._check_attention(a["attention"], a["tokens"])
+        F.check_attention(a["attention"], a["tokens"])
         out.append({"id": str(a.get("id", i)), **{k: v for k, v in a.items() if k != "id"}})
     return out
 
@@ -201,7 +201,7 @@ def _task_records(rows: list, name: str, tasks: Sequence[str]) -> list[dict]:
             if len(tasks) != 1:
                 raise ValueError(f"{name}[{i}] must have a 'task' key when metrics holds several tasks ({tasks}).")
             task = tasks[0]
-        out.append(_jsonable({**r, "task": str(task)}))
+        out.append(jsonable({**r, "task": str(task)}))
     return out
 
 
@@ -257,7 +257,7 @@ def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None 
                                         res["model_cards"], res["tasks"])
         res["verdicts"] = {t: v.to_dict() for t, v in verdicts.items()}
         res["summary"] = {t: sm.to_dict("records") for t, sm in summaries.items()}
-        files = {**files, "results.json": json.dumps(_jsonable(res), ensure_ascii=False, allow_nan=False).encode("utf-8")}
+        files = {**files, "results.json": json.dumps(jsonable(res), ensure_ascii=False, allow_nan=False).encode("utf-8")}
     return _write_folder(out, compact(files, full_tables=full_tables))
 
 
@@ -282,8 +282,7 @@ def _summary_frame(res, task) -> pd.DataFrame:
     if summary.empty:
         return pd.DataFrame(columns=["explainer", "metric", "setting", "n", "mean", "ci_low", "ci_high"])
     summary = summary.astype({"mean": float, "ci_low": float, "ci_high": float})
-    summary["setting"] = summary["setting"].fillna("").astype(str)
-    return summary
+    return normalize_setting(summary)
 
 
 def _render_figures(data) -> dict[str, tuple[str, bytes]]:

@@ -32,7 +32,6 @@ import gzip
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from attnaudit.analyses import figures as F
-from attnaudit.analyses.verdict import _jsonable
+from attnaudit.analyses.schema import normalize_setting
+from attnaudit.core.io import DIR_MODE, fsync_folder, is_temp_name, jsonable
 
 FORMAT, FORMAT_VERSION = "attnaudit-report", 2
 CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")   # "'" too, so that guarding can be undone exactly
@@ -111,7 +111,7 @@ def _csv_frame(data: bytes, gz: bool, text_columns: Sequence[str] = TEXT_COLUMNS
 
 
 def dumps(x) -> str:
-    return json.dumps(_jsonable(x), ensure_ascii=False, allow_nan=False)
+    return json.dumps(jsonable(x), ensure_ascii=False, allow_nan=False)
 
 
 def json_lines_text(rows) -> str:
@@ -166,7 +166,7 @@ def load_files(files: Mapping[str, bytes]) -> dict:
         name, data = _pick(files, new, old)
         frame = None if data is None else _csv_frame(data, name.endswith(".gz"))
         if frame is not None and "setting" in frame.columns:
-            frame["setting"] = frame["setting"].fillna("")
+            frame = normalize_setting(frame)
         loaded[key] = frame
     for key, (new, old) in RECORDS.items():
         name, data = _pick(files, new, old)
@@ -275,7 +275,7 @@ def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes
                                     f"{ATTENTION_DECIMALS} decimals")
     res = {**res, "format_version": FORMAT_VERSION, "tables": tables,
            "files": sorted(out) + ["results.json", "index.html", "report.md", "figures/"]}
-    out["results.json"] = json.dumps(_jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
     return out
 
 
@@ -307,6 +307,7 @@ def compact_attention(items: Sequence[dict]) -> list[dict]:
 
 # -- writing the folder at once --------------------------------------------------------------------
 def _write_file(path: Path, data: bytes) -> None:
+    """A plain write (mode `attnaudit.core.io.FILE_MODE`): the staging folder is invisible until the swap."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -315,10 +316,6 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def commit_folder(out, files: Mapping[str, bytes]) -> Path:
@@ -338,12 +335,12 @@ def commit_folder(out, files: Mapping[str, bytes]) -> Path:
     stage = None
     try:
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".new"))
-        os.chmod(stage, 0o777 & ~_UMASK)
+        os.chmod(stage, DIR_MODE)                   # mkdtemp makes 0700
         for name in sorted(files):
             path = stage / name
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_file(path, files[name])
-        _fsync_dir(stage)
+        fsync_folder(stage)
     except OSError as e:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
@@ -351,7 +348,7 @@ def commit_folder(out, files: Mapping[str, bytes]) -> Path:
     try:
         if not out.exists():
             os.rename(stage, out)
-            _fsync_dir(out.parent)
+            fsync_folder(out.parent)
             return out
         aside = _swap(stage, out)
     except OSError as e:
@@ -359,13 +356,13 @@ def commit_folder(out, files: Mapping[str, bytes]) -> Path:
         raise _write_error(out, e, need) from e
     try:
         for item in sorted(aside.iterdir()):        # .attnaudit/ (resume data) and the user's own files
-            if item.name not in REPORT_NAMES and not re.fullmatch(r"\..*\.tmp", item.name) and not (out / item.name).exists():
+            if item.name not in REPORT_NAMES and not is_temp_name(item.name) and not (out / item.name).exists():
                 os.rename(item, out / item.name)
     except OSError as e:
         raise ReportWriteError(e.errno, f"the new report is in {str(out)!r}, but moving {item.name!r} over from the "
                                f"previous one failed ({e.strerror}); it is still in {str(aside)!r}.") from e
     shutil.rmtree(aside, ignore_errors=True)
-    _fsync_dir(out.parent)
+    fsync_folder(out.parent)
     return out
 
 
@@ -378,19 +375,6 @@ def _write_error(out: Path, e: OSError, need: int) -> ReportWriteError:
     kept = " and its .attnaudit/ are" if (out / ".attnaudit").exists() else " is"
     return ReportWriteError(e.errno, f"could not write the report folder {str(out)!r}: {e.strerror or e} (errno "
                                      f"{e.errno}){space}. The previous report{kept} unchanged.")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

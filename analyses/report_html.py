@@ -28,6 +28,7 @@ import pandas as pd
 from attnaudit.analyses import figures as F
 from attnaudit.analyses.attention_view import report_section, script_csp_source
 from attnaudit.analyses.report_files import select_examples
+from attnaudit.analyses.schema import normalize_setting
 from attnaudit.analyses.verdict import RULE, Verdict, headline_settings
 from attnaudit.explain.registry import ATTENTION_FAMILY
 
@@ -41,7 +42,7 @@ def e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(x, digits: int = 3) -> str:
+def num(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
@@ -94,7 +95,7 @@ def verdict_lines(v: Verdict) -> tuple[str, str]:
 def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) -> str:
     """The self-contained page, from results.json's dict, the loaded tables and the rendered figures."""
     tasks = res["tasks"]
-    plaus = [t for t in tasks if _rationale_rows(res["summary"][t])]
+    plaus = [t for t in tasks if rationale_rows(res["summary"][t])]
     attention = report_section(res, data, ids={t: f"attention-{slug(i, t)}" for i, t in enumerate(tasks)})
     nav = [("verdict", "Verdict")] + ([("attention", "Attention")] if attention else []) + [("evidence", "Evidence")] \
         + ([("plausibility", "Plausibility")] if plaus else []) \
@@ -154,7 +155,7 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
     for task in tasks:
         card = res["model_cards"].get(task)
         parts.append(f"<details><summary>Model card: task {e(task)}</summary>"
-                     + (_html_kv(_flatten(card)) if card else "<p>No model card given.</p>") + "</details>")
+                     + (_html_kv(flatten(card)) if card else "<p>No model card given.</p>") + "</details>")
     parts.append("<details><summary>Run: settings, versions, timings</summary>" + _html_kv(run_table(res)) + "</details>")
     parts.append("</section><footer><h2>Files</h2><p>" + " · ".join(e(f) for f in res["files"]) + "</p>"
                  + "".join(f'<p class="meta">{e(k)}: {e(v)}</p>' for k, v in res.get("tables", {}).items())
@@ -164,7 +165,7 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
 
 def run_table(res: dict) -> dict:
     """Versions, device, settings and timings, flattened; a setting repeated under settings.identity is listed once."""
-    settings = _flatten(res["settings"], "setting")
+    settings = flatten(res["settings"], "setting")
     shown = dict(settings)
     for key, value in settings.items():
         if key.startswith("setting.identity."):
@@ -173,7 +174,7 @@ def run_table(res: dict) -> dict:
             if twin is not None and settings[twin] == value:
                 del shown[key]
     return {**{f"version.{k}": v for k, v in res["versions"].items()}, "device": res["device"], **shown,
-            **{f"time.{k} (s)": v for k, v in _flatten(res["timings"]).items()}}
+            **{f"time.{k} (s)": v for k, v in flatten(res["timings"]).items()}}
 
 
 def rank_grid(v: Verdict, summary: list[dict]):
@@ -181,7 +182,7 @@ def rank_grid(v: Verdict, summary: list[dict]):
     sm = pd.DataFrame(summary)
     if sm.empty:
         return [], []
-    sm["setting"] = sm["setting"].fillna("").astype(str)
+    sm = normalize_setting(sm)
     cols = list(headline_settings(sm).items())
     ranks = {(r["explainer"], r["metric"]): r for r in v.ranks}
     rows = []
@@ -210,13 +211,13 @@ def _html_ranks(v: Verdict, summary: list[dict]) -> str:
             if not c:
                 tds.append("<td>–</td>")
                 continue
-            ci = f'<span class="ci">[{e(_num(c.get("ci_low")))}, {e(_num(c.get("ci_high")))}]</span>'
+            ci = f'<span class="ci">[{e(num(c.get("ci_low")))}, {e(num(c.get("ci_high")))}]</span>'
             if "rank" in c:
                 marks = (f'<span class="badge {"good" if c["near_best"] else "bad"}">{"≈ best" if c["near_best"] else "&lt; best"}</span> '
                          f'<span class="badge {"good" if c["beats_random"] else "bad"}">{"&gt; random" if c["beats_random"] else "not &gt; random"}</span>')
-                tds.append(f"<td>rank {e(c['rank'])}/{e(c['n_explainers'])}<br>{e(_num(c['mean']))} {ci}<br>{marks}</td>")
+                tds.append(f"<td>rank {e(c['rank'])}/{e(c['n_explainers'])}<br>{e(num(c['mean']))} {ci}<br>{marks}</td>")
             else:
-                tds.append(f"<td>{e(c['explainer'])}<br>{e(_num(c['mean']))} {ci}</td>")
+                tds.append(f"<td>{e(c['explainer'])}<br>{e(num(c['mean']))} {ci}</td>")
         cls = ' class="fam"' if name in ATTENTION_FAMILY else ""
         body.append(f"<tr><th{cls}>{e(name)}</th>{''.join(tds)}</tr>")
     return (f'<div class="scroll"><table class="ranks"><tr><th>explainer</th>{head}</tr>{"".join(body)}</table></div>'
@@ -224,7 +225,7 @@ def _html_ranks(v: Verdict, summary: list[dict]) -> str:
             "≈ best: first or not significantly different from the best (&lt; best: significantly worse); &gt; random: significantly better than random.</p>")
 
 
-def _rationale_rows(summary: list[dict]) -> list[tuple[str, dict]]:
+def rationale_rows(summary: list[dict]) -> list[tuple[str, dict]]:
     """[(explainer, {metric: summary row})] for the rationale_* metrics, attention family first."""
     rows = [r for r in summary if str(r.get("metric", "")).startswith("rationale_")]
     if not rows:
@@ -236,26 +237,26 @@ def _rationale_rows(summary: list[dict]) -> list[tuple[str, dict]]:
 
 
 def _html_rationale(summary: list[dict]) -> str:
-    rows = _rationale_rows(summary)
+    rows = rationale_rows(summary)
     head = "".join(f"<th>{e(label)}</th>" for _, label in RATIONALE_METRICS)
     body = []
     for name, cells in rows:
         tds = []
         for m, _ in RATIONALE_METRICS:
             c = cells.get(m)
-            tds.append("<td>–</td>" if not c else f"<td>{e(_num(c.get('mean')))} <span class=\"ci\">"
-                       f"[{e(_num(c.get('ci_low')))}, {e(_num(c.get('ci_high')))}]</span></td>")
+            tds.append("<td>–</td>" if not c else f"<td>{e(num(c.get('mean')))} <span class=\"ci\">"
+                       f"[{e(num(c.get('ci_low')))}, {e(num(c.get('ci_high')))}]</span></td>")
         cls = ' class="fam"' if name in ATTENTION_FAMILY else ""
         body.append(f"<tr><th{cls}>{e(name)}</th>{''.join(tds)}</tr>")
     return f'<div class="scroll"><table class="ranks"><tr><th>explainer</th>{head}</tr>{"".join(body)}</table></div>'
 
 
-def _flatten(d, prefix: str = "") -> dict:
+def flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key))
+            out.update(flatten(v, key))
         else:
             text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
             out[key] = text if len(text) <= 160 else text[:157] + "…"
@@ -318,7 +319,7 @@ def _html_examples(task: str, data: dict, card: Mapping) -> str:
         recs = sorted(ex["records"], key=lambda r: order.index(r["explainer"]))
         first = recs[0]
         gold = gold_mask(ex["gold"], first["tokens"], first.get("special") or [False] * len(first["tokens"]))
-        prob = f" · p = {_num(ex['prob'])}" if ex.get("prob") is not None else ""
+        prob = f" · p = {num(ex['prob'])}" if ex.get("prob") is not None else ""
         s.append(f'<div class="example"><p><b>{e(ex["id"])}</b> · {e(ex["status"])} · label {e(ex["label"])} · '
                  f"prediction {e(ex['prediction'])}{e(prob)}</p><table class=\"sent\">")
         for r in recs:
@@ -329,4 +330,5 @@ def _html_examples(task: str, data: dict, card: Mapping) -> str:
     return "".join(s)
 
 
-__all__ = ["render_html", "e", "CSP", "CSS", "run_table", "rank_grid", "gold_mask", "slug", "verdict_id", "SUMMARY_FIGURE"]
+__all__ = ["render_html", "e", "CSP", "CSS", "run_table", "rank_grid", "gold_mask", "slug", "verdict_id", "SUMMARY_FIGURE",
+           "flatten", "num", "rationale_rows"]

@@ -16,10 +16,10 @@ from attnaudit.analyses.report_files import select_examples
 from attnaudit.analyses.report_html import (
     RATIONALE_METRICS,
     SUMMARY_FIGURE,
-    _flatten,
-    _num,
-    _rationale_rows,
+    flatten,
+    num,
     rank_grid,
+    rationale_rows,
     run_table,
 )
 from attnaudit.analyses.verdict import RULE, Verdict
@@ -40,76 +40,114 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _rank_cell(c: dict) -> str:
+    if not c:
+        return "–"
+    if "rank" in c:
+        return (f"rank {c['rank']}/{c['n_explainers']}: {num(c['mean'])} [{num(c['ci_low'])}, {num(c['ci_high'])}]"
+                + (" ≈best" if c["near_best"] else "") + (" >random" if c["beats_random"] else ""))
+    return f"{c['explainer']}: {num(c['mean'])} [{num(c['ci_low'])}, {num(c['ci_high'])}]"
+
+
 def _rank_rows(v: Verdict, summary) -> list[str]:
     cols, rows = rank_grid(v, summary)
     if not rows:
         return []
-    table = []
-    for name, cells in rows:
-        row = [name]
-        for m, _ in cols:
-            c = cells[m]
-            if not c:
-                row.append("–")
-            elif "rank" in c:
-                row.append(f"rank {c['rank']}/{c['n_explainers']}: {_num(c['mean'])} [{_num(c['ci_low'])}, "
-                           f"{_num(c['ci_high'])}]" + (" ≈best" if c["near_best"] else "")
-                           + (" >random" if c["beats_random"] else ""))
-            else:
-                row.append(f"{c['explainer']}: {_num(c['mean'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]")
-        table.append(row)
+    table = [[name] + [_rank_cell(cells[m]) for m, _ in cols] for name, cells in rows]
     return [_md_table(["explainer"] + [f"{m} ({st})" if st else m for m, st in cols], table), ""]
 
 
-def render_markdown(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) -> str:
-    tasks = res["tasks"]
-    out = [f"# {md(res['title'])}", "",
-           f"attnaudit {md(res['versions'].get('attnaudit', '?'))} · created {md(res['created'])} · device {md(res['device'])}",
-           "", "## Verdict", ""]
-    for task in tasks:
+def _figure_lines(figures: dict[str, tuple[str, bytes]], i: int, *, attention: bool) -> list[str]:
+    """Task i's figures (its attention views, or the others) as Markdown images, each followed by a blank line."""
+    return [x for name, (caption, _) in figures.items()
+            if name.startswith(f"task{i:02d}-") and ("-attention-" in name) == attention
+            for x in (f"![{md(caption)}](figures/{name})", "")]
+
+
+def _verdict_section(res: dict, figures: dict[str, tuple[str, bytes]]) -> list[str]:
+    out = ["## Verdict", ""]
+    for task in res["tasks"]:
         v = Verdict.from_dict(res["verdicts"][task])
         out += [f"### Task {md(task)}: **{md(v.answer.upper())}**", "", md(v.paragraph), ""]
     if SUMMARY_FIGURE in figures:
         out += [f"![{md(figures[SUMMARY_FIGURE][0])}](figures/{SUMMARY_FIGURE})", ""]
-    out += [f"Rule: {md(RULE)}", "", "## Evidence", ""]
-    for i, task in enumerate(tasks):
+    return out + [f"Rule: {md(RULE)}", ""]
+
+
+def _evidence_section(res: dict, figures: dict[str, tuple[str, bytes]]) -> list[str]:
+    out = ["## Evidence", ""]
+    for i, task in enumerate(res["tasks"]):
         v = Verdict.from_dict(res["verdicts"][task])
         out += [f"### Task {md(task)}", ""] + _rank_rows(v, res["summary"][task])
         out += ["Facts:", ""] + [f"- {md(f)}" for f in v.facts] + ["", "Caveats:", ""] + [f"- {md(c)}" for c in v.caveats] + [""]
-        prefix = f"task{i:02d}-"
-        out += [x for name, (caption, _) in figures.items() if name.startswith(prefix) and "-attention-" not in name
-                for x in (f"![{md(caption)}](figures/{name})", "")]
-    plaus = [t for t in tasks if _rationale_rows(res["summary"][t])]
-    if plaus:
-        out += ["## Plausibility: agreement with human rationales", "",
-                "Mean over examples with a rationale [95% bootstrap interval]; higher is better.", ""]
-        for task in plaus:
-            rows = [[name] + [("–" if not cells.get(m) else f"{_num(cells[m].get('mean'))} [{_num(cells[m].get('ci_low'))}, "
-                               f"{_num(cells[m].get('ci_high'))}]") for m, _ in RATIONALE_METRICS]
-                    for name, cells in _rationale_rows(res["summary"][task])]
-            out += [f"### Task {md(task)}", "", _md_table(["explainer"] + [label for _, label in RATIONALE_METRICS], rows), ""]
-    out += ["## Examples", ""]
-    for i, task in enumerate(tasks):
+        out += _figure_lines(figures, i, attention=False)
+    return out
+
+
+def _interval(cell: dict | None) -> str:
+    if not cell:
+        return "–"
+    return f"{num(cell.get('mean'))} [{num(cell.get('ci_low'))}, {num(cell.get('ci_high'))}]"
+
+
+def _plausibility_section(res: dict) -> list[str]:
+    plaus = [t for t in res["tasks"] if rationale_rows(res["summary"][t])]
+    if not plaus:
+        return []
+    out = ["## Plausibility: agreement with human rationales", "",
+           "Mean over examples with a rationale [95% bootstrap interval]; higher is better.", ""]
+    header = ["explainer"] + [label for _, label in RATIONALE_METRICS]
+    for task in plaus:
+        rows = [[name] + [_interval(cells.get(m)) for m, _ in RATIONALE_METRICS]
+                for name, cells in rationale_rows(res["summary"][task])]
+        out += [f"### Task {md(task)}", "", _md_table(header, rows), ""]
+    return out
+
+
+def _top_tokens_row(r: dict) -> list:
+    """One explainer's record -> [explainer, tokens, its 3 highest-scored tokens] (special tokens never count)."""
+    scores = [(-math.inf if s is None or sp else s) for s, sp in
+              zip(r["scores"], r.get("special") or [False] * len(r["scores"]))]
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:3]
+    return [r["explainer"], " ".join(r["tokens"]), ", ".join(r["tokens"][i] for i in top)]
+
+
+def _examples_section(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) -> list[str]:
+    out = ["## Examples", ""]
+    for i, task in enumerate(res["tasks"]):
         out += [f"### Task {md(task)}", ""]
         for ex in select_examples(task, data, res["model_cards"].get(task) or {}):
             out += [f"**{md(ex['id'])}** ({md(ex['status'])}; label {md(ex['label'])}, prediction {md(ex['prediction'])})", ""]
-            rows = []
-            for r in ex["records"]:
-                scores = [(-math.inf if s is None or sp else s) for s, sp in
-                          zip(r["scores"], r.get("special") or [False] * len(r["scores"]))]
-                top = sorted(range(len(scores)), key=lambda i: -scores[i])[:3]
-                rows.append([r["explainer"], " ".join(r["tokens"]), ", ".join(r["tokens"][i] for i in top)])
-            out += [_md_table(["explainer", "tokens", "top 3 tokens"], rows), ""]
-        out += [x for name, (caption, _) in figures.items() if name.startswith(f"task{i:02d}-") and "-attention-" in name
-                for x in (f"![{md(caption)}](figures/{name})", "")]
-    out += ["## Model and settings", ""]
-    for task in tasks:
+            out += [_md_table(["explainer", "tokens", "top 3 tokens"], [_top_tokens_row(r) for r in ex["records"]]), ""]
+        out += _figure_lines(figures, i, attention=True)
+    return out
+
+
+def _settings_section(res: dict) -> list[str]:
+    out = ["## Model and settings", ""]
+    for task in res["tasks"]:
         card = res["model_cards"].get(task)
-        out += [f"### Model card: task {md(task)}", "", _md_table(["field", "value"], list(_flatten(card).items())) if card
+        out += [f"### Model card: task {md(task)}", "", _md_table(["field", "value"], list(flatten(card).items())) if card
                 else "No model card given.", ""]
-    out += ["### Run", "", _md_table(["field", "value"], list(run_table(res).items())), ""]
-    out += ["## Files", "", " · ".join(md(f) for f in res["files"]), ""]
-    out += [f"- {md(k)}: {md(v)}" for k, v in res.get("tables", {}).items()]
+    return out + ["### Run", "", _md_table(["field", "value"], list(run_table(res).items())), ""]
+
+
+def _files_section(res: dict) -> list[str]:
+    return (["## Files", "", " · ".join(md(f) for f in res["files"]), ""]
+            + [f"- {md(k)}: {md(v)}" for k, v in res.get("tables", {}).items()])
+
+
+def render_markdown(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) -> str:
+    """results.json's content (`res`), the examples shown (`data`) and the figures -> report.md's text."""
+    out = [f"# {md(res['title'])}", "",
+           f"attnaudit {md(res['versions'].get('attnaudit', '?'))} · created {md(res['created'])} · device {md(res['device'])}",
+           ""]
+    out += _verdict_section(res, figures)
+    out += _evidence_section(res, figures)
+    out += _plausibility_section(res)
+    out += _examples_section(res, data, figures)
+    out += _settings_section(res)
+    out += _files_section(res)
     return "\n".join(out) + "\n"
 
 

@@ -15,24 +15,29 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import rankdata
 from torch import Tensor, nn
 
+from attnaudit.analyses.schema import tidy_frame, tidy_rows
+from attnaudit.core.ranking import spearman
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
 from attnaudit.explain.registry import get_explainer
 from attnaudit.model.interface import Batch
 from attnaudit.model.transformer import TransformerClassifier
 
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
+
 METRIC = "randomization_spearman"
 DEFAULT_THRESHOLD = 0.5   # mean similarity at the last step above this -> the explainer fails
 
 
-def cascading_layers(model) -> list[tuple[str, list[nn.Module]]]:
+def cascading_layers(model: ExplainableModel) -> list[tuple[str, list[nn.Module]]]:
     """The randomisation order, output first: [(step name, modules re-initialised at that step)].
 
     For the built-in TextClassifier: "head" (the linear head, and the final LayerNorm of a pre-LN model),
@@ -68,7 +73,7 @@ def reinitialize(modules: list[nn.Module], *, seed: int) -> None:
                 nn.init.normal_(p, 0.0, 0.02)
 
 
-def cascading_randomization(model, *, seed: int = 0) -> Iterator[tuple[str, object]]:
+def cascading_randomization(model: ExplainableModel, *, seed: int = 0) -> Iterator[tuple[str, object]]:
     """Yield (step name, model) from "step=0:original" to the fully randomised model, cumulatively.
 
     The yielded model is one deep copy, randomised further at every step: use it before advancing.
@@ -98,18 +103,11 @@ def rank_similarity(a: Attribution, b: Attribution, *, absolute: bool = False) -
         x, y = a.scores[i, keep].double().numpy(), b.scores[i, keep].double().numpy()
         if absolute:
             x, y = np.abs(x), np.abs(y)
-        if len(x) < 2:
-            continue
-        rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2   # centred average ranks
-        sx, sy = (rx**2).sum(), (ry**2).sum()
-        if sx == 0 or sy == 0:
-            out[i] = 1.0 if sx == sy else 0.0
-        else:
-            out[i] = float(np.clip((rx * ry).sum() / np.sqrt(sx * sy), -1.0, 1.0))   # identical ranks: exactly 1
+        out[i] = spearman(x, y, both_constant=1.0, one_constant=0.0)
     return out
 
 
-def randomization_table(model, batch: Batch, explainers: Sequence[str | Explainer], *, seed: int = 0,
+def randomization_table(model: ExplainableModel, batch: Batch, explainers: Sequence[str | Explainer], *, seed: int = 0,
                         absolute: bool = False) -> pd.DataFrame:
     """Similarity of each explainer's map to its original at every randomisation step -> tidy DataFrame.
 
@@ -136,8 +134,8 @@ def randomization_table(model, batch: Batch, explainers: Sequence[str | Explaine
             except Exception as e:
                 raise type(e)(f"while explaining at {step} with {explainer.name!r}: {e}") from e
             sim = rank_similarity(ref, attr, absolute=absolute)
-            rows += [(i, explainer.name, METRIC, step, float(v)) for i, v in zip(ids, sim)]
-    return pd.DataFrame(rows, columns=["example_id", "explainer", "metric", "setting", "value"])
+            rows += tidy_rows(ids, explainer.name, METRIC, step, sim, note=None)
+    return tidy_frame(rows, note=False)
 
 
 def step_index(setting: str) -> int:

@@ -35,10 +35,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from attnaudit.analyses.counterfactual import _spearman, tvd
+from attnaudit.analyses.counterfactual import tvd
 from attnaudit.analyses.faithfulness import curve_auc
 from attnaudit.analyses.plausibility import auprc, precision_at_k
-from attnaudit.analyses.tables import COLUMNS, bin_setting
+from attnaudit.analyses.schema import tidy_frame, tidy_rows
+from attnaudit.analyses.tables import bin_setting
+from attnaudit.core.ranking import spearman
 from attnaudit.data.examples import Example
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.perturb import (
@@ -274,7 +276,7 @@ def translator_metrics(model: Translator, examples: Sequence[Example], *, explai
         a = attrs[name] = unit_attribution(name, sc, pairs, units, engine)
 
         def add(metric: str, setting: str, values: Tensor):
-            rows.extend((ids[i], name, metric, setting, float(v), "") for i, v in enumerate(_per_example(units, values, n)))  # noqa: B023
+            rows.extend(tidy_rows(ids, name, metric, setting, _per_example(units, values, n)))  # noqa: B023
 
         full = a.target_prob                                                         # [unit]
         for metric, plan in (("comprehensiveness", remove_top_k), ("sufficiency", keep_top_k)):
@@ -290,7 +292,7 @@ def translator_metrics(model: Translator, examples: Sequence[Example], *, explai
         has = units.gold.any(1)
         hits = int((hard & units.gold)[has].sum())
         aer[name] = 1 - 2 * hits / max(int(hard[has].sum()) + int(units.gold[has].sum()), 1)
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = tidy_frame(rows)
     table.attrs.update(policy="mask", bins=list(BINS), unit="target word, averaged per example", alignment_error_rate=aer,
                        engine={"forwards": engine.forwards, "seconds": round(time.perf_counter() - start, 3)})
     return table, attrs
@@ -337,7 +339,7 @@ def translator_counterfactual(model: Translator, examples: Sequence[Example], *,
         top = _per_example(units, att.amax((1, 2)), n).float()                       # [batch]
         add("permutation", layer, "median_tvd", med.median())
         add("permutation", layer, "mean_tvd", med.mean())
-        add("permutation", layer, "max_attention_tvd_spearman", _spearman(top.numpy(), med.numpy()))
+        add("permutation", layer, "max_attention_tvd_spearman", spearman(top.numpy(), med.numpy()))
         perm_frames.append(pd.DataFrame({"example_id": ids, "layer": str(layer), "max_attention": top.numpy(),
                                          "median_tvd": med.numpy()}))
         edits = {s: uniform() for s in edit_sites}

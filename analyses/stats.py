@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
+from attnaudit.analyses.schema import check_tidy
+
 # metric -> True when a larger value means a more faithful (or more plausible) explanation
 HIGHER_IS_BETTER: dict[str, bool] = {
     "comprehensiveness": True,          # removing the rationale hurts the prediction a lot
@@ -159,13 +161,3 @@ def paired_comparisons(table: pd.DataFrame, *, against: Sequence[str] = ("best",
     cols = ["metric", "setting", "reference", "reference_explainer", "explainer", "n_pairs", "mean_explainer",
             "mean_reference", "mean_diff", "statistic", "p_value", "p_holm", "verdict"]
     return pd.DataFrame(rows, columns=cols)
-
-
-TIDY_COLUMNS = ("example_id", "explainer", "metric", "setting", "value")
-
-
-def check_tidy(table: pd.DataFrame) -> None:
-    """Raise unless `table` has the tidy columns (example_id, explainer, metric, setting, value)."""
-    missing = [c for c in TIDY_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"table must have the tidy columns {list(TIDY_COLUMNS)}; missing {missing}.")

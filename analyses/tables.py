@@ -16,21 +16,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from torch import Tensor
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.stats import TIDY_COLUMNS, bootstrap_ci, check_tidy
+from attnaudit.analyses.schema import COLUMNS, check_tidy, tidy_frame, tidy_rows  # noqa: F401  (COLUMNS: imported from here too)
+from attnaudit.analyses.stats import bootstrap_ci
+from attnaudit.core.io import atomic_write, atomic_write_text
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, as_engine, check_policy
 from attnaudit.model.interface import Batch
 
-COLUMNS = [*TIDY_COLUMNS, "note"]
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
+
 METRICS = ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "decision_flip_fraction",
            "tau_loo", "infidelity", "sensitivity_max")
 ENGINE_METRICS = METRICS[:6]      # through the perturbation engine; the last two run captum
@@ -39,13 +43,6 @@ ENGINE_METRICS = METRICS[:6]      # through the perturbation engine; the last tw
 def bin_setting(k: float) -> str:
     """The setting label of a bin: 0.05 -> "k=0.05"."""
     return f"k={float(k):g}"
-
-
-def tidy_rows(attribution: Attribution, explainer: str, metric: str, setting: str, values: Tensor,
-              note: str = "") -> list[tuple]:
-    """Rows (example_id, explainer, metric, setting, value, note), one per example of `values` [batch]."""
-    ids = attribution.ids or [str(i) for i in range(len(attribution))]
-    return [(ids[i], explainer, metric, setting, float(v), note) for i, v in enumerate(values.tolist())]
 
 
 def _named(attributions) -> dict[str, Attribution]:
@@ -67,7 +64,7 @@ def _named(attributions) -> dict[str, Attribution]:
     return named
 
 
-def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attribution] | Sequence[Attribution], *,
+def faithfulness_table(model: ExplainableModel, batch: Batch, attributions: Mapping[str, Attribution] | Sequence[Attribution], *,
                        bins: Sequence[float] = F.ERASER_BINS, policy: str | None = None,
                        max_batch: int = DEFAULT_MAX_BATCH, metrics: Sequence[str] = METRICS,
                        ferret: bool = False, engine: PerturbationEngine | None = None, seed: int = 0,
@@ -102,38 +99,38 @@ def faithfulness_table(model, batch: Batch, attributions: Mapping[str, Attributi
     for name, attr in named.items():
         # curves first: comprehensiveness/sufficiency bins and LOO's first step are then cache hits
         if "deletion_auc" in metrics:
-            rows += tidy_rows(attr, name, "deletion_auc", "", F.deletion_auc(engine, batch, attr, **opts, **steps))
+            rows += tidy_rows(attr.ids, name, "deletion_auc", "", F.deletion_auc(engine, batch, attr, **opts, **steps))
         if "insertion_auc" in metrics:
-            rows += tidy_rows(attr, name, "insertion_auc", "", F.insertion_auc(engine, batch, attr, **opts, **steps))
+            rows += tidy_rows(attr.ids, name, "insertion_auc", "", F.insertion_auc(engine, batch, attr, **opts, **steps))
         if "decision_flip_fraction" in metrics:
-            rows += tidy_rows(attr, name, "decision_flip_fraction", "",
+            rows += tidy_rows(attr.ids, name, "decision_flip_fraction", "",
                               F.decision_flip_fraction(engine, batch, attr, **opts, **steps))
         for metric, curve in (("comprehensiveness", F.comprehensiveness_curve), ("sufficiency", F.sufficiency_curve)):
             if metric in metrics:
                 values = curve(engine, batch, attr, bins=bins, **opts)              # [batch, bin]
                 for j, k in enumerate(bins):
-                    rows += tidy_rows(attr, name, metric, bin_setting(k), values[:, j])
-                rows += tidy_rows(attr, name, metric, "aopc", values.mean(1))
+                    rows += tidy_rows(attr.ids, name, metric, bin_setting(k), values[:, j])
+                rows += tidy_rows(attr.ids, name, metric, "aopc", values.mean(1))
                 if ferret:
-                    rows += tidy_rows(attr, name, metric, "ferret_aopc", F.ferret_aopc(engine, batch, attr, kind=metric))
+                    rows += tidy_rows(attr.ids, name, metric, "ferret_aopc", F.ferret_aopc(engine, batch, attr, kind=metric))
         if "tau_loo" in metrics:
-            rows += tidy_rows(attr, name, "tau_loo", "", F.tau_loo(engine, batch, attr, **opts))
+            rows += tidy_rows(attr.ids, name, "tau_loo", "", F.tau_loo(engine, batch, attr, **opts))
         if "infidelity" in metrics:
             rows += _captum_rows(attr, name, "infidelity", lambda: F.infidelity(model, batch, attr, seed=seed))  # noqa: B023
         if "sensitivity_max" in metrics:
             explainer = (explainers or {}).get(name)
             rows += _captum_rows(attr, name, "sensitivity_max",
                                  lambda: F.sensitivity_max(model, batch, attr, explainer=explainer, seed=seed))  # noqa: B023
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = tidy_frame(rows)
     table.attrs.update(policy=policy, max_batch=engine.max_batch, bins=list(bins), engine=engine.stats.as_dict())
     return table
 
 
 def _captum_rows(attr: Attribution, name: str, metric: str, compute) -> list[tuple]:
     try:
-        return tidy_rows(attr, name, metric, "", compute())
+        return tidy_rows(attr.ids, name, metric, "", compute())
     except F.MetricNotApplicable as e:
-        return tidy_rows(attr, name, metric, "", Tensor([float("nan")] * len(attr)), note=str(e))
+        return tidy_rows(attr.ids, name, metric, "", Tensor([float("nan")] * len(attr)), note=str(e))
     except Exception as e:
         raise RuntimeError(f"while computing {metric} for explainer {name!r}: {e}") from e
 
@@ -171,19 +168,6 @@ def _parquet_available() -> bool:
     return True
 
 
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then os.replace: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_tables(tables: Mapping[str, pd.DataFrame], folder: str | os.PathLike, *, format: str | None = None) -> dict[str, Path]:
     """Write each table as <name>.parquet (pyarrow importable) or <name>.csv, atomically -> name: path.
 
@@ -209,16 +193,16 @@ def save_tables(tables: Mapping[str, pd.DataFrame], folder: str | os.PathLike, *
         plain = df.copy()
         plain.attrs = {}
         if fmt == "parquet":
-            _atomic(path, lambda tmp: plain.to_parquet(tmp, index=False))  # noqa: B023
+            atomic_write(path, lambda tmp: plain.to_parquet(tmp, index=False))  # noqa: B023
         else:
-            _atomic(path, lambda tmp: plain.to_csv(tmp, index=False, na_rep="NaN"))  # noqa: B023
+            atomic_write(path, lambda tmp: plain.to_csv(tmp, index=False, na_rep="NaN"))  # noqa: B023
         for other in ("parquet", "csv"):                   # a stale copy in the other format would shadow it
             stale = folder / f"{name}.{other}"
             if other != fmt and stale.exists():
                 stale.unlink()
         meta[name] = {"file": path.name, "attrs": json.loads(json.dumps(df.attrs, default=str))}
         out[name] = path
-    _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8"))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True))
     return out
 
 

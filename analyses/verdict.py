@@ -24,8 +24,10 @@ import pandas as pd
 from attnaudit.analyses.sanity import DEFAULT_THRESHOLD as RANDOMIZATION_THRESHOLD
 from attnaudit.analyses.sanity import METRIC as RANDOMIZATION_METRIC
 from attnaudit.analyses.sanity import randomization_verdict
+from attnaudit.analyses.schema import TIDY_COLUMNS, check_tidy, normalize_setting
 from attnaudit.analyses.stats import direction, paired_comparisons
 from attnaudit.analyses.tables import summarize
+from attnaudit.core.io import jsonable
 from attnaudit.data.tasks import TASK_NAMES
 from attnaudit.explain.registry import ATTENTION_FAMILY
 
@@ -151,7 +153,7 @@ def normalize_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
     for k in ("p_value", "mean_diff"):
         if k not in c.columns:
             c[k] = math.nan
-    c["setting"] = c["setting"].fillna("").astype(str)
+    c = normalize_setting(c)
     return c[["explainer", "metric", "setting", "vs", "p_value", "p_holm", "mean_diff"]].reset_index(drop=True)
 
 
@@ -162,7 +164,7 @@ def compute_comparisons(metrics: pd.DataFrame, summary: pd.DataFrame) -> pd.Data
     rows = metrics[keep]
     if rows.empty:
         return normalize_comparisons(pd.DataFrame(columns=["explainer", "metric", "setting", "vs", "p_holm"]))
-    return normalize_comparisons(paired_comparisons(rows[["example_id", "explainer", "metric", "setting", "value"]],
+    return normalize_comparisons(paired_comparisons(rows[list(TIDY_COLUMNS)],
                                                     against=("best", "random"), alpha=ALPHA))
 
 
@@ -299,12 +301,9 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
     Returns:
         A `Verdict` whose answer follows `RULE`.
     """
-    missing = {"example_id", "explainer", "metric", "setting", "value"} - set(metrics.columns)
-    if missing:
-        raise ValueError(f"metrics must have the tidy columns example_id, explainer, metric, setting, value; "
-                         f"missing {sorted(missing)}.")
-    metrics = metrics.assign(setting=metrics["setting"].fillna("").astype(str))
-    summary = summarize(metrics) if summary is None else summary.assign(setting=summary["setting"].fillna("").astype(str))
+    check_tidy(metrics, name="metrics")
+    metrics = normalize_setting(metrics)
+    summary = summarize(metrics) if summary is None else normalize_setting(summary)
     ranks = rank_table(summary)
     given = comparisons is not None
     comps = normalize_comparisons(comparisons) if given else compute_comparisons(metrics, summary)
@@ -369,7 +368,7 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
     paragraph = _paragraph(task, answer, per_method, qualifying, failed, contradicted, cf_found, att, caveats)
     return Verdict(task=str(task), answer=answer, rule=RULE, facts=tuple(facts), caveats=tuple(caveats),
                    paragraph=paragraph, ranks=tuple(_records(att)), qualifying=tuple(qualifying),
-                   counterfactual=_jsonable(cf_found), randomization=tuple(_records(randomization)))
+                   counterfactual=jsonable(cf_found), randomization=tuple(_records(randomization)))
 
 
 def _paragraph(task, answer, per_method, qualifying, failed, contradicted, cf, att, caveats) -> str:
@@ -416,23 +415,8 @@ def _paragraph(task, answer, per_method, qualifying, failed, contradicted, cf, a
     return " ".join(s)
 
 
-def _jsonable(x):
-    """NaN -> None and numpy scalars -> Python, recursively: strict JSON."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    return x
-
-
 def _records(df: pd.DataFrame) -> list[dict]:
-    return [_jsonable(r) for r in df.to_dict("records")]
+    return [jsonable(r) for r in df.to_dict("records")]
 
 
 __all__ = ["Verdict", "RULE", "ANSWERS", "derive_verdict", "rank_table", "headline_settings", "counterfactual_findings",

@@ -64,7 +64,7 @@ def train_cli(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary; only the last line."),
 ):
     """Train the lecture's Transformer on a built-in task or your own file; write a model folder."""
-    from attnaudit.data.readers import data_format
+    from attnaudit.data import data_format
     from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
     if (task is None) == (data is None):
         raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
@@ -225,12 +225,13 @@ def explain_cli(
     """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
     import json
 
+    from attnaudit.core.io import atomic_write_text
     from attnaudit.core.progress import progress_bar
-    from attnaudit.data.examples import read_texts
-    from attnaudit.data.labels import name_classes, parse_label_names
+    from attnaudit.data import parse_label_names, read_texts
     from attnaudit.explain.registry import REGISTRY
     from attnaudit.explain.run import explain_all
-    from attnaudit.model.checkpoint import atomic_write_text, load_model
+    from attnaudit.model.checkpoint import load_model
+    from attnaudit.model.interface import name_classes
     from attnaudit.model.settings import resolve_device
     if (text is None) == (data is None):
         raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from _real_data import ROOT, Stopwatch, arguments, audit_and_report, trained_here
 
-from attnaudit.data.readers import read_labelled
+from attnaudit.data import read_labelled
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
 

@@ -16,18 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnaudit.explain.base import check_choice
 from attnaudit.explain.capture import AttentionExplainer, Capture, values_site
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 READOUTS = ("cls", "mean", "max")
 
 
 # -- checks shared by the attention explainers -----------------------------------------------------------
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if not (isinstance(value, str) and value in choices):
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
-
-
 def check_index(name: str, value, count: int, words: Sequence[str], unit: str) -> None:
     """`value` must be an int in [0, count - 1] or one of `words` (e.g. layer, 'last' or 'mean')."""
     ok = (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count) or \
@@ -37,16 +33,25 @@ def check_index(name: str, value, count: int, words: Sequence[str], unit: str) -
         raise ValueError(f"{name} must be {options}; got {value!r} (this model has {count} {unit}).")
 
 
-def check_layer(layer, model, *, name: str = "layer") -> None:
+def check_layer(layer, model: ExplainableModel, *, name: str = "layer") -> None:
     check_index(name, layer, model.n_layers, ("last", "mean"), "layers")
 
 
 # -- reductions ----------------------------------------------------------------------------------------
+def layer_index(layer: int | str, n_layers: int) -> int:
+    """The index of `layer`, an int or "last" (of `n_layers`); "mean" and other words have none."""
+    if layer == "last":
+        return n_layers - 1
+    if isinstance(layer, str):
+        raise ValueError(f"layer must be an int or 'last' here; got {layer!r}.")
+    return layer
+
+
 def pick_layer(per_layer: Tensor, layer: int | str) -> Tensor:
     """[layer, ...] -> [...]: one layer by index, the last one, or the mean over layers."""
     if layer == "mean":
         return per_layer.mean(0)
-    return per_layer[-1] if layer == "last" else per_layer[layer]
+    return per_layer[layer_index(layer, per_layer.shape[0])]
 
 
 def pick_head(per_head: Tensor, head: int | str) -> Tensor:
@@ -55,6 +60,8 @@ def pick_head(per_head: Tensor, head: int | str) -> Tensor:
         return per_head.mean(1)
     if head == "max":
         return per_head.amax(1)
+    if isinstance(head, str):
+        raise ValueError(f"head must be an int, 'mean' or 'max'; got {head!r}.")
     return per_head[:, head]
 
 
@@ -110,7 +117,7 @@ def norm_scores(patterns: Tensor, values: Tensor, output_weights: Tensor, attent
         output_weights: [layer, d_model, head, d_head]; attention_mask: [batch, seq] bool.
     """
     n_layers = patterns.shape[0]
-    layers = range(n_layers) if layer == "mean" else [n_layers - 1 if layer == "last" else layer]
+    layers = range(n_layers) if layer == "mean" else [layer_index(layer, n_layers)]
     per_layer = torch.stack([norm_matrix(patterns[i], values[i], output_weights[i], head) for i in layers])
     return read_out(per_layer.mean(0), attention_mask, readout)                   # [batch, key]
 
@@ -126,7 +133,7 @@ class RawAttention(AttentionExplainer):
         self.head = head
         self.readout = readout
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_layer(self.layer, model)
         check_index("head", self.head, model.n_heads, ("mean", "max"), "heads")
         check_choice("readout", self.readout, READOUTS)
@@ -146,7 +153,7 @@ class AttentionNorm(AttentionExplainer):
         self.head = head
         self.readout = readout
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_layer(self.layer, model)
         check_index("head", self.head, model.n_heads, ("sum", "mean"), "heads")
         check_choice("readout", self.readout, READOUTS)
@@ -157,7 +164,7 @@ class AttentionNorm(AttentionExplainer):
                              "model does not have; expose a `values` site beside each attention `pattern` site.")
 
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
-        if capture.values is None:
+        if capture.values is None or capture.output_weights is None:       # both or neither (`capture`)
             raise ValueError("attention_norm needs a capture with value vectors; this model exposes none.")
         return norm_scores(capture.patterns, capture.values, capture.output_weights, capture.attention_mask,
                            layer=self.layer, head=self.head, readout=self.readout)

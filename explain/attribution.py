@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import html
 import json
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from attnaudit.core.io import jsonable
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Attribution:
     seconds: float = 0.0
     extras: dict[str, Tensor] = field(default_factory=dict)
     ids: list[str] | None = None
-    texts: list[str] | None = None
+    texts: Sequence[str | None] | None = None     # None where a loaded record has no text
 
     def __post_init__(self):
         shape = tuple(self.input_ids.shape)
@@ -82,19 +84,38 @@ class Attribution:
         key = self.scores.float().masked_fill(~self.scored_mask, float("-inf"))
         return torch.argsort(key, dim=1, descending=True, stable=True)
 
-    def top_k(self, k: int | float) -> Tensor:
-        """[batch, seq] bool: the top-k scored tokens (k an int count, or a fraction of each example's length: ⌈k·n⌉)."""
-        n = self.lengths()
+    def ranks(self) -> Tensor:
+        """[batch, seq] long: the rank of each position (0 = highest score, ties by position); unscored ones last."""
+        order = self.ranking()                                                          # [batch, seq]
+        steps = torch.arange(order.shape[1]).expand_as(order).contiguous()              # [batch, seq]
+        return torch.empty_like(order).scatter_(1, order, steps)                        # [batch, seq]
+
+    def top_k_counts(self, k: int | float, *, rounding: str = "ceil") -> Tensor:
+        """[batch] long: how many tokens `top_k(k)` takes from each example of n scored tokens.
+
+        k an int: min(k, n). k a float in [0, 1], a fraction: ⌈k·n⌉ (ERASER; robust to 0.28·25 =
+        7.000000000000001), or ⌊k·n⌋ with rounding="floor" (ferret's int(k·n), no tolerance).
+        """
+        if rounding not in ("ceil", "floor"):
+            raise ValueError(f"rounding must be 'ceil' or 'floor'; got {rounding!r}.")
+        n = self.lengths()                                                              # [batch]
         if isinstance(k, float):
             if not 0.0 <= k <= 1.0:
                 raise ValueError(f"k as a fraction must be in [0, 1]; got {k}.")
-            counts = torch.ceil(k * n.double() - 1e-9).long()
-        elif isinstance(k, int) and k >= 0:
-            counts = torch.minimum(torch.full_like(n, k), n)
-        else:
-            raise ValueError(f"k must be an int >= 0 or a float in [0, 1]; got {k!r}.")
-        rank_of = torch.empty_like(self.ranking()).scatter_(1, self.ranking(), torch.arange(self.scores.shape[1]).expand_as(self.scores).contiguous())
-        return (rank_of < counts[:, None]) & self.scored_mask
+            if rounding == "floor":
+                return torch.floor(k * n.double()).long()
+            return torch.ceil(k * n.double() - 1e-9).long()
+        if isinstance(k, int) and k >= 0:
+            return torch.minimum(torch.full_like(n, k), n)
+        raise ValueError(f"k must be an int >= 0 or a float in [0, 1]; got {k!r}.")
+
+    def top_k(self, k: int | float, *, rounding: str = "ceil") -> Tensor:
+        """[batch, seq] bool: the top-k scored tokens, k an int count or a fraction of each example (`top_k_counts`).
+
+        Ties break by position (`ranking`); special tokens and padding are never in it.
+        """
+        counts = self.top_k_counts(k, rounding=rounding)                                # [batch]
+        return (self.ranks() < counts[:, None]) & self.scored_mask                      # [batch, seq]
 
     def select(self, index) -> Attribution:
         """Examples `index` (a list of ints) as a new Attribution, trimmed to their longest sequence."""
@@ -130,7 +151,7 @@ class Attribution:
             rec = {"id": self.example_id(i), "text": self.texts[i] if self.texts else None,
                    "tokens": self.tokens[i][:n], "scores": [float(x) for x in self.scores[i, :n]],
                    "special": [bool(x) for x in self.special_mask[i, :n]], "explainer": self.method,
-                   "params": _jsonable(self.params), "target": int(self.target[i]),
+                   "params": jsonable(self.params, default=repr), "target": int(self.target[i]),
                    "prob": float(self.target_prob[i]), "seconds": self.seconds / max(len(self), 1)}
             rec.update({k: float(v[i]) for k, v in self.extras.items()})
             out.append(rec)
@@ -217,15 +238,3 @@ class Attribution:
         ax.tick_params(axis="x", rotation=60)
         ax.set_ylabel("score")
         return ax
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from attnaudit.data.examples import Example
 from attnaudit.explain.attribution import Attribution
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 MAX_FORWARDS = 4096   # forward passes per example an explainer may run, unless its max_cost says more
 MAX_ROWS = 65536      # rows (inputs) in one forward pass: the most any max_batch may be
@@ -70,6 +70,25 @@ def check_max_cost(value) -> None:
                          f"{MAX_FORWARDS}); got {value!r}.")
 
 
+def short_repr(value: Any) -> str:
+    """A value as an error message shows it: a tensor or array by its shape and dtype, anything else clipped."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_choice(name: str, value: object, choices: Sequence[str], hint: str = "") -> None:
+    """`value` must be one of `choices`; else ValueError naming the parameter, the choices and what came, then `hint`.
+
+    >>> check_choice("readout", "first", ("cls", "mean"))
+    ValueError: readout must be one of 'cls', 'mean'; got 'first'.
+    """
+    if isinstance(value, (str, type(None), int, float, bool)) and value in choices:
+        return
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {short_repr(value)}.{hint}")
+
+
 class Explainer:
     """Base class. Subclasses set `name` and `family` and implement `scores(model, batch, target)`."""
 
@@ -77,7 +96,9 @@ class Explainer:
     family: str = ""          # "attention", "gradient", "perturbation" or "control"
 
     def get_params(self) -> dict[str, Any]:
-        """The constructor's keyword arguments as stored (provenance for reports)."""
+        """The constructor's keyword arguments as stored (provenance for reports): `type(e)(**e.get_params())`
+        rebuilds e, as constructors store each argument verbatim under its own name (tests/test_explain_clone.py).
+        """
         sig = inspect.signature(type(self).__init__)
         return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
 
@@ -85,14 +106,14 @@ class Explainer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         """Check the stored parameters against the model; raise ValueError naming parameter, rule, value."""
 
-    def costs(self, model, batch: Batch) -> list[Cost]:
+    def costs(self, model: ExplainableModel, batch: Batch) -> list[Cost]:
         """What the size-like parameters would cost on `batch` (none by default); computed, never allocated."""
         return []
 
-    def check_limits(self, model, batch: Batch) -> None:
+    def check_limits(self, model: ExplainableModel, batch: Batch) -> None:
         """Refuse a batch this explainer would need too much time or memory for, before allocating anything.
 
         Raise ValueError naming the limit, the value it would take and the option that raises it.
@@ -102,11 +123,12 @@ class Explainer:
             if message:
                 raise ValueError(message)
 
-    def scores(self, model, batch: Batch, target: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def scores(self, model: ExplainableModel, batch: Batch,
+               target: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Token scores [batch, seq] for class `target` [batch]; optionally (scores, extras)."""
         raise NotImplementedError
 
-    def explain(self, model, batch_or_texts, *, target=None) -> Attribution:
+    def explain(self, model: ExplainableModel, batch_or_texts, *, target=None) -> Attribution:
         batch = as_batch(model, batch_or_texts)
         self.validate(model)
         self.check_limits(model, batch)
@@ -137,7 +159,7 @@ def package_attribution(explainer: Explainer, batch: Batch, out, target: Tensor,
     )
 
 
-def as_batch(model, batch_or_texts) -> Batch:
+def as_batch(model: ExplainableModel, batch_or_texts) -> Batch:
     """A Batch as is; a text, list of texts or list of Examples encoded with the model's tokenizer."""
     if isinstance(batch_or_texts, Batch):
         empty = (~batch_or_texts.attention_mask.any(1)).nonzero()[:, 0].tolist()
@@ -149,11 +171,11 @@ def as_batch(model, batch_or_texts) -> Batch:
     if isinstance(batch_or_texts, (str, Example)) or (
         isinstance(batch_or_texts, Sequence) and all(isinstance(x, (str, Example)) for x in batch_or_texts)
     ):
-        return model.encode(batch_or_texts)
+        return model.encode([batch_or_texts] if isinstance(batch_or_texts, Example) else batch_or_texts)
     raise TypeError(f"batch_or_texts must be a Batch, a str, or a list of str/Example; got {type(batch_or_texts).__name__}.")
 
 
-def resolve_target(model, target, probs: Tensor) -> Tensor:
+def resolve_target(model: ExplainableModel, target, probs: Tensor) -> Tensor:
     """None -> predicted class; an int, a label name, or one per example (list / LongTensor) -> [batch] long."""
     b, n_classes = probs.shape
     if target is None:

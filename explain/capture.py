@@ -21,7 +21,7 @@ from torch import Tensor
 
 from attnaudit.explain.base import Explainer
 from attnaudit.model.hooks import hooks, recording
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def values_site(pattern_site: str) -> str:
     return pattern_site.rsplit(".", 1)[0] + ".values"
 
 
-def capture(model, batch: Batch, target: Tensor, *, grads: bool) -> Capture:
+def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: bool) -> Capture:
     """Record the encoder's attention of every layer in one forward; with grads=True also dA from one backward.
 
     Args:
@@ -112,5 +112,5 @@ class AttentionExplainer(Explainer):
         """Token scores [batch, seq] (or (scores, extras)) from a capture of `batch`."""
         raise NotImplementedError
 
-    def scores(self, model, batch: Batch, target: Tensor):
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor):
         return self.from_capture(capture(model, batch, target, grads=self.needs_grads), batch, target)

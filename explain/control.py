@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.explain.base import Explainer
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 
 def example_seed(seed: int, token_ids: Sequence[int], salt: str = "") -> int:
@@ -71,10 +71,10 @@ class RandomScores(Explainer):
     def __init__(self, *, seed: int = 0):
         self.seed = seed
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_seed(self.seed)
 
-    def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:
         out = torch.zeros(batch.input_ids.shape)                                 # [batch, seq]
         scored = batch.attention_mask & ~batch.special_mask                      # [batch, seq]
         salt = weights_fingerprint(model)
@@ -86,7 +86,7 @@ class RandomScores(Explainer):
         return out * scored
 
 
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model: ExplainableModel) -> str:
     """A short digest of the model's weights: one float64 sum per parameter tensor (cheap, deterministic)."""
     net = getattr(model, "net", model)
     params = list(net.parameters()) if hasattr(net, "parameters") else []

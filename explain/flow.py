@@ -47,10 +47,10 @@ import torch
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from torch import Tensor
 
-from attnaudit.explain.attention import check_choice
+from attnaudit.explain.base import check_choice
 from attnaudit.explain.capture import AttentionExplainer, Capture
 from attnaudit.explain.rollout import real_positions, residual_attention
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 INT_RANGE = 2**30 - 1   # integer capacities stay below 2^30: forward + backward residuals fit scipy's int32
 MAX_ROUNDS = 8
@@ -306,7 +306,7 @@ def max_flows_pruned(pruned: PairNetwork, kept: np.ndarray, full: PairNetwork, c
     return values, gaps
 
 
-def aligned_flows(flow: sp.csr_array, net: PairNetwork) -> np.ndarray:
+def aligned_flows(flow: sp.csr_array, net: PairNetwork | Copies) -> np.ndarray:
     """The flow matrix's values on `net`'s CSR positions (scipy keeps the structure; check, then fall back)."""
     if np.array_equal(flow.indptr, net.indptr) and np.array_equal(flow.indices, net.indices):
         return flow.data.astype(np.int64)
@@ -417,7 +417,7 @@ class Flow(AttentionExplainer):
         self.tol = tol
         self.max_cells = max_cells
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_choice("readout", self.readout, ("cls", "mean"))
         if not isinstance(self.add_residual, bool):
             raise ValueError(f"add_residual must be True or False; got {self.add_residual!r}.")
@@ -427,7 +427,7 @@ class Flow(AttentionExplainer):
             raise ValueError(f"max_cells must be an int >= 1 (attention cells, layers × tokens², per example); "
                              f"got {self.max_cells!r}.")
 
-    def check_limits(self, model, batch: Batch) -> None:
+    def check_limits(self, model: ExplainableModel, batch: Batch) -> None:
         super().check_limits(model, batch)
         self._check_cells(len(model.attention_sites), batch)
 

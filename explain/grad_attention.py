@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnaudit.explain.attention import check_layer, pick_layer, read_out
 from attnaudit.explain.capture import AttentionExplainer, Capture
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 
 def grad_attention_relevance(patterns: Tensor, grads: Tensor, attention_mask: Tensor) -> Tensor:
@@ -42,6 +42,13 @@ def grad_attention_scores(patterns: Tensor, grads: Tensor, attention_mask: Tenso
     return row.masked_fill(~attention_mask.to(row.device), 0.0)
 
 
+def captured_grads(capture: Capture, name: str) -> Tensor:
+    """capture.grads [layer, batch, head, query, key]; a capture made without them is refused."""
+    if capture.grads is None:
+        raise ValueError(f"{name} needs a capture with the attention gradients: capture(..., grads=True).")
+    return capture.grads
+
+
 class GradAttention(AttentionExplainer):
     """Chefer et al. 2021: positive gradient-weighted attention, accumulated across layers."""
 
@@ -52,7 +59,7 @@ class GradAttention(AttentionExplainer):
         pass
 
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
-        return grad_attention_scores(capture.patterns, capture.grads, capture.attention_mask)
+        return grad_attention_scores(capture.patterns, captured_grads(capture, self.name), capture.attention_mask)
 
 
 class AttentionXGrad(AttentionExplainer):
@@ -64,9 +71,9 @@ class AttentionXGrad(AttentionExplainer):
     def __init__(self, *, layer: int | str = "last"):
         self.layer = layer
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_layer(self.layer, model)
 
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
-        per_layer = (capture.patterns * capture.grads).mean(2)                    # [layer, batch, query, key]
+        per_layer = (capture.patterns * captured_grads(capture, self.name)).mean(2)  # [layer, batch, query, key]
         return read_out(pick_layer(per_layer, self.layer), capture.attention_mask, "cls")   # [batch, key]

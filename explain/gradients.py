@@ -25,30 +25,23 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from typing import Any
 
 import captum.attr
 import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from attnaudit.explain.base import MAX_ROWS, Explainer, check_max_cost, forwards_cost
+from attnaudit.explain.base import MAX_ROWS, Explainer, check_choice, check_max_cost, forwards_cost, short_repr
 from attnaudit.explain.control import check_seed, example_seed, seeded
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 BASELINES = ("pad", "mask", "zero")
 MAX_MEMORY_MB = 4096   # integrated gradients' default budget per forward + backward pass
 REDUCTIONS = ("sum", "l2")
 
 
-# -- parameter checks shared with the perturbation explainers -------------------------------------
-def short_repr(value) -> str:
-    """A value as an error message shows it: a tensor or array by its shape and dtype, anything else clipped."""
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
+# -- parameter checks shared with the perturbation explainers (check_choice is in base) ---------------------
 def check_positive_int(name: str, value, *, allow_none: bool = False, maximum: int | None = None) -> None:
     """value is an int in [1, maximum] (or None when allowed); a maximum is documented where the parameter is."""
     if allow_none and value is None:
@@ -60,13 +53,7 @@ def check_positive_int(name: str, value, *, allow_none: bool = False, maximum: i
         raise ValueError(f"{name} must be an int in [1, {maximum:,}]; got {value:,}. Lower it.")
 
 
-def check_choice(name: str, value, choices: tuple, hint: str = "") -> None:
-    if isinstance(value, (str, type(None), int, float, bool)) and value in choices:
-        return
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {short_repr(value)}.{hint}")
-
-
-def pass_bytes(model, rows: int, seq: int) -> int:
+def pass_bytes(model: ExplainableModel, rows: int, seq: int) -> int:
     """Estimated peak bytes of one float32 forward + backward pass over `rows` inputs of `seq` tokens.
 
     Per layer the backward keeps about 10 [seq, d_model] and 2 [seq, d_ff] activations and 5 [head, seq, seq]
@@ -82,7 +69,7 @@ def pass_bytes(model, rows: int, seq: int) -> int:
 
 
 # -- building blocks ------------------------------------------------------------------------------
-def baseline_embeds(model, batch: Batch, embeds: Tensor, kind: str) -> Tensor:
+def baseline_embeds(model: ExplainableModel, batch: Batch, embeds: Tensor, kind: str) -> Tensor:
     """The reference input: real non-special tokens replaced by [PAD]/[MASK]/zero embeddings.
 
     Args:
@@ -113,7 +100,7 @@ class EmbeddingForward(nn.Module):
     `net`; an adapter's wrapped network) is registered as a child. Nothing is copied.
     """
 
-    def __init__(self, model):
+    def __init__(self, model: ExplainableModel):
         super().__init__()
         self.model = model  # a plain attribute: the interface object itself need not be a Module
         parts = [model] if isinstance(model, nn.Module) else [
@@ -140,29 +127,36 @@ class CaptumExplainer(Explainer):
             With a baseline and a class that has a convergence delta, extras hold
             "completeness_gap" = |Σ attributions − (f(x) − f(x'))| and "completeness_gap_relative"
             (divided by |f(x) − f(x')|), per example.
-        **attribute_kwargs: passed to `attribute` unchanged (e.g. n_steps=64).
+        attribute_kwargs: passed to `attribute` unchanged, e.g. {"n_steps": 64}.
+        **more_attribute_kwargs: the same, as keywords (n_steps=64); merged into attribute_kwargs, which is
+            what `get_params` reports, so that `CaptumExplainer(**e.get_params())` rebuilds `e`.
     """
 
     family = "gradient"
     baseline = None
 
     def __init__(self, attribution_class, *, name: str | None = None, reduction: str = "sum",
-                 baseline: str | None = None, **attribute_kwargs):
+                 baseline: str | None = None, attribute_kwargs: dict[str, Any] | None = None,
+                 **more_attribute_kwargs: Any):
         self.attribution_class = attribution_class
         self._name = name
         self.reduction = reduction
         self.baseline = baseline
-        self.attribute_kwargs = attribute_kwargs
+        self.attribute_kwargs = {**(attribute_kwargs or {}), **more_attribute_kwargs}
 
     @property
     def name(self) -> str:
         return self._name or "captum_" + _snake(self.attribution_class.__name__)
 
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
     def captum_kwargs(self) -> dict:
         """Keyword arguments for `attribute` (subclasses build them from their own parameters)."""
         return dict(self.attribute_kwargs)
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         cls = self.attribution_class
         if not (isinstance(cls, type) and issubclass(cls, captum.attr.Attribution)):
             raise ValueError(f"attribution_class must be a captum.attr attribution class such as "
@@ -174,10 +168,10 @@ class CaptumExplainer(Explainer):
             check_choice("baseline", self.baseline, BASELINES, " Pick the reference that replaces the words (for a "
                          "baseline tensor of your own, use CaptumExplainer with attribute keyword baselines=...).")
 
-    def make_baselines(self, model, batch: Batch, embeds: Tensor) -> Tensor | None:
+    def make_baselines(self, model: ExplainableModel, batch: Batch, embeds: Tensor) -> Tensor | None:
         return None if self.baseline is None else baseline_embeds(model, batch, embeds, self.baseline)
 
-    def scores(self, model, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         embeds = model.embed(batch.input_ids).detach()                            # [batch, seq, d_model]
         mask = batch.attention_mask.to(embeds.device)                             # passed through untouched
         method = self.attribution_class(EmbeddingForward(model))
@@ -259,7 +253,7 @@ class IntegratedGradients(CaptumExplainer):
         self.reduction = reduction
         self.max_cost = max_cost
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         super().validate(model)
         check_positive_int("n_steps", self.n_steps)
         check_positive_int("max_batch", self.max_batch, allow_none=True, maximum=MAX_ROWS)
@@ -269,16 +263,16 @@ class IntegratedGradients(CaptumExplainer):
             raise ValueError(f"max_memory_mb must be a number > 0 (megabytes per forward + backward pass) or None; "
                              f"got {m!r}.")
 
-    def costs(self, model, batch: Batch):
+    def costs(self, model: ExplainableModel, batch: Batch):
         # numpy's Gauss–Legendre nodes come from an n_steps × n_steps float64 eigenproblem
         return [forwards_cost("n_steps", self.n_steps, self.max_cost, extra_bytes=8.0 * self.n_steps ** 2,
                               per_forward_bytes=pass_bytes(model, 1, batch.input_ids.shape[1]))]
 
-    def check_limits(self, model, batch: Batch) -> None:
+    def check_limits(self, model: ExplainableModel, batch: Batch) -> None:
         super().check_limits(model, batch)
         self.rows_per_pass(model, batch)
 
-    def rows_per_pass(self, model, batch: Batch) -> int:
+    def rows_per_pass(self, model: ExplainableModel, batch: Batch) -> int:
         """Interpolated inputs per forward pass: max_batch (or all), lowered to fit max_memory_mb."""
         rows = len(batch) * self.n_steps if self.max_batch is None else self.max_batch
         if self.max_memory_mb is None:
@@ -295,7 +289,7 @@ class IntegratedGradients(CaptumExplainer):
     def captum_kwargs(self) -> dict:
         return {"n_steps": self.n_steps, "method": "gausslegendre", "internal_batch_size": self.max_batch}
 
-    def scores(self, model, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # captum finds the Gauss–Legendre nodes with numpy (an n_steps × n_steps eigenproblem). Once torch's
         # OpenMP threads exist, numpy's multi-threaded OpenBLAS can stall on it (measured on 2 cores:
         # 4 s instead of 0.05 s for 512 nodes, twice per call), so numpy gets one BLAS thread meanwhile.
@@ -304,13 +298,15 @@ class IntegratedGradients(CaptumExplainer):
         with threadpool_limits(limits=1, user_api="blas"):
             return fitted._scores_in_parts(model, batch, target)
 
-    def _scores_in_parts(self, model, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _scores_in_parts(self, model: ExplainableModel, batch: Batch,
+                         target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # captum runs at least one step for every example at once, so more than max_batch examples
         # are split here: then no forward pass exceeds max_batch rows.
         size = len(batch) if self.max_batch is None else self.max_batch
         if len(batch) <= size:
             return super().scores(model, batch, target)
-        out, extras = torch.zeros(batch.input_ids.shape), {}                     # [batch, seq]
+        out = torch.zeros(batch.input_ids.shape)                                 # [batch, seq]
+        extras: dict[str, list[Tensor]] = {}
         for start in range(0, len(batch), size):
             part = list(range(start, min(start + size, len(batch))))
             s, e = super().scores(model, batch.select(part), target[part])      # [part, seq_part]
@@ -345,7 +341,7 @@ class DeepLift(CaptumExplainer):
     def captum_kwargs(self) -> dict:
         return {}
 
-    def scores(self, model, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with warnings.catch_warnings():  # captum announces its (temporary) hooks on every call
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
             return super().scores(model, batch, target)
@@ -379,7 +375,7 @@ class GradientShap(CaptumExplainer):
         self.reduction = reduction
         self.max_cost = max_cost
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         super().validate(model)
         if isinstance(self.baselines, str) or not isinstance(self.baselines, (tuple, list)) or not self.baselines:
             raise ValueError(f"baselines must be a non-empty tuple of {BASELINES}; got {self.baselines!r}. "
@@ -392,18 +388,18 @@ class GradientShap(CaptumExplainer):
             raise ValueError(f"stdevs must be a number >= 0 (the noise on the embeddings); got {self.stdevs!r}.")
         check_seed(self.seed)
 
-    def costs(self, model, batch: Batch):
+    def costs(self, model: ExplainableModel, batch: Batch):
         return [forwards_cost("n_samples", self.n_samples, self.max_cost,
                               per_forward_bytes=pass_bytes(model, 1, batch.input_ids.shape[1]))]
 
     def captum_kwargs(self) -> dict:
         return {"n_samples": self.n_samples, "stdevs": float(self.stdevs)}
 
-    def make_baselines(self, model, batch: Batch, embeds: Tensor) -> Tensor:
+    def make_baselines(self, model: ExplainableModel, batch: Batch, embeds: Tensor) -> Tensor:
         # captum draws references from the first dimension, so one example at a time: [n_refs, seq, d_model]
         return torch.cat([baseline_embeds(model, batch, embeds, kind) for kind in self.baselines])
 
-    def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         out = torch.zeros(batch.input_ids.shape)                                  # [batch, seq]
         for i in range(len(batch)):
             one = batch.select([i])                                               # trimmed to its length
@@ -411,4 +407,4 @@ class GradientShap(CaptumExplainer):
             with seeded(example_seed(self.seed, real)):
                 s, _ = super().scores(model, one, target[i : i + 1])              # [1, len_i]
             out[i, : s.shape[1]] = s[0].cpu()
-        return out
+        return out, {}                                                            # no completeness gap: no delta

@@ -34,39 +34,39 @@ from torch import Tensor
 
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import MAX_ROWS
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 POLICIES = ("mask", "attention", "delete")
 DEFAULT_MAX_BATCH = 128
 
 
 # -- plans: keep-masks built from an attribution ------------------------------------------------
-def rationale_counts(attribution: Attribution, k: float, *, rounding: str = "ceil") -> Tensor:
-    """[batch] long: tokens in the top-k rationale, ⌈k·n⌉ (ERASER) or ⌊k·n⌋ (`rounding="floor"`, ferret)."""
+def check_fraction(k: float) -> float:
+    """`k` as a float fraction of the scored tokens; a bool, a non-number or a value outside [0, 1] is refused.
+
+    An int 0 or 1 here means 0 % or 100 % (`Attribution.top_k` reads an int as a count).
+    """
     if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0.0 <= float(k) <= 1.0:
         raise ValueError(f"k must be a fraction of the scored tokens in [0, 1]; got {k!r}.")
-    n = attribution.lengths().double()
-    if rounding == "ceil":
-        return torch.ceil(float(k) * n - 1e-9).long()        # ⌈k·n⌉, robust to 0.1·30 = 3.0000000000000004
-    if rounding == "floor":
-        return torch.floor(float(k) * n).long()              # ferret: int(k·n), no tolerance
-    raise ValueError(f"rounding must be 'ceil' or 'floor'; got {rounding!r}.")
+    return float(k)
+
+
+def rationale_counts(attribution: Attribution, k: float, *, rounding: str = "ceil") -> Tensor:
+    """[batch] long: tokens in the top-k rationale, ⌈k·n⌉ (ERASER) or ⌊k·n⌋ (`rounding="floor"`, ferret)."""
+    return attribution.top_k_counts(check_fraction(k), rounding=rounding)
 
 
 def rank_positions(attribution: Attribution) -> Tensor:
     """[batch, seq] long: the rank of each position (0 = highest score); unscored positions rank last."""
-    order = attribution.ranking()                                                   # [batch, seq]
-    steps = torch.arange(order.shape[1]).expand_as(order).contiguous()              # [batch, seq]
-    return torch.empty_like(order).scatter_(1, order, steps)                        # [batch, seq]
+    return attribution.ranks()
 
 
 def top_k_mask(attribution: Attribution, k: float, *, only_pos: bool = False, rounding: str = "ceil") -> Tensor:
-    """[batch, seq] bool: the rationale, the top-⌈k·n⌉ scored tokens by score.
+    """[batch, seq] bool: the rationale, the top-⌈k·n⌉ scored tokens by score (`Attribution.top_k` of fraction k).
 
     With `only_pos`, tokens whose score is not > 0 never join the rationale (it may then be smaller).
     """
-    counts = rationale_counts(attribution, k, rounding=rounding)                    # [batch]
-    top = (rank_positions(attribution) < counts[:, None]) & attribution.scored_mask  # [batch, seq]
+    top = attribution.top_k(check_fraction(k), rounding=rounding)                   # [batch, seq]
     return top & (attribution.scores > 0) if only_pos else top
 
 
@@ -205,8 +205,8 @@ class PerturbationEngine:
         autocast: bf16 autocast when the model is on CUDA (ignored on CPU).
     """
 
-    def __init__(self, model, batch: Batch, *, policy: str = "mask", max_batch: int = DEFAULT_MAX_BATCH,
-                 autocast: bool = True):
+    def __init__(self, model: ExplainableModel, batch: Batch, *, policy: str = "mask",
+                 max_batch: int = DEFAULT_MAX_BATCH, autocast: bool = True):
         check_policy(policy)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1 (sequences per forward); got {max_batch!r}.")
@@ -255,6 +255,7 @@ class PerturbationEngine:
         flat = keep.reshape(-1, seq)                                                # [n, seq]
         ok = torch.ones(len(flat), dtype=torch.bool) if valid is None else torch.as_tensor(valid).cpu().bool().reshape(-1)
         if len(ok) != len(flat):
+            assert valid is not None                        # all-True when valid is None: same length
             raise ValueError(f"valid must have shape {tuple(keep.shape[:-1])}; got {tuple(valid.shape)}.")
         out = torch.full((len(flat), self._n_classes()), float("nan"))              # [n, n_classes]
         if ok.any():
@@ -268,7 +269,9 @@ class PerturbationEngine:
         source = torch.as_tensor(source).long().cpu()
         keep = self.normalize(source, keep)                                         # [n, seq]
         keys = self._keys(source, keep, policy)
-        rows, new, first = [], {}, []                       # first: where each new key first appears
+        rows: list[int] = []
+        new: dict[tuple[int, str, bytes], int] = {}         # key -> its row in the table
+        first: list[int] = []                               # where each new key first appears
         for i, key in enumerate(keys):
             row = self._slot.get(key)
             if row is None:
@@ -360,12 +363,12 @@ class PerturbationEngine:
         return out
 
 
-def _device(model) -> torch.device:
+def _device(model: ExplainableModel) -> torch.device:
     dev = getattr(model, "device", None)
     return torch.device(dev) if dev is not None else torch.device("cpu")
 
 
-def as_engine(engine_or_model, batch: Batch, *, policy: str | None = None,
+def as_engine(engine_or_model: PerturbationEngine | ExplainableModel, batch: Batch, *, policy: str | None = None,
               max_batch: int | None = None) -> PerturbationEngine:
     """An engine for `batch`: the one given (checked to be built on this batch) or a fresh one for a model."""
     if isinstance(engine_or_model, PerturbationEngine):
@@ -390,8 +393,8 @@ def check_attribution(batch: Batch, attribution: Attribution) -> None:
 
 
 # -- leave-one-out (occlusion with a window of one; also τ-LOO's reference) ------------------------------
-def leave_one_out(engine_or_model, batch: Batch, *, target: Tensor, policy: str | None = None,
-                  max_batch: int | None = None) -> Tensor:
+def leave_one_out(engine_or_model: PerturbationEngine | ExplainableModel, batch: Batch, *, target: Tensor,
+                  policy: str | None = None, max_batch: int | None = None) -> Tensor:
     """Occlusion with a window of one: p(x) − p(x without token j) -> [batch, seq] (0 on unscored positions)."""
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     keep, valid = leave_one_out_path(engine.attention_mask, engine.special_mask)    # [batch, seq, seq], [batch, seq]

@@ -20,16 +20,17 @@ from captum._utils.models.linear_model import SkLearnRidge
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor
 
-from attnaudit.explain.base import MAX_ROWS, Explainer, check_max_cost, forwards_cost
+from attnaudit.explain.base import MAX_ROWS, Explainer, check_choice, check_max_cost, forwards_cost
 from attnaudit.explain.control import check_seed, example_seed, seeded
-from attnaudit.explain.gradients import baseline_embeds, check_choice, check_positive_int
+from attnaudit.explain.gradients import baseline_embeds, check_positive_int
 from attnaudit.explain.perturb import PerturbationEngine, leave_one_out
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 POLICIES = ("mask", "delete")
 
 
-def target_probs(model, input_ids: Tensor, attention_mask: Tensor, target: Tensor, *, max_batch: int) -> Tensor:
+def target_probs(model: ExplainableModel, input_ids: Tensor, attention_mask: Tensor, target: Tensor, *,
+                 max_batch: int) -> Tensor:
     """P(target | input) for each row, in chunks of at most `max_batch` rows -> [rows] (CPU).
 
     A plain forward with no perturbation logic: tests use it as the reference the engine must match.
@@ -45,7 +46,7 @@ def target_probs(model, input_ids: Tensor, attention_mask: Tensor, target: Tenso
     return torch.cat(out)
 
 
-def _engine(model, batch: Batch, *, policy: str, max_batch: int):
+def _engine(model: ExplainableModel, batch: Batch, *, policy: str, max_batch: int):
     """The perturbation engine for one explain call."""
     return PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=False)
 
@@ -67,11 +68,11 @@ class Occlusion(Explainer):
         self.policy = policy
         self.max_batch = max_batch
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_choice("policy", self.policy, POLICIES, " 'mask' writes [MASK] over the token; 'delete' removes it.")
         check_positive_int("max_batch", self.max_batch, maximum=MAX_ROWS)
 
-    def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:
         engine = _engine(model, batch, policy=self.policy, max_batch=self.max_batch)
         return leave_one_out(engine, batch, target=target.cpu())                  # [batch, seq], 0 on specials
 
@@ -89,21 +90,25 @@ class _Sampled(Explainer):
 
     family = "perturbation"
     exact_for_one_word = False
+    n_samples: int                  # the parameters every subclass stores (annotations only: get_params
+    max_batch: int                  # reads what the subclass's constructor set)
+    seed: int
+    max_cost: int | None
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         check_positive_int("n_samples", self.n_samples)
         check_positive_int("max_batch", self.max_batch, maximum=MAX_ROWS)
         check_max_cost(self.max_cost)
         check_seed(self.seed)
 
-    def costs(self, model, batch: Batch):
+    def costs(self, model: ExplainableModel, batch: Batch):
         return [forwards_cost("n_samples", self.n_samples, self.max_cost)]   # one forward per sample
 
-    def make_method(self, forward, model, one: Batch, pos: Tensor):
+    def make_method(self, forward, model: ExplainableModel, one: Batch, pos: Tensor):
         """The captum method for one example `one` whose features are the word positions `pos`."""
         raise NotImplementedError
 
-    def scores(self, model, batch: Batch, target: Tensor) -> Tensor:
+    def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:
         engine = _engine(model, batch, policy="mask", max_batch=self.max_batch)
         words = engine.attention_mask & ~engine.special_mask                       # [batch, seq]
         out = torch.zeros(batch.input_ids.shape)                                   # [batch, seq]
@@ -158,12 +163,12 @@ class Lime(_Sampled):
         self.seed = seed
         self.max_cost = max_cost
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         super().validate(model)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0 (the ridge penalty); got {self.alpha!r}.")
 
-    def make_method(self, forward, model, one: Batch, pos: Tensor):
+    def make_method(self, forward, model: ExplainableModel, one: Batch, pos: Tensor):
         with torch.no_grad():
             embeds = model.embed(one.input_ids)                                    # [1, seq, d_model]
             masked = baseline_embeds(model, one, embeds, "mask")                   # [MASK] on words only
@@ -201,5 +206,5 @@ class KernelShap(_Sampled):
         self.seed = seed
         self.max_cost = max_cost
 
-    def make_method(self, forward, model, one: Batch, pos: Tensor):
+    def make_method(self, forward, model: ExplainableModel, one: Batch, pos: Tensor):
         return captum.attr.KernelShap(forward)

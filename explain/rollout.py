@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnaudit.explain.attention import READOUTS, check_choice, read_out
+from attnaudit.explain.attention import READOUTS, read_out
+from attnaudit.explain.base import check_choice
 from attnaudit.explain.capture import AttentionExplainer, Capture
-from attnaudit.model.interface import Batch
+from attnaudit.model.interface import Batch, ExplainableModel
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -93,7 +94,7 @@ class Rollout(AttentionExplainer):
         self.start_layer = start_layer
         self.readout = readout
 
-    def validate(self, model) -> None:
+    def validate(self, model: ExplainableModel) -> None:
         if not isinstance(self.add_residual, bool):
             raise ValueError(f"add_residual must be True or False; got {self.add_residual!r}.")
         check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)

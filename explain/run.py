@@ -11,6 +11,7 @@ other explainer runs its own `explain`. The scores equal those of calling each `
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,8 +20,12 @@ from attnaudit.explain.base import Explainer, as_batch, package_attribution, res
 from attnaudit.explain.capture import AttentionExplainer, capture
 from attnaudit.explain.registry import get_explainer
 
+if TYPE_CHECKING:
+    from attnaudit.model.interface import ExplainableModel
 
-def explain_all(model, batch_or_texts, explainers: list[Explainer | str], *, target=None) -> dict[str, Attribution]:
+
+def explain_all(model: ExplainableModel, batch_or_texts, explainers: list[Explainer | str], *,
+                target=None) -> dict[str, Attribution]:
     """Explain one batch with every explainer -> {explainer name: Attribution}.
 
     Args:

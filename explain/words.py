@@ -115,7 +115,8 @@ def _one_word_per_token(attribution: Attribution) -> list[list[int | None]]:
     """Each scored token its own word, numbered in order; refuse sub-word tokens (they need real word_ids)."""
     out = []
     for i, toks in enumerate(attribution.tokens):
-        ids, n = [], 0
+        ids: list[int | None] = []
+        n = 0
         for j, tok in enumerate(toks):
             if not bool(attribution.scored_mask[i, j]):
                 ids.append(None)

@@ -8,8 +8,8 @@ import importlib
 
 _NAMES = {
     "load_model": "checkpoint", "save_checkpoint": "checkpoint", "Example": "attnaudit.data.examples",
-    "read_eraser": "attnaudit.data.readers", "read_hatexplain": "attnaudit.data.readers",
-    "read_labelled": "attnaudit.data.readers", "read_sst2": "attnaudit.data.readers",
+    "read_eraser": "attnaudit.data", "read_hatexplain": "attnaudit.data",
+    "read_labelled": "attnaudit.data", "read_sst2": "attnaudit.data",
     "Cache": "hooks", "HookPoint": "hooks", "hooks": "hooks", "record": "hooks", "recording": "hooks",
     "Batch": "interface", "TextClassifier": "interface", "Translator": "seq2seq",
     "TASK_NAMES": "attnaudit.data.tasks", "get_task": "attnaudit.data.tasks", "make_examples": "attnaudit.data.tasks",

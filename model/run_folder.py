@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from attnaudit.model.checkpoint import CONFIG, FORMAT, file_sha256, read_config
+from attnaudit.core.io import file_sha256
+from attnaudit.model.checkpoint import CONFIG, FORMAT, read_config
 
 METRICS, TRAIN_LOG = "metrics.json", "train_log.csv"
 HOLDOUT = 0.1   # fraction of a data file held out for validation when no valid file is given
@@ -26,10 +27,10 @@ def labelled_splits(data, *, text_col: str | None = None, label_col: str | None 
     """Train, valid and test Examples from labelled files -> {"train", "valid", "test", "label_names", "info"}.
 
     Each file may be a table (text_col, label_col), an ERASER annotation file or a HateXplain file
-    (`attnaudit.data.readers.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
+    (`attnaudit.data.read_labelled`). Without `valid`, a seeded random HOLDOUT (10%) of `data` is
     held out for validation; without `test`, "test" is None. `info` records paths, sha256s and formats.
     """
-    from attnaudit.data.readers import read_labelled  # datasets imports data; keep this module light
+    from attnaudit.data import read_labelled  # the readers import pandas on use; keep this module light
 
     first = read_labelled(data, text_col=text_col, label_col=label_col)
     examples, label_names = first.examples, first.label_names

@@ -4,6 +4,7 @@ lr(step) = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5), with s
 """
 from __future__ import annotations
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -30,7 +31,7 @@ class NoamLR(LRScheduler):
         self.d_model, self.warmup, self.factor = d_model, warmup, factor
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:        # torch's type; ours are all floats
         # last_epoch counts scheduler.step() calls: 0 at construction, so the first update uses step 1.
         lr = noam_lr(self.last_epoch + 1, d_model=self.d_model, warmup=self.warmup, factor=self.factor)
         return [lr for _ in self.optimizer.param_groups]

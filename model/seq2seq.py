@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.data.examples import Example
-from attnaudit.model.hooks import HookPoint
-from attnaudit.model.interface import Batch, TextClassifier
+from attnaudit.model.interface import Batch, BuiltinSizes, ModelBase, encode_words
 from attnaudit.model.transformer import TransformerSeq2Seq
 from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words
 
@@ -28,40 +27,33 @@ class PairBatch:
     tgt_out: Tensor | None = None      # [batch, tgt] long, [PAD] where there is nothing to predict
     tgt_mask: Tensor | None = None     # [batch, tgt] bool
 
+    def targets(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(tgt_in, tgt_out, tgt_mask); a ValueError when the examples had no target text."""
+        if self.tgt_in is None or self.tgt_out is None or self.tgt_mask is None:
+            raise ValueError("this PairBatch has no targets: encode Examples that have a target text.")
+        return self.tgt_in, self.tgt_out, self.tgt_mask
 
-class Translator:
-    """The built-in encoder–decoder: `translate(texts)`, teacher-forced `__call__`, attention sites."""
+
+class Translator(BuiltinSizes, ModelBase[PairBatch]):
+    """The built-in encoder–decoder: `translate(texts)`, teacher-forced `__call__`, attention sites.
+
+    An `AttentionModel[PairBatch]` (see `attnaudit.model.interface`): `device`, `to`, `evaluating`, `hook_points`
+    and `attention_sites` (the encoder's) come from `ModelBase`, the sizes from `net.cfg`.
+    """
 
     kind = "seq2seq"
+    net: TransformerSeq2Seq
 
     def __init__(self, net: TransformerSeq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, *, config: dict | None = None):
         self.net, self.src_vocab, self.tgt_vocab = net, src_vocab, tgt_vocab
         self.config = dict(config or {})
         self.label_names: tuple[str, ...] = ()
-        # Source-side encoding reuses the classifier's (same [CLS] w [SEP] layout and checks).
-        self._src = TextClassifier.__new__(TextClassifier)
-        self._src.net, self._src.vocab = net, src_vocab
-
-    @property
-    def n_layers(self) -> int:
-        return self.net.cfg.n_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.net.cfg.n_heads
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def to(self, device) -> Translator:
-        self.net.to(device)
-        return self
 
     def encode(self, inputs: Sequence[str] | Sequence[Example], *, truncate: bool = False) -> PairBatch:
-        src = TextClassifier.encode(self._src, inputs, truncate=truncate)
-        targets = [x.target if isinstance(x, Example) else None for x in inputs]
-        if any(t is None for t in targets):
+        # The source side is encoded as the classifier's input (same [CLS] w [SEP] layout and checks).
+        src = encode_words(inputs, self.src_vocab, max_len=self.max_len, truncate=truncate)
+        targets = [x.target for x in inputs if isinstance(x, Example) and x.target is not None]
+        if len(targets) != len(inputs):                                             # some have no target
             return PairBatch(src)
         rows = [[CLS, *words(t), SEP] for t in targets]
         n = max(map(len, rows)) - 1
@@ -73,16 +65,14 @@ class Translator:
     def __call__(self, batch: PairBatch) -> Tensor:
         """Teacher-forced logits [batch, tgt, tgt_vocab]."""
         dev = self.device
-        s = batch.src
-        return self.net(s.input_ids.to(dev), s.attention_mask.to(dev), batch.tgt_in.to(dev), batch.tgt_mask.to(dev))
+        s, (tgt_in, _, tgt_mask) = batch.src, batch.targets()
+        return self.net(s.input_ids.to(dev), s.attention_mask.to(dev), tgt_in.to(dev), tgt_mask.to(dev))
 
     @torch.inference_mode()
     def translate(self, texts: Sequence[str] | Sequence[Example], *, max_len: int | None = None, batch_size: int = 256) -> list[str]:
         """Greedy decoding -> one target string per source."""
         out: list[str] = []
-        was = self.net.training
-        self.net.eval()
-        try:
+        with self.evaluating():
             for start in range(0, len(texts), batch_size):
                 src = self.encode(texts[start : start + batch_size]).src.to(self.device)
                 limit = max_len or int(src.attention_mask.sum(1).max()) + 4
@@ -91,16 +81,7 @@ class Translator:
                 for row in ids[:, 1:].tolist():
                     toks = self.tgt_vocab.tokens(row)
                     out.append(" ".join(toks[: toks.index(SEP)] if SEP in toks else [t for t in toks if t != PAD]))
-        finally:
-            self.net.train(was)
         return out
-
-    def hook_points(self) -> dict[str, HookPoint]:
-        return {n: m for n, m in self.net.named_modules() if isinstance(m, HookPoint)}
-
-    @property
-    def attention_sites(self) -> list[str]:
-        return [f"encoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
 
     @property
     def cross_attention_sites(self) -> list[str]:

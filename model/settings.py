@@ -10,6 +10,7 @@ measured to meet the accuracy targets of the built-in tasks (README, "Measured s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -98,8 +99,8 @@ class TrainSettings:
 # Measured on a 2-core CPU (one torch thread): each default run takes well under 90 s. The Noam factor
 # 1.0 (peak lr 7e-3 at d_model=64) left keywords at 0.83: it learns "any 'not' flips" and never the
 # adjacency of 'not' and its word; 0.15 learns it. Dropout 0 and 16k examples lift keywords from 0.93 to 0.98.
-_TASK_RECIPE = dict(lr_factor=0.15, warmup=300, dropout=0.0, max_len=32)
-_TASK_DEFAULTS = {
+_TASK_RECIPE: dict[str, Any] = dict(lr_factor=0.15, warmup=300, dropout=0.0, max_len=32)
+_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "keywords": dict(_TASK_RECIPE, epochs=12, patience=4, n_train=16000),
     "needle": dict(_TASK_RECIPE, epochs=4, patience=2),
     "majority": dict(_TASK_RECIPE, epochs=5, patience=2),

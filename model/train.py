@@ -18,24 +18,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
+from attnaudit.core.io import atomic_write_text, file_sha256
 from attnaudit.data.examples import Example
 from attnaudit.data.tasks import TASK_NAMES, get_task, make_examples
-from attnaudit.model.checkpoint import atomic_write_text, save_checkpoint
+from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.evaluate import evaluate_classifier, evaluate_translator, pair_loss
-from attnaudit.model.fit import LOG_COLUMNS, fit, log_csv
+from attnaudit.model.fit import LOG_COLUMNS, classification_step_loss, fit, log_csv
 from attnaudit.model.interface import TextClassifier
 from attnaudit.model.run_folder import (
     HOLDOUT,
     METRICS,
     TRAIN_LOG,
     check_out_dir,
-    file_sha256,
     labelled_splits,
     run_identity,
     table_splits,
@@ -106,13 +106,10 @@ def train_classifier(
     model = TextClassifier(TransformerClassifier(cfg), vocab, label_names=label_names).to(dev)
     tr, va = model.encode(list(train), truncate=True), model.encode(list(valid), truncate=True)
     te = model.encode(list(test), truncate=True) if test is not None else None
+    assert tr.labels is not None                                               # `labelled` checked every Example
     ids, mask, labels = tr.input_ids.to(dev), tr.attention_mask.to(dev), tr.labels.to(dev)
 
-    def step_loss(idx: Tensor) -> Tensor:
-        m = mask[idx]                                                          # [batch, seq]
-        n = int(m.sum(1).max())                                                # trim shared padding
-        logits = model.net(ids[idx, :n], m[:, :n])                             # [batch, n_classes]
-        return F.cross_entropy(logits.float(), labels[idx], label_smoothing=settings.label_smoothing)
+    step_loss = classification_step_loss(model.net, ids, mask, labels, label_smoothing=settings.label_smoothing)
 
     def evaluate() -> tuple[float, float]:
         scores = evaluate_classifier(model, va)
@@ -120,12 +117,12 @@ def train_classifier(
 
     result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress,
                  desc=progress_label)
-    metrics = {"kind": "classification"}
+    metrics: dict[str, Any] = {"kind": "classification"}
     for name, split in (("valid", va), ("test", te)):
         if split is not None:
             scores = evaluate_classifier(model, split)
             metrics.update({f"{name}_accuracy": scores["accuracy"], f"{name}_loss": float(f"{scores['loss']:.4g}")})
-    truncated = sum(sum(b.truncated) for b in (tr, va, te) if b is not None)
+    truncated = sum(sum(b.truncated or ()) for b in (tr, va, te) if b is not None)
     metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(test) if test is not None else 0,
                    n_params=sum(p.numel() for p in model.net.parameters()), vocab_size=len(vocab),
                    n_truncated=truncated, device=str(dev))
@@ -159,22 +156,21 @@ def train_seq2seq(
 
     _check_splits(train, valid, test, with_target)
     src_vocab = Vocab.build((e.text for e in train), min_freq=settings.min_freq, max_size=settings.max_vocab)
-    tgt_vocab = Vocab.build((e.target for e in train), min_freq=settings.min_freq, max_size=settings.max_vocab)
+    tgt_vocab = Vocab.build((e.target for e in train if e.target is not None), min_freq=settings.min_freq, max_size=settings.max_vocab)
     torch.manual_seed(settings.seed)                                           # initialisation and dropout
     cfg = settings.architecture(vocab_size=len(src_vocab), tgt_vocab_size=len(tgt_vocab), pad_id=src_vocab.pad_id)
     model = Translator(TransformerSeq2Seq(cfg), src_vocab, tgt_vocab).to(dev)
     pairs = model.encode(list(train), truncate=True)
-    pairs = PairBatch(pairs.src.to(dev), *(t.to(dev) for t in (pairs.tgt_in, pairs.tgt_out, pairs.tgt_mask)))
+    pairs = PairBatch(pairs.src.to(dev), *(t.to(dev) for t in pairs.targets()))
 
-    def step_loss(idx: Tensor) -> Tensor:
-        return pair_loss(model.net, pairs, idx, pad_id=tgt_vocab.pad_id, label_smoothing=settings.label_smoothing)
+    step_loss = partial(pair_loss, model.net, pairs, pad_id=tgt_vocab.pad_id, label_smoothing=settings.label_smoothing)
 
     def evaluate() -> tuple[float, float]:
         scores = evaluate_translator(model, valid)
         return scores["exact_match"], scores["loss"]
 
     result = fit(model.net, len(train), step_loss, evaluate, settings, dev, progress=progress, desc=progress_label)
-    metrics = {"kind": "seq2seq"}
+    metrics: dict[str, Any] = {"kind": "seq2seq"}
     for name, split in (("valid", valid), ("test", test)):
         if split is not None:
             scores = evaluate_translator(model, split)
@@ -183,7 +179,7 @@ def train_seq2seq(
     metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(test) if test is not None else 0,
                    n_params=sum(p.numel() for p in model.net.parameters()),
                    vocab_size=len(src_vocab), tgt_vocab_size=len(tgt_vocab),
-                   n_truncated=sum(pairs.src.truncated), device=str(dev))
+                   n_truncated=sum(pairs.src.truncated or ()), device=str(dev))
     return model, _finish(result, log_path, metrics)
 
 
@@ -248,6 +244,7 @@ def train_to_folder(
     check_out_dir(out, run_identity(task_info, training), overwrite=overwrite)   # before minutes of training
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / TRAIN_LOG
+    model: TextClassifier | Translator
     if task_info["kind"] == "seq2seq":
         model, metrics = train_seq2seq(splits["train"], splits["valid"], splits["test"], settings=settings,
                                        device=str(dev), progress=progress, log_path=log_path,

@@ -10,6 +10,7 @@ anywhere, by training, a test or a user, starts the same way for the same `torch
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -206,7 +207,7 @@ class TransformerSeq2Seq(nn.Module):
         y = self.dropout(self.tgt_pos(self.tgt_embed(tgt_ids)))                  # [batch, tgt, d_model]
         self_allowed = causal_allowed(tgt_mask)                                  # [batch, 1, tgt, tgt]
         cross_allowed = padding_allowed(tgt_mask, src_mask)                      # [batch, 1, tgt, src]
-        for layer in self.decoder.layers:
+        for layer in cast(nn.ModuleList, self.decoder.layers):                  # set on a plain nn.Module above
             y = layer(y, memory, self_allowed, cross_allowed)
         return self.generator(self.final_norm(y))                                # [batch, tgt, tgt_vocab]
 

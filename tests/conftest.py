@@ -45,6 +45,16 @@ def tiny_batch(tiny_model, tiny_examples):
     return tiny_model.encode(tiny_examples)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_session():
+    """The whole suite on one torch thread, as `one_thread_module` does for some modules: every model here is tiny,
+    and on a busy 2-core machine two threads wait on each other (the fast loop takes twice as long on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread_module():
     """One torch thread for a module: tiny models run no faster on two, and on a busy 2-core machine two wait on each other."""
@@ -113,3 +123,19 @@ class HtmlCollect:
         parser = _Parser(convert_charrefs=True)
         parser.feed(markup)
         parser.close()
+
+
+# -- the fast loop, `pytest -m "not slow"` ---------------------------------------------------------------------------
+# Module-scoped fixtures (by name) that train a model or run a whole `attnaudit` job. A test that uses one must carry
+# @pytest.mark.slow, or the fast loop pays for the training: collection stops here and names the test.
+TRAINING_FIXTURES = frozenset({"needle", "needle_model", "reorder_model", "keywords_models", "reference", "workdir",
+                               "run"})
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = sorted(item.nodeid for item in items if item.get_closest_marker("slow") is None
+                      and TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if unmarked:
+        raise pytest.UsageError(
+            f"{len(unmarked)} test(s) use a fixture that trains a model ({', '.join(sorted(TRAINING_FIXTURES))}) but "
+            f"have no @pytest.mark.slow, so the fast loop would train it: {', '.join(unmarked)}")

@@ -128,6 +128,7 @@ def test_fragments_get_unique_ids_and_render_given_evidence():
         render_fragment([p], {"ranks": []})
 
 
+@pytest.mark.slow
 def test_512_tokens_12_layers_12_heads_stay_small():
     att = peaky(n_layers=12, n_heads=12, n=512).astype(np.float32)
     p = attention_panel(att, [f"w{i}" for i in range(512)])
@@ -196,6 +197,7 @@ def test_evidence_from_the_audit_tables():
     assert none["per_head"] == [] and len(none["missing"]) == 1 and "token_scores" not in none
 
 
+@pytest.mark.slow
 def test_the_report_embeds_one_view_per_task_allowed_by_its_csp(tmp_path):
     from test_report import synthetic_report_inputs
 

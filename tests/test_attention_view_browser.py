@@ -18,6 +18,7 @@ import pytest
 
 from attnaudit.analyses.attention_view import attention_panel, render_page
 
+pytestmark = pytest.mark.slow  # a real headless Chromium and a Jupyter kernel
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 DRIVER = shutil.which("chromedriver")
 HOSTILE = '</script><img src=x onerror="alert(1)">'

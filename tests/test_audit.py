@@ -119,6 +119,7 @@ def test_settings_round_trip_to_plain_data():
     assert AuditSettings().with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).to_dict() == d
 
 
+@pytest.mark.slow
 def test_write_report_from_an_audit(tiny_model, examples, tmp_path):
     result = audit(tiny_model, examples, **FAST)
     out = result.write_report(tmp_path / "rep", model_card={"architecture": {"n_layers": 2, "n_heads": 2}}, task="tiny")

@@ -127,6 +127,7 @@ def test_tasks_export_writes_jsonl_with_one_rationale_entry_per_word(capsys, tmp
                       "split must be one of train, valid, test")
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "attnaudit", "train", "--task", "nope", "--out", str(tmp_path)],
                           capture_output=True, text=True)

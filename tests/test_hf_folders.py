@@ -16,7 +16,7 @@ from conftest import cli_run, make_tiny_model
 from test_hf import tiny_net, wordpiece_tokenizer, write_folder
 
 import attnaudit
-from attnaudit.data.readers import read_labelled
+from attnaudit.data import read_labelled
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -79,6 +79,7 @@ def test_out_of_range_integer_and_integer_names_are_not_indices(tmp_path):
         read_labelled(path, text_col="text", label_col="label", label_names=("1", "2"))
 
 
+@pytest.mark.slow
 def test_analyze_a_fresh_head_with_integer_labels_and_label_names(capsys, tmp_path, data, fresh):
     out = tmp_path / "report"
     code, stdout, err = cli_run(capsys, "analyze", "--model", fresh, "--data", data, "--text-col", "text",
@@ -118,6 +119,7 @@ def test_a_folder_without_tokenizer_files_is_refused(capsys, tmp_path):
 
 
 # -- newly initialised weights -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_untrained_head_is_recorded_warned_and_refused_by_analyze(capsys, tmp_path, data, base):
     with pytest.warns(UserWarning, match="UNTRAINED"):
         model = attnaudit.load_model(base)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts a fresh Python process
 HEAVY = ("captum", "pandas", "matplotlib", "seaborn", "transformers", "torch")
 
 

@@ -79,6 +79,7 @@ def test_bad_config_is_one_line_with_status_2(tmp_path, capsys, text, fragment):
     assert not (tmp_path / "rep").exists()
 
 
+@pytest.mark.slow
 def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, config, capsys):
     out, runs = tmp_path / "rep", tmp_path / "runs"
     code, stdout, err = cli_run(capsys, "run", "--config", config, "--out", out, "--runs", runs)
@@ -160,6 +161,7 @@ def test_command_errors_are_one_line(tmp_path, capsys, args, fragment):
     assert fragment in err, err
 
 
+@pytest.mark.slow
 def test_run_covers_the_seq2seq_task(tmp_path, capsys):
     path = tmp_path / "reorder.toml"
     path.write_text('[run]\ntasks = ["reorder"]\n[train]\nd_model = 32\nn_heads = 2\nd_ff = 64\nepochs = 2\n'

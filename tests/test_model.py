@@ -378,6 +378,7 @@ def test_installed_names_import():
     assert attnaudit.model.__name__ == "attnaudit.model"
 
 
+@pytest.mark.slow
 def test_the_install_exposes_only_the_attnaudit_names(tmp_path):
     """Outside the checkout, the folders model/, explain/, analyses/ are reachable only as attnaudit.*.
 

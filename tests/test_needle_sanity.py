@@ -12,6 +12,7 @@ from attnaudit.data.tasks import make_examples
 from attnaudit.explain import get_explainer
 from attnaudit.model.train import defaults_for, train_task
 
+pytestmark = pytest.mark.slow  # trains a model (a few seconds) that every test reads
 N_EXAMPLES = 120
 MIN_TOP1_RATE = 0.95
 # Measured (seeds 0-2 of these settings): test accuracy 1.000, and both explainers put the needle

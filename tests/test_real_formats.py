@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import cli_run
 
-from attnaudit.data.readers import data_format, read_labelled
+from attnaudit.data import data_format, read_labelled
 from attnaudit.model.run_folder import labelled_splits
 from attnaudit.model.settings import defaults_for
 from attnaudit.model.train import train_to_folder
@@ -100,6 +100,7 @@ def test_train_cli_takes_eraser_splits_and_scores_test_once(eraser, tmp_path, ca
     assert json.loads((model / "config.json").read_text())["architecture"]["max_len"] == 16
 
 
+@pytest.mark.slow
 def test_analyze_scores_an_eraser_split_against_its_rationales(eraser, tmp_path, capsys, one_thread_module):
     model, out = tmp_path / "model", tmp_path / "report"
     settings = defaults_for(None).replace(max_len=16, d_model=32, n_heads=2, d_ff=64, warmup=20, epochs=12)

@@ -77,6 +77,7 @@ def manifest_items(out: Path) -> dict:
 
 # -- interrupted and resumed --------------------------------------------------------------------------
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupted_run_exits_130_and_resume_equals_an_uninterrupted_run(reference, signum):
     out, args = reference / f"interrupted-{signum.name}", ("--config", reference / "tiny.toml", "--runs",
                                                             reference / "runs", "--quiet")
@@ -109,6 +110,7 @@ def test_interrupted_run_exits_130_and_resume_equals_an_uninterrupted_run(refere
 
 
 # -- reproducible -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_tables_and_records_provenance(reference):
     """A second run from scratch (its own training too) gives the same bytes; results.json says how they were made."""
     again = reference / "again"
@@ -155,6 +157,7 @@ class Fault:
 @pytest.mark.parametrize("error", [RuntimeError("injected fault"),
                                    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")],
                          ids=["RuntimeError", "OutOfMemoryError-twice"])
+@pytest.mark.slow
 def test_one_failed_item_leaves_the_others_saved_exit_3_and_resume_finishes(reference, capsys, monkeypatch, error):
     out = reference / f"faulty-{type(error).__name__}"
     args = ("run", "--config", reference / "tiny.toml", "--runs", reference / "runs", "--out", out, "--quiet")
@@ -235,6 +238,7 @@ def test_path_traversal_ids_stay_inside_the_store(tmp_path):
     assert not Path("/tmp/evil-absolute").exists() and not (tmp_path.parent / "evil").exists()
 
 
+@pytest.mark.slow
 def test_path_traversal_ids_stay_inside_the_report_folder(tmp_path, capsys):
     model_dir = save_checkpoint(make_tiny_model(), tmp_path / "model")
     data = tmp_path / "data" / "reviews.csv"
@@ -376,6 +380,7 @@ def test_a_pickle_is_refused_by_explain_and_never_run(pickles, capsys, kind):
     assert "pickle" in err and not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_pickle_file_is_refused_in_a_fresh_process(pickles):
     marker, made = pickles
     proc = attnaudit_process("explain", "--model", made["file.pt"], "--text", "the film")

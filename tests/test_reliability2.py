@@ -23,8 +23,8 @@ from conftest import WORDS, cli_run, make_tiny_model
 
 from attnaudit import get_explainer, load_model
 from attnaudit.analyses.audit import AuditSettings
+from attnaudit.data import read_labelled
 from attnaudit.data.examples import read_table, read_texts
-from attnaudit.data.readers import read_labelled
 from attnaudit.explain.flow import flow, flow_seconds
 from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.interface import TextClassifier
@@ -356,6 +356,7 @@ def keywords_models(tmp_path_factory):
     return root, folders
 
 
+@pytest.mark.slow
 def test_resume_against_another_model_dataset_or_settings_is_refused_with_the_differences(keywords_models, capsys,
                                                                                           tmp_path):
     root, (first, second) = keywords_models
@@ -387,6 +388,7 @@ def test_resume_against_another_model_dataset_or_settings_is_refused_with_the_di
     assert (out / "results.json").is_file()                   # the earlier report is untouched
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_lock_and_the_pid(keywords_models, capsys, tmp_path):
     root, (first, _) = keywords_models
     out = tmp_path / "busy"

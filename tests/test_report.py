@@ -136,6 +136,7 @@ def test_attention_near_the_best_gives_yes():
     assert v.paragraph.startswith("Task t: yes.")
 
 
+@pytest.mark.slow
 def test_counterfactual_contradiction_downgrades_yes_to_partly():
     ignored = derive_verdict(synthetic_metrics(0.98), task="t", counterfactual=synthetic_counterfactual(0.01))
     assert ignored.answer == "partly" and ignored.counterfactual["attention_changes_output"] is False
@@ -264,6 +265,7 @@ def test_csv_cells_are_guarded(report_dir):
     assert unguard_cell(guard_cell("'=x")) == "'=x" and guard_cell(-1.5) == -1.5
 
 
+@pytest.mark.slow
 def test_reverdict_derives_the_verdict_again_from_the_saved_tables(tmp_path):
     out = write_report(tmp_path / "r", **synthetic_report_inputs(hostile=False))
     saved = json.loads((out / "results.json").read_text())
@@ -279,6 +281,7 @@ def test_reverdict_derives_the_verdict_again_from_the_saved_tables(tmp_path):
     assert again["timings"] == saved["timings"] and "an older rule" not in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_render_report_reproduces_the_page(report_dir):
     before = {p.name: p.read_bytes() for p in [report_dir / "index.html", report_dir / "report.md",
                                                 *(report_dir / "figures").glob("*.png")]}

@@ -21,8 +21,9 @@ from test_report import IMG_TOKEN, SCRIPT_TOKEN, synthetic_report_inputs
 from attnaudit.analyses.report import write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
-                                                         "the browser test of the HTML report is skipped.")
+pytestmark = [pytest.mark.slow,  # a real headless Chromium, a second or more a page
+              pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
+                                                          "the browser test of the HTML report is skipped.")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-logging=stderr", "--v=0", "--window-size=1200,2000"]

@@ -39,6 +39,7 @@ def test_json_lines_split_on_newline_only():
         parse_json_lines('{"a": 1}\n{"a": \n')
 
 
+@pytest.mark.slow
 def test_separators_in_ids_texts_and_labels_round_trip(tmp_path, inputs):
     odd = {ex["id"]: f"ex{SEPARATORS}{i}" for i, ex in enumerate(inputs["examples"])}
     metrics = inputs["metrics"].assign(example_id=inputs["metrics"]["example_id"].map(odd))
@@ -56,6 +57,7 @@ def test_separators_in_ids_texts_and_labels_round_trip(tmp_path, inputs):
     assert not any(c in line for line in (out / "report.md").read_text().split("\n") for c in SEPARATORS)
 
 
+@pytest.mark.slow
 def test_compressed_tables_are_deterministic_and_small(tmp_path, inputs):
     a, b = write_report(tmp_path / "a", **inputs), write_report(tmp_path / "b", **inputs)
     for name in ("metrics.csv.gz", "examples.jsonl.gz", "attributions.jsonl.gz"):
@@ -70,6 +72,7 @@ def test_compressed_tables_are_deterministic_and_small(tmp_path, inputs):
     assert sum(sizes.values()) < 1_000_000 and sizes["index.html"] < 600_000, sizes
 
 
+@pytest.mark.slow
 def test_full_tables_keep_every_record_and_curve(tmp_path, inputs):
     out = write_report(tmp_path / "r", **inputs, full_tables=True)
     res = json.loads((out / "results.json").read_text())
@@ -96,6 +99,7 @@ def to_version_1(folder: Path) -> None:
     (folder / "results.json").write_text(json.dumps(res))
 
 
+@pytest.mark.slow
 def test_older_folders_are_read_and_converted(tmp_path, inputs):
     sampled = write_report(tmp_path / "new", **inputs)
     out = write_report(tmp_path / "old", **inputs, full_tables=True)
@@ -120,6 +124,7 @@ def test_older_folders_are_read_and_converted(tmp_path, inputs):
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+@pytest.mark.slow
 def test_a_full_disk_leaves_the_previous_report(tmp_path, inputs, monkeypatch, exchange):
     out = write_report(tmp_path / "r", **inputs)
     (out / ".attnaudit").mkdir()
@@ -158,6 +163,7 @@ def test_a_label_is_shown_once():
     assert label_text("spam", ["ham", "spam"]) == "spam" and label_text(True, ["a", "b"]) is True
 
 
+@pytest.mark.slow
 def test_attnaudit_report_converts_an_older_folder(tmp_path, inputs, capsys):
     from conftest import cli_run
 

@@ -16,6 +16,7 @@ from test_report import synthetic_report_inputs
 
 from attnaudit.analyses.report import render_report, write_report
 
+pytestmark = pytest.mark.slow  # the module's report takes tens of seconds to write; one test drives Chromium
 SCRIPT = "</script><script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
 FORMULA = '=HYPERLINK("http://x","y")'

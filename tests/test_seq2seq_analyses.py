@@ -59,6 +59,7 @@ def test_cross_rollout_one_layer_by_hand():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_units_and_gold_follow_the_alignment(reorder_model):
     ex = Example("x", "red cat sees dog", target="chat rouge voit chien", alignment=((0, 1), (1, 0), (2, 2), (3, 3)))
     pairs, units = prepare(reorder_model, [ex])
@@ -67,6 +68,7 @@ def test_units_and_gold_follow_the_alignment(reorder_model):
     assert units.gold.int().argmax(1).tolist() == [2, 1, 3, 4] and units.gold.sum(1).tolist() == [1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_audit_tables_are_tidy_and_render(reorder_model, test_examples, tmp_path):
     out = audit_translator(reorder_model, test_examples[:16], n_permutations=3,
                            explainers=("cross_attention", "cross_rollout", *EXPLAINERS[3:]))
@@ -92,6 +94,7 @@ def test_audit_tables_are_tidy_and_render(reorder_model, test_examples, tmp_path
     assert json.loads((folder / "results.json").read_text())["verdicts"]["reorder"]["answer"] != "undetermined"
 
 
+@pytest.mark.slow
 def test_random_gold_scores_match_chance(reorder_model, test_examples):
     table, attrs = translator_metrics(reorder_model, test_examples, explainers=("random",))
     a = attrs["random"]
@@ -103,6 +106,7 @@ def test_random_gold_scores_match_chance(reorder_model, test_examples):
     assert abs(mean["gold_auprc"] - float(chance_ap)) < 0.04
 
 
+@pytest.mark.slow
 def test_oracle_beats_random_and_cross_attention_finds_the_gold(reorder_model, test_examples):
     examples = test_examples[:60]
     pairs, units = prepare(reorder_model, examples)
@@ -116,6 +120,7 @@ def test_oracle_beats_random_and_cross_attention_finds_the_gold(reorder_model, t
     assert mean["attention", "gold_precision_at_k", "k=n_gold"] > 0.8  # a trained reorder model attends to the word it copies
 
 
+@pytest.mark.slow
 def test_batched_occlusion_equals_single_forwards(reorder_model, test_examples):
     examples = test_examples[:5]
     pairs, _ = prepare(reorder_model, examples)
@@ -135,6 +140,7 @@ def test_batched_occlusion_equals_single_forwards(reorder_model, test_examples):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_batched_gradients_equal_one_example_at_a_time(reorder_model, test_examples):
     pairs, _ = prepare(reorder_model, test_examples[:4])
     together = translator_scores(reorder_model, pairs, ("saliency", "input_x_gradient"))
@@ -146,6 +152,7 @@ def test_batched_gradients_equal_one_example_at_a_time(reorder_model, test_examp
             torch.testing.assert_close(together[name][i, :t, :s], v[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_uniform_attention_with_identical_keys_changes_nothing(reorder_model, test_examples):
     model = copy.deepcopy(reorder_model)
     with torch.no_grad():
@@ -160,6 +167,7 @@ def test_uniform_attention_with_identical_keys_changes_nothing(reorder_model, te
         assert u[layer, "exact_match"] == u[layer, "exact_match_original"]
 
 
+@pytest.mark.slow
 def test_identical_values_make_permutation_and_erasure_inert(reorder_model, test_examples):
     model = copy.deepcopy(reorder_model)
     with torch.no_grad():
@@ -173,6 +181,7 @@ def test_identical_values_make_permutation_and_erasure_inert(reorder_model, test
     assert (cf["permutation"]["median_tvd"] < 1e-6).all()
 
 
+@pytest.mark.slow
 def test_the_trained_model_depends_on_cross_attention(reorder_model, test_examples):
     s = translator_counterfactual(reorder_model, test_examples[:40], n_permutations=5)["summary"]
     s = s.set_index(["test", "layer", "statistic"])["value"]
@@ -182,6 +191,7 @@ def test_the_trained_model_depends_on_cross_attention(reorder_model, test_exampl
     assert not math.isnan(s["permutation", "all", "max_attention_tvd_spearman"])
 
 
+@pytest.mark.slow
 def test_engine_deduplicates_and_caches(reorder_model, test_examples):
     pairs, _ = prepare(reorder_model, test_examples[:3])
     engine = TeacherForcedEngine(reorder_model, pairs)
@@ -192,6 +202,7 @@ def test_engine_deduplicates_and_caches(reorder_model, test_examples):
     torch.testing.assert_close(again, first[[2, 0]])
 
 
+@pytest.mark.slow
 def test_errors_name_the_rule(reorder_model, test_examples):
     pairs, _ = prepare(reorder_model, test_examples[:2])
     with pytest.raises(ValueError, match="Unknown explainer 'atention'. Available: attention, attention_layers"):

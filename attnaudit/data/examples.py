@@ -14,10 +14,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from attnaudit.core.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def read_table(
         f"{path}: column {label_col!r} has a single class {name!r} in all {len(rows)} rows; a classifier needs "
         "at least two labels."))
 
-    examples, seen = [], {}
+    examples: list[Example] = []
+    seen: dict[str, int] = {}                                 # id -> line
     for row_number, ((line, row), label) in enumerate(zip(rows, labels)):
         if label not in index:
             as_index = "" if any(_INTEGER.fullmatch(n) for n in label_names) else \
@@ -144,17 +146,7 @@ def write_jsonl(examples, path: str | os.PathLike) -> Path:
         raise ValueError(f"path must name a file to write, not an existing folder; got {str(path)!r}. "
                          f"Pass a file name inside it, e.g. {str(path / 'examples.jsonl')!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())      # the bytes are on disk before the rename makes them visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(ex.to_json(), ensure_ascii=False) + "\n" for ex in examples))
     return path
 
 
@@ -309,7 +301,7 @@ def label_index(labels, label_names, *, single) -> tuple[tuple[str, ...], dict[s
     themselves integers: then "1" can only mean the class named "1".
     """
     if label_names is None:
-        label_names = _sorted_labels(set(labels))
+        label_names = sorted_labels(set(labels))
         if len(label_names) < 2:
             raise ValueError(single(label_names[0]))
     label_names = tuple(str(name) for name in label_names)
@@ -324,7 +316,7 @@ def label_index(labels, label_names, *, single) -> tuple[tuple[str, ...], dict[s
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _sorted_labels(labels: set[str]) -> tuple[str, ...]:
+def sorted_labels(labels: set[str]) -> tuple[str, ...]:
     """Sorted label strings; numerically when every label is an integer ("2" before "10")."""
     if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
         return tuple(sorted(labels, key=lambda label: (int(label), label)))

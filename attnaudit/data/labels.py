@@ -1,4 +1,5 @@
-"""Naming a model's classes after the fact: `--label-names negative,positive`.
+"""Class names given on the command line: `--label-names negative,positive` (checked here; applied to a model
+by `attnaudit.model.interface.name_classes`).
 
     model = name_classes(load_model("my-bert"), parse_label_names("negative,positive"))
     model.label_names                                   # ("negative", "positive") instead of LABEL_0, LABEL_1
@@ -20,19 +21,3 @@ def parse_label_names(text: str | Sequence[str] | None, *, option: str = "--labe
         raise ValueError(f"{option} must be two or more distinct, non-empty class names separated by commas, "
                          f"in class-index order; got {text!r}.")
     return names
-
-
-def name_classes(model, label_names: Sequence[str] | None, *, option: str = "--label-names"):
-    """Give `model` these class names (one per class, in index order) -> the same model; None changes nothing."""
-    if label_names is None:
-        return model
-    names = tuple(label_names)
-    if getattr(model, "kind", None) != "classifier":
-        raise ValueError(f"{option} names a classifier's classes; this model is a {type(model).__name__}.")
-    if len(names) != model.n_classes:
-        raise ValueError(f"{option} must name each of the model's {model.n_classes} classes in index order; got "
-                         f"{len(names)} ({', '.join(names)}); the model calls them {', '.join(model.label_names)}.")
-    model.label_names = names
-    if isinstance(getattr(model, "config", None), dict) and "label_names" in model.config:
-        model.config["label_names"] = list(names)
-    return model

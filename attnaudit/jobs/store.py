@@ -7,47 +7,36 @@
 
 Files: <out>/.attnaudit/manifest.json (fingerprint and one entry per item: status, seconds, sha256),
 <out>/.attnaudit/items/<safe_name(item)>.json and <out>/.attnaudit/lock (pid, host, time of the holder).
-A sharded run (attnaudit.distributed) adds ranks/rank-R.json and ranks/rank-R.lock per rank R > 0 (`RankStore`):
+A sharded run (attnaudit.jobs.sharding) adds ranks/rank-R.json and ranks/rank-R.lock per rank R > 0 (`RankStore`):
 its items, which rank 0 adopts while it waits (`collect`) and any later open adopts too.
 Every file is written to a temporary file beside it, fsynced, renamed over the final name and the folder
 fsynced, and an item file is complete before the manifest calls it done: readers never see a torn file.
 JSON is strict (no NaN tokens): a non-finite float is written as {"$float": "nan" | "inf" | "-inf"} and
 read back as the float, so float lists keep their NaN. Tuples and arrays (anything with `tolist`) come
 back as lists; dict keys must be strings. DataFrames go through `frame_payload` / `payload_frame`.
+
+The pieces: `attnaudit.jobs.payload` (that JSON, DataFrame payloads), `attnaudit.jobs.fingerprint` (hashes,
+differences), `attnaudit.jobs.paths` (safe names, --out checks), `attnaudit.jobs.locks` (lock files, SIGTERM);
+their names are importable from here too.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
-import os
-import re
-import signal
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from attnaudit.model.checkpoint import atomic_write_bytes, file_sha256
-
-try:
-    import fcntl  # the kernel drops an flock when its holder dies
-except ImportError:                                   # pragma: no cover - not on Windows
-    fcntl = None
+from attnaudit.core.io import atomic_write_bytes, fsync_folder
+from attnaudit.jobs.fingerprint import differences, sha256_file, sha256_files, sha256_json, short_repr
+from attnaudit.jobs.locks import StoreLocked, held_elsewhere, interruptible, lock_holder, release_lock, take_lock
+from attnaudit.jobs.paths import MAX_NAME, OutputPathError, StoreError, check_output_dir, inside, safe_name
+from attnaudit.jobs.payload import dumps, frame_payload, loads, payload_frame
 
 FORMAT, FORMAT_VERSION = "attnaudit-store", 1
-MAX_NAME = 100
 
 
-class StoreError(ValueError):
-    """An output folder the store cannot use as asked; the message says what to do."""
-
-
-class OutputPathError(StoreError): """--out is a file, a symlink, read-only or cannot be created."""
-class StoreLocked(StoreError): """Another live process holds the folder's lock."""
 class StoreExists(StoreError): """The folder holds an earlier run's items and neither resume nor overwrite was asked."""
 class StoreCorrupt(StoreError): """A manifest or item file that does not read back as written."""
 
@@ -58,256 +47,11 @@ class FingerprintMismatch(StoreError):
         self.differences = differences              # (key path, earlier, now)
 
 
-# -- hashes -------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of one file (`attnaudit.model.checkpoint.file_sha256`, the one definition)."""
-    return file_sha256(Path(path))
-
-
-def sha256_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> str:
-    """One hash over files: a folder's files (recursively, names starting with "." skipped) or a list of paths.
-
-    Each file contributes its name relative to the folder (for a list: to the files' common parent) and its
-    sha256, in sorted name order, so the hash is the same wherever the files lie and however they are listed.
-    """
-    if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
-        root = Path(paths)
-        files = [Path(d, f) for d, dirs, names in os.walk(root) for f in names]
-        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    else:
-        files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        root = Path(os.path.commonpath([p.resolve().parent for p in files])) if files else Path(".")
-        files = [p.resolve() for p in files]
-    named = sorted((p.relative_to(root).as_posix(), p) for p in files)
-    return sha256_json([[name, sha256_file(p)] for name, p in named])
-
-
-def sha256_json(obj: Any) -> str:
-    """sha256 of the canonical JSON of `obj` (sorted keys, no spaces, NaN encoded as in items)."""
-    text = json.dumps(_encode(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# -- strict JSON with exact floats --------------------------------------------------------------
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
-    if obj is None or isinstance(obj, (str, int, float)):
-        return obj
-    if isinstance(obj, Mapping):
-        bad = [k for k in obj if not isinstance(k, str)]
-        if bad:
-            raise TypeError(f"payload dict keys must be strings (JSON would turn {bad[0]!r} into a string); "
-                            f"got a {type(bad[0]).__name__} key.")
-        if set(obj) == {"$float"}:
-            raise TypeError('a payload dict may not have "$float" as its only key (it marks non-finite floats).')
-        return {k: _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if hasattr(obj, "tolist"):                        # numpy / torch arrays and scalars
-        return _encode(obj.tolist())
-    raise TypeError(f"payloads must be JSON data (dict, list, str, int, float, bool, None); got {type(obj).__name__}.")
-
-
-def _decode_float(d: dict) -> Any:
-    return float(d["$float"]) if set(d) == {"$float"} else d
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON text of a payload; non-finite floats become {"$float": ...}."""
-    return json.dumps(_encode(obj), allow_nan=False, ensure_ascii=False)
-
-
-def loads(text: str | bytes) -> Any:
-    return json.loads(text, object_hook=_decode_float)
-
-
-def frame_payload(df) -> dict:
-    """A DataFrame as JSON data that `payload_frame` turns back into an equal frame.
-
-    Kept exactly: column names and order, dtypes (float/int/uint/bool, their nullable forms, str/object),
-    NaN and missing values, the index and `attrs`. Refused: category, datetime and other dtypes.
-    """
-    import pandas as pd
-    for name, dtype in df.dtypes.items():
-        if isinstance(dtype, pd.CategoricalDtype) or dtype.kind not in "biufO":
-            raise TypeError(f"frame_payload stores float, int, bool and string columns; column {name!r} "
-                            f"has dtype {dtype}. Convert it first (e.g. .astype(str)).")
-    plain = lambda values: [None if v is pd.NA else v for v in values]          # noqa: E731
-    return {"kind": "pandas.DataFrame",
-            "columns": plain(df.columns.tolist()), "columns_dtype": str(df.columns.dtype),
-            "dtypes": [str(d) for d in df.dtypes],
-            "data": [plain(df.iloc[:, j].tolist()) for j in range(df.shape[1])],
-            "index": plain(df.index.tolist()), "index_dtype": str(df.index.dtype), "index_name": df.index.name,
-            "attrs": dict(df.attrs)}
-
-
-def payload_frame(obj: Mapping) -> Any:
-    """Inverse of `frame_payload` (also after a save/load round trip)."""
-    import pandas as pd
-    if not isinstance(obj, Mapping) or obj.get("kind") != "pandas.DataFrame":
-        raise ValueError("payload_frame needs a dict made by frame_payload (kind 'pandas.DataFrame'); "
-                         f"got {type(obj).__name__}.")
-    index = pd.Index(obj["index"], dtype=obj["index_dtype"], name=obj["index_name"])
-    df = pd.DataFrame({j: pd.Series(values, dtype=dtype, index=index)
-                       for j, (values, dtype) in enumerate(zip(obj["data"], obj["dtypes"]))}, index=index)
-    df.columns = pd.Index(obj["columns"], dtype=obj["columns_dtype"])
-    df.attrs = dict(obj["attrs"])
-    return df
-
-
-# -- paths --------------------------------------------------------------------------------------
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-_SUFFIX = re.compile(r"-[0-9a-f]{16}$")
-
-
-def safe_name(text: str) -> str:
-    """A file name for user text: [A-Za-z0-9._-], no leading "." or "-", at most MAX_NAME characters.
-
-    Lower-case safe text is kept as is; any other text gets "-" + 16 hex digits of its sha256, so two
-    different texts never share a name, not even on a case-insensitive file system. Text that already
-    ends like a suffix is suffixed too, so a kept name never equals a made one.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"safe_name needs a str; got {type(text).__name__}.")
-    name = _UNSAFE.sub("_", text)
-    if name[:1] in ("", ".", "-"):
-        name = "_" + name
-    if name == text and name == name.lower() and len(name) <= MAX_NAME and not _SUFFIX.search(name):
-        return name
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{name[:MAX_NAME - 17]}-{digest}"
-
-
-def inside(folder: str | os.PathLike, name: str | os.PathLike) -> Path:
-    """folder/name resolved, refusing a name that leads outside `folder` (.., absolute paths, symlinks)."""
-    root = Path(folder).resolve()
-    path = (root / name).resolve()
-    if path == root or not path.is_relative_to(root):
-        raise ValueError(f"file name {str(name)!r} must stay inside {str(root)!r}; it resolves to {str(path)!r}.")
-    return path
-
-
-def check_output_dir(path: str | os.PathLike, *, param: str = "--out") -> Path:
-    """Make sure `path` is (or can become) a real, writable folder, before any computation -> Path."""
-    path = Path(path)
-    if path.is_symlink():
-        raise OutputPathError(f"{param} must not be a symbolic link (results could land elsewhere); got "
-                              f"{str(path)!r} -> {os.readlink(path)!r}. Pass the real folder instead.")
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{param} must be a folder; got {str(path)!r}, which is an existing file. "
-                              "Pass a new or existing folder path.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"{param} must be a folder that can be created; got {str(path)!r} ({e.strerror}). "
-                              "Check that its parent exists and is writable.") from e
-    try:                                              # os.access lies for root and read-only mounts
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".attnaudit-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputPathError(f"{param} must be a writable folder; got {str(path)!r} ({e.strerror}). "
-                              "Choose another folder or make it writable.") from e
-    return path
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Inside the block SIGTERM raises KeyboardInterrupt, like Ctrl-C; the old handler is restored after.
-
-    Outside the main thread (where Python cannot install handlers) the block runs unchanged.
-    """
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
-    try:
-        old = signal.signal(signal.SIGTERM, _raise)
-    except ValueError:                                # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
 
 def _write(path: Path, data: bytes) -> None:
     """atomic_write_bytes (temp file, flush, fsync, os.replace) then fsync the folder so the rename lasts."""
     atomic_write_bytes(path, data)
-    with contextlib.suppress(OSError):               # folders cannot be opened for fsync on Windows
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)                               # PermissionError: alive, another user's
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-def _read_lock(fd: int) -> dict:
-    """The holder a lock file names ({} if empty or torn)."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    try:
-        info = json.loads(os.read(fd, 4096) or b"{}")
-    except ValueError:
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _holder(path: Path) -> dict | None:
-    """Who holds the flock on lock file `path` (its recorded pid, host, time), or None when nobody does."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        if fcntl is None or _try_flock(fd):           # taken: nobody held it (closing the fd releases it)
-            return None
-        return _read_lock(fd)
-    finally:
-        os.close(fd)
-
-
-def _elsewhere(path: Path) -> bool:
-    """Does lock file `path` name another host? Its flock then proves nothing (a shared file system may keep
-    flocks per machine), so such a rank counts as alive; torchrun or the wait's timeout see it die."""
-    try:
-        info = json.loads(path.read_bytes() or b"{}")
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("host", socket.gethostname()) != socket.gethostname()
-
-
-def short_repr(value: Any, n: int = 60) -> str:
-    """repr(value) cut to n characters ("..." at the end), for one difference in a one-line message."""
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """The leaves where two JSON values differ -> [(dotted key, old, new)]; a missing key reads "<missing>"."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in [*old, *(k for k in new if k not in old)]:
-            out += differences(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if old == new else [(prefix or "<fingerprint>", old, new)]
+    fsync_folder(path.parent)                         # a no-op where folders cannot be opened (Windows)
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -355,52 +99,13 @@ class ItemStore:
         self._unlock()
 
     def _lock(self) -> None:
-        """O_CREAT|O_EXCL lock file naming its holder, flocked while held: a dead holder's flock is gone."""
-        path = self._lock_path
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-            except FileExistsError:
-                try:
-                    fd = os.open(path, os.O_RDWR)
-                except FileNotFoundError:             # released meanwhile
-                    continue
-            try:
-                held = fcntl is not None and not _try_flock(fd)
-                info = _read_lock(fd)
-                if not held and os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    raise FileNotFoundError       # replaced meanwhile: look again
-                # empty (just created, or torn by a crash) or left by a dead process on this host: ours
-                stale = not info or (info.get("host") == me["host"] and isinstance(info.get("pid"), int)
-                                     and not _pid_alive(info["pid"]))
-                if held or not stale:
-                    raise StoreLocked(
-                        f"{str(self.folder)!r} is in use by pid {info.get('pid', '?')} on host "
-                        f"{info.get('host', '?')} since {info.get('time', '?')}; wait for it to finish or pass "
-                        f"another --out. If that process is gone, delete {str(path)!r}.")
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.write(fd, json.dumps(me).encode())
-                os.fsync(fd)
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            self._lock_fd = fd
-            return
-        raise StoreLocked(f"could not take the lock {str(path)!r}; other processes keep changing it.")
+        """O_CREAT|O_EXCL lock file naming its holder, flocked while held (`attnaudit.jobs.locks.take_lock`)."""
+        self._lock_fd = take_lock(self._lock_path, self.folder)
 
     def _unlock(self) -> None:
         if self._lock_fd is None:
             return
-        path = self._lock_path
-        with contextlib.suppress(OSError):
-            if os.fstat(self._lock_fd).st_ino == os.stat(path).st_ino:
-                path.unlink()
-        os.close(self._lock_fd)
+        release_lock(self._lock_fd, self._lock_path)
         self._lock_fd = None
 
     # manifest -----------------------------------------------------------------------------------
@@ -463,12 +168,12 @@ class ItemStore:
     def _path(self, item: str) -> Path:
         return inside(self.root / "items", safe_name(item) + ".json")
 
-    # ranks of a sharded run (attnaudit.distributed) ---------------------------------------------
+    # ranks of a sharded run (attnaudit.jobs.sharding) ---------------------------------------------
     def _check_ranks(self) -> list[Path]:
         """Refuse when a rank of another job still writes here; drop dead ranks' locks -> their manifests."""
         ranks = self.root / "ranks"
         for lock in sorted(ranks.glob("rank-*.lock")) if ranks.is_dir() else []:
-            info = _holder(lock)
+            info = lock_holder(lock)
             if info is not None:
                 raise StoreLocked(f"{str(self.folder)!r} is in use by {lock.stem} of another sharded job (pid "
                                   f"{info.get('pid', '?')} on host {info.get('host', '?')} since "
@@ -506,7 +211,7 @@ class ItemStore:
         folder = self.root / "ranks"
         for rank in sorted({int(f.stem.split("-")[1]) for f in folder.glob("rank-*.*") if f.suffix in (".json", ".lock")}):
             path = folder / f"rank-{rank}.json"
-            alive = _holder(path.with_suffix(".lock")) is not None or _elsewhere(path.with_suffix(".lock"))
+            alive = lock_holder(path.with_suffix(".lock")) is not None or held_elsewhere(path.with_suffix(".lock"))
             try:
                 m = loads(path.read_bytes())
             except (OSError, ValueError):             # locked but nothing written yet (or torn)
@@ -597,7 +302,7 @@ class ItemStore:
 
 
 class RankStore(ItemStore):
-    """Rank R's side (R > 0) of a store that rank 0's ItemStore holds, for a sharded run (attnaudit.distributed).
+    """Rank R's side (R > 0) of a store that rank 0's ItemStore holds, for a sharded run (attnaudit.jobs.sharding).
 
     The same item files, listed in .attnaudit/ranks/rank-R.json (only this rank writes it) and guarded by
     ranks/rank-R.lock; the folder's lock and manifest stay rank 0's, which adopts these entries (`collect`)
@@ -649,3 +354,9 @@ class RankStore(ItemStore):
         """Mark this rank's work done (rank 0 then no longer waits on it)."""
         self._finished = True
         self._commit(self._items)
+
+
+__all__ = ["ItemStore", "RankStore", "FORMAT", "FORMAT_VERSION", "StoreError", "OutputPathError", "StoreLocked",
+           "StoreExists", "StoreCorrupt", "FingerprintMismatch", "MAX_NAME", "safe_name", "inside",
+           "check_output_dir", "interruptible", "dumps", "loads", "frame_payload", "payload_frame", "sha256_file",
+           "sha256_files", "sha256_json", "differences", "short_repr"]

