@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.explain.base import check_choice
-from attnaudit.explain.capture import AttentionExplainer, Capture, values_site
+from attnaudit.explain.capture import AttentionExplainer, Capture, Fold, Reads, values_site
 from attnaudit.model.interface import Batch, ExplainableModel
 
 READOUTS = ("cls", "mean", "max")
@@ -35,6 +35,11 @@ def check_index(name: str, value, count: int, words: Sequence[str], unit: str) -
 
 def check_layer(layer, model: ExplainableModel, *, name: str = "layer") -> None:
     check_index(name, layer, model.n_layers, ("last", "mean"), "layers")
+
+
+def read_layers(layer: int | str, n_layers: int) -> tuple[int, ...]:
+    """The layers an explainer of `layer` (an index, "last" or "mean") reads: one, or all of them."""
+    return tuple(range(n_layers)) if layer == "mean" else (layer_index(layer, n_layers),)
 
 
 # -- reductions ----------------------------------------------------------------------------------------
@@ -122,6 +127,28 @@ def norm_scores(patterns: Tensor, values: Tensor, output_weights: Tensor, attent
     return read_out(per_layer.mean(0), attention_mask, readout)                   # [batch, key]
 
 
+class NormFold(Fold):
+    """`norm_matrix` of each of `layers` as the forward reaches it -> [layer, batch, query, key] (as `norm_scores`)."""
+
+    values = True
+
+    def __init__(self, head: int | str, layers: tuple[int, ...]):
+        super().__init__(layers)
+        self.head = head
+        self.per_layer: list[Tensor] = []
+
+    @property
+    def key(self):
+        return ("attention_norm", self.head, self.layers)
+
+    def forward(self, layer: int, pattern: Tensor, mask: Tensor, values: Tensor | None, w_o: Tensor | None) -> None:
+        assert values is not None and w_o is not None                    # `values = True`: capture passes both
+        self.per_layer.append(norm_matrix(pattern, values, w_o, self.head))   # [batch, query, key]
+
+    def result(self) -> Tensor:
+        return torch.stack(self.per_layer)
+
+
 # -- explainers ----------------------------------------------------------------------------------------
 class RawAttention(AttentionExplainer):
     """Raw attention: one layer (or the mean), one head (or mean/max), the [CLS] row or mean/max over rows."""
@@ -138,7 +165,13 @@ class RawAttention(AttentionExplainer):
         check_index("head", self.head, model.n_heads, ("mean", "max"), "heads")
         check_choice("readout", self.readout, READOUTS)
 
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(patterns=frozenset(read_layers(self.layer, len(model.attention_sites))))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        if self.layer != "mean":                   # one layer: the same tensor pick_layer takes from the stack
+            per_head = capture.pattern(layer_index(self.layer, capture.n_layers))   # [batch, head, query, key]
+            return read_out(pick_head(per_head, self.head), capture.attention_mask, self.readout)
         return attention_scores(capture.patterns, capture.attention_mask, layer=self.layer, head=self.head,
                                 readout=self.readout)
 
@@ -163,7 +196,13 @@ class AttentionNorm(AttentionExplainer):
             raise ValueError(f"attention_norm needs the value vectors at the hook site {missing[0]!r}, which this "
                              "model does not have; expose a `values` site beside each attention `pattern` site.")
 
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(folds=(NormFold(self.head, read_layers(self.layer, len(model.attention_sites))),))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        folded = capture.folds.get(NormFold(self.head, read_layers(self.layer, capture.n_layers)).key)
+        if folded is not None:                                            # [layer, batch, query, key]
+            return read_out(folded.mean(0), capture.attention_mask, self.readout)
         if capture.values is None or capture.output_weights is None:       # both or neither (`capture`)
             raise ValueError("attention_norm needs a capture with value vectors; this model exposes none.")
         return norm_scores(capture.patterns, capture.values, capture.output_weights, capture.attention_mask,

@@ -10,36 +10,164 @@ with respect to A (Chefer et al. 2021). `capture` records all of them from a sin
 
 Examples in a batch are independent (padding is masked, eval mode has no dropout), so one backward of the
 sum over the batch of the target logits gives every example's own gradient.
+
+Memory. A full capture keeps L patterns [batch, head, seq, seq] (and L gradients): 12 layers × 12 heads ×
+512² float32 is 151 MB per example. An explainer's `reads` says what it needs, and `capture(..., reads=...)`
+keeps only that: the raw patterns of the layers it reads, gradients only there, values only for
+`attention_norm`, and `Fold`s that reduce each layer as the forward (or the backward) reaches it, so
+rollout keeps one [batch, seq, seq] product instead of L patterns. The folds run the very operations the
+explainers ran on the full capture, on the same tensors, so the scores are the same bits
+(tests/test_capture_memory.py). `capture_precision("float16")` keeps what is captured in half precision.
 """
 from __future__ import annotations
 
+import contextvars
 import time
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnaudit.explain.base import Explainer
-from attnaudit.model.hooks import hooks, recording
+from attnaudit.explain.base import Explainer, check_choice
+from attnaudit.model.hooks import hooks, observing
 from attnaudit.model.interface import Batch, ExplainableModel
+
+CAPTURE_DTYPES = (None, "float32", "float16", "bfloat16")
+_CAPTURE_DTYPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnaudit_capture_dtype", default=None)
+
+
+def check_capture_dtype(value) -> None:
+    check_choice("capture_dtype", value, CAPTURE_DTYPES,
+                 " It is the dtype captured attention patterns and gradients are kept in (None: the model's).")
+
+
+@contextmanager
+def capture_precision(capture_dtype: str | None) -> Iterator[None]:
+    """Keep the attention captured inside the block in `capture_dtype` ("float16", "bfloat16"; None = the model's).
+
+    Explainers read the kept tensors converted back to the model's dtype, so only their rounding changes
+    (float16: scores within 1e-3 of float32 on the test model, tests/test_capture_memory.py).
+
+    >>> with capture_precision("float16"):
+    ...     attribution = get_explainer("attention", layer="mean").explain(model, batch)
+    """
+    check_capture_dtype(capture_dtype)
+    token = _CAPTURE_DTYPE.set(capture_dtype)
+    try:
+        yield
+    finally:
+        _CAPTURE_DTYPE.reset(token)
+
+
+class Fold:
+    """A reduction of each layer's capture, run as the forward (and, with `grads`, the backward) reaches it.
+
+    `key` names the result (two folds with one key compute the same thing, so a shared capture runs one);
+    `layers` are the layers it reads; `forward` sees each pattern [batch, head, query, key] (with the value
+    vectors and W^O when `values`), `backward` each pattern with its gradient; `result()` is what the
+    explainer reads as `capture.folds[key]`. Tensors reach it detached and contiguous, as a stack's slices are.
+    """
+
+    grads = False
+    values = False
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.layers = layers
+
+    @property
+    def key(self) -> Hashable:
+        raise NotImplementedError
+
+    def forward(self, layer: int, pattern: Tensor, mask: Tensor, values: Tensor | None, w_o: Tensor | None) -> None:
+        """Called in layer order."""
+
+    def backward(self, layer: int, pattern: Tensor, grad: Tensor, mask: Tensor) -> None:
+        """Called once per layer of `layers`, in no particular order."""
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What an explainer reads from a capture: raw patterns, gradients and value vectors of some layers, and folds."""
+
+    patterns: frozenset[int] = frozenset()
+    grads: frozenset[int] = frozenset()
+    values: frozenset[int] = frozenset()
+    folds: tuple[Fold, ...] = ()
+
+    def __or__(self, other: Reads) -> Reads:
+        keys = {f.key for f in self.folds}
+        return Reads(self.patterns | other.patterns, self.grads | other.grads, self.values | other.values,
+                     self.folds + tuple(f for f in other.folds if f.key not in keys))
+
+
+def everything(n_layers: int, *, grads: bool, values: bool = True) -> Reads:
+    """The full capture: every layer's pattern (and gradient, and value vectors)."""
+    every = frozenset(range(n_layers))
+    return Reads(every, every if grads else frozenset(), every if values else frozenset())
 
 
 @dataclass(frozen=True)
 class Capture:
     """What the attention explainers read; every tensor is detached.
 
-    patterns [layer, batch, head, query, key] (padded query rows and key columns 0); values
-    [layer, batch, head, key, d_head] and output_weights [layer, d_model, head, d_head] (None when the model
-    has no value sites); grads like patterns (None unless captured with grads=True); attention_mask
-    [batch, seq] bool; seconds: the wall time of the capture.
+    layer_patterns, layer_grads: layer -> [batch, head, query, key] (padded query rows and key columns 0), kept
+    in `capture_dtype`; layer_values: layer -> [batch, head, key, d_head]; layer_output_weights: layer ->
+    [d_model, head, d_head]; folds: `Fold.key` -> its result; n_layers; attention_mask [batch, seq] bool;
+    dtype: the model's, what `pattern` and the stacks return; seconds: the wall time of the capture.
+    The stacks `patterns`, `grads`, `values`, `output_weights` are [layer, ...] over every layer (None for
+    grads, values and output_weights when none were kept).
     """
 
-    patterns: Tensor
-    values: Tensor | None
-    output_weights: Tensor | None
-    grads: Tensor | None
+    layer_patterns: dict[int, Tensor]
+    layer_values: dict[int, Tensor]
+    layer_output_weights: dict[int, Tensor]
+    layer_grads: dict[int, Tensor]
+    folds: dict[Hashable, Any]
+    n_layers: int
     attention_mask: Tensor
+    dtype: torch.dtype
     seconds: float
+    capture_dtype: str | None = None
+    reads: Reads = field(default_factory=Reads)
+
+    def pattern(self, layer: int) -> Tensor:
+        """One layer's pattern [batch, head, query, key] in the model's dtype."""
+        return self._kept(self.layer_patterns, layer, "pattern").to(self.dtype).contiguous()
+
+    def _kept(self, kept: dict[int, Tensor], layer: int, what: str) -> Tensor:
+        if layer not in kept:
+            raise KeyError(f"this capture kept the {what} of layers {sorted(kept)} only, not layer {layer}; capture "
+                           "with reads=None (everything) or with the explainer's reads.")
+        return kept[layer]
+
+    def _stack(self, kept: dict[int, Tensor], what: str) -> Tensor:
+        return torch.stack([self._kept(kept, i, what) for i in range(self.n_layers)]).to(self.dtype)
+
+    @property
+    def patterns(self) -> Tensor:
+        """[layer, batch, head, query, key]."""
+        return self._stack(self.layer_patterns, "pattern")
+
+    @property
+    def grads(self) -> Tensor | None:
+        """[layer, batch, head, query, key] d(logit of target)/dA, or None when captured without gradients."""
+        return self._stack(self.layer_grads, "gradient") if self.layer_grads else None
+
+    @property
+    def values(self) -> Tensor | None:
+        """[layer, batch, head, key, d_head], or None when the model has no value sites (or they were not read)."""
+        return self._stack(self.layer_values, "values") if self.layer_values else None
+
+    @property
+    def output_weights(self) -> Tensor | None:
+        """[layer, d_model, head, d_head] W^O split by head, or None beside values None."""
+        return self._stack(self.layer_output_weights, "W^O") if self.layer_output_weights else None
 
 
 def values_site(pattern_site: str) -> str:
@@ -47,43 +175,139 @@ def values_site(pattern_site: str) -> str:
     return pattern_site.rsplit(".", 1)[0] + ".values"
 
 
-def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: bool) -> Capture:
-    """Record the encoder's attention of every layer in one forward; with grads=True also dA from one backward.
+def has_value_sites(model: ExplainableModel) -> bool:
+    points = model.hook_points()
+    return all(values_site(s) in points for s in model.attention_sites)
+
+
+def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: bool = False, reads: Reads | None = None,
+            capture_dtype: str | None = None) -> Capture:
+    """Record the encoder's attention in one forward; with gradients also dA from one backward.
 
     Args:
         model: the model interface (`attention_sites`, `embed`, `logits_from_embeds`, `output_weight`).
         batch: the inputs; target: [batch] long, the class whose logit is differentiated.
-        grads: also compute d(logit of target)/d(pattern) for every layer.
+        grads: with reads=None, also compute d(logit of target)/d(pattern) for every layer.
+        reads: what to keep (`Reads`, an explainer's `reads(model)`); None keeps everything (the full capture).
+        capture_dtype: keep patterns and gradients in "float16" or "bfloat16"; None: the model's dtype, or the
+            one `capture_precision` set.
     Returns:
         a `Capture`. Call inside `model.evaluating()` (as `Explainer.explain` does) for deterministic values.
     """
     start = time.perf_counter()
+    capture_dtype = capture_dtype or _CAPTURE_DTYPE.get()
+    check_capture_dtype(capture_dtype)
+    keep_dtype = None if capture_dtype is None else getattr(torch, capture_dtype)
     sites = list(model.attention_sites)
-    points = model.hook_points()
-    value_sites = [values_site(s) for s in sites]
-    has_values = all(v in points for v in value_sites)
+    has_values = has_value_sites(model)
+    if reads is None:
+        reads = everything(len(sites), grads=grads, values=has_values)
+    value_layers = set(reads.values) | {i for f in reads.folds if f.values for i in f.layers}
+    if value_layers and not has_values:
+        raise ValueError("this capture reads the value vectors, but the model has no `values` hook sites beside its "
+                         "attention `pattern` sites.")
+    grad_folds = [f for f in reads.folds if f.grads]
+    grad_layers = set(reads.grads) | {i for f in grad_folds for i in f.layers}
+    want_grads = bool(grad_layers)
     mask = batch.attention_mask
-    # in_graph is attached first so that the recording sees (and differentiates) what the forward used
-    with hooks(model, {s: in_graph for s in sites} if grads else {}), \
-            recording(model, sites + (value_sites if has_values else []), grads=grads) as cache, \
-            torch.set_grad_enabled(grads):
+    kept: dict[int, Tensor] = {}
+    kept_values: dict[int, Tensor] = {}
+    weights: dict[int, Tensor] = {}
+    live: dict[int, Tensor] = {}                      # layer -> the pattern in the graph, for the backward
+    seen_values: dict[int, Tensor] = {}
+    device_mask: list[Tensor] = []
+
+    def keep(t: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (as kept, as read): in capture_dtype, and converted back (contiguous, as a stack's slice is)."""
+        t = t.detach()
+        if keep_dtype is None or keep_dtype == t.dtype:
+            return t, t.contiguous()
+        low = t.to(keep_dtype)
+        return low, low.to(t.dtype).contiguous()
+
+    def on_values(layer: int):
+        def watch(v: Tensor) -> None:
+            seen_values[layer] = v.detach()
+        return watch
+
+    def on_pattern(layer: int):
+        def watch(p: Tensor) -> None:
+            if not device_mask:
+                device_mask.append(mask.to(p.device))
+            folds = [f for f in reads.folds if layer in f.layers]
+            if layer in reads.patterns or folds:
+                stored, read = keep(p)
+            if layer in reads.patterns:
+                kept[layer] = stored
+            values = w_o = None
+            if layer in value_layers:
+                values = seen_values.pop(layer).contiguous()                      # [batch, head, key, d_head]
+                w_o = model.output_weight(layer).detach().contiguous()            # [d_model, head, d_head]
+                if layer in reads.values:
+                    kept_values[layer], weights[layer] = values, w_o
+            for fold in folds:
+                fold.forward(layer, read, device_mask[0], values, w_o)
+            if layer in grad_layers:
+                live[layer] = p
+        return watch
+
+    watchers = {s: on_pattern(i) for i, s in enumerate(sites)}
+    watchers.update({values_site(s): on_values(i) for i, s in enumerate(sites) if i in value_layers})
+    kept_grads: dict[int, Tensor] = {}
+    # in_graph is attached first so that the watchers see (and differentiate) what the forward used
+    with hooks(model, {sites[i]: in_graph for i in sorted(grad_layers)}), observing(model, watchers), \
+            torch.set_grad_enabled(want_grads):
         embeds = model.embed(batch.input_ids)                                         # [batch, seq, d_model]
-        if grads:
+        if want_grads:
             embeds = embeds.detach().requires_grad_()    # the graph exists even if the weights are frozen
         logits = model.logits_from_embeds(embeds, mask)                               # [batch, n_classes]
-        pattern_grads = None
-        if grads:
+        if want_grads:
             chosen = logits.gather(1, target.to(logits.device)[:, None])              # [batch, 1]
-            # examples are independent: one backward of the sum gives each its own dlogit/dA; autograd.grad
-            # (not .backward()) leaves the weights' .grad untouched
-            found = torch.autograd.grad(chosen.sum(), [cache[s] for s in sites], allow_unused=True)
-            pattern_grads = torch.stack([_checked(g, s) for g, s in zip(found, sites)])  # [layer, batch, head, query, key]
-    patterns = torch.stack([cache[s].detach() for s in sites])                        # [layer, batch, head, query, key]
-    values = weights = None
-    if has_values:
-        values = torch.stack([cache[v].detach() for v in value_sites])                # [layer, batch, head, key, d_head]
-        weights = torch.stack([model.output_weight(i).detach() for i in range(len(sites))])  # [layer, d_model, head, d_head]
-    return Capture(patterns, values, weights, pattern_grads, mask.to(patterns.device), time.perf_counter() - start)
+            kept_grads = backward(chosen.sum(), live, reads.grads, grad_folds, sites, keep, device_mask[0])
+    return Capture(kept, kept_values, weights, kept_grads, {f.key: f.result() for f in reads.folds}, len(sites),
+                   mask.to(embeds.device), embeds.dtype, time.perf_counter() - start, capture_dtype, reads)
+
+
+def backward(total: Tensor, live: dict[int, Tensor], raw: frozenset[int], folds: list[Fold], sites: list[str],
+             keep, mask: Tensor) -> dict[int, Tensor]:
+    """One backward of `total` -> {layer: dA} for the `raw` layers; the folds get theirs from tensor hooks.
+
+    A gradient is kept only where it is read raw: the folds' layers get d(total)/dA from a hook on the
+    pattern (the same accumulated gradient that autograd.grad returns) and reduce it at once. autograd.grad
+    is asked for the raw layers, the graph's leaves (sites an earlier edit made constant) and the earliest
+    folded layer, whose backward passes every later one. Examples are independent: one backward of the sum
+    gives each its own dlogit/dA, and autograd.grad (not .backward()) leaves the weights' .grad untouched.
+    """
+    folded = sorted({i for f in folds for i in f.layers})
+    fired: set[int] = set()
+
+    def reduce(layer: int, grad: Tensor) -> None:
+        fired.add(layer)
+        _, grad_read = keep(grad)
+        pattern = live[layer].detach().contiguous()
+        for fold in folds:
+            if layer in fold.layers:
+                fold.backward(layer, keep(pattern)[1], grad_read, mask)
+
+    inner = [i for i in folded if live[i].grad_fn is not None]
+    asked = sorted(set(raw) | {i for i in folded if live[i].grad_fn is None} | set(inner[:1]))
+    handles = [live[i].register_hook(lambda g, i=i: reduce(i, g)) for i in folded if i not in asked]
+    try:
+        found = torch.autograd.grad(total, [live[i] for i in asked], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    grads: dict[int, Tensor] = {}
+    for i, g in zip(asked, found):
+        g = _checked(g, sites[i])
+        if i in raw:
+            grads[i] = keep(g)[0]
+        if i in folded:
+            reduce(i, g)
+    missing = [i for i in folded if i not in fired]
+    if missing:
+        _checked(None, sites[missing[0]])
+    return grads
 
 
 def in_graph(pattern: Tensor, allowed: Tensor) -> Tensor:
@@ -99,18 +323,31 @@ def _checked(grad: Tensor | None, site: str) -> Tensor:
 
 
 class AttentionExplainer(Explainer):
-    """An explainer that reads a `Capture`: `scores` captures, then calls `from_capture`.
+    """An explainer that reads a `Capture`: `scores` captures what `reads` names, then calls `from_capture`.
 
-    Subclasses set `needs_grads` (True when they read `capture.grads`) and implement `from_capture`.
+    Subclasses set `needs_grads` (True when they read gradients), implement `from_capture` (which must accept a
+    full capture, `capture(..., reads=None)`) and may narrow `reads` (the default keeps everything).
     `attnaudit.explain.run.explain_all` shares one capture between all of them.
     """
 
     family = "attention"
     needs_grads = False
 
+    def reads(self, model: ExplainableModel) -> Reads:
+        """What `from_capture` reads (validated parameters): by default every layer's pattern and gradient."""
+        return everything(len(model.attention_sites), grads=self.needs_grads, values=has_value_sites(model))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Token scores [batch, seq] (or (scores, extras)) from a capture of `batch`."""
         raise NotImplementedError
 
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor):
-        return self.from_capture(capture(model, batch, target, grads=self.needs_grads), batch, target)
+        return self.from_capture(capture(model, batch, target, reads=self.reads(model)), batch, target)
+
+
+def shared_reads(model: ExplainableModel, explainers: list[AttentionExplainer]) -> Reads:
+    """The union of what `explainers` read, for one capture shared by all of them (`explain_all`)."""
+    out = Reads()
+    for e in explainers:
+        out = out | e.reads(model)
+    return out

@@ -48,8 +48,8 @@ from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from torch import Tensor
 
 from attnaudit.explain.base import check_choice
-from attnaudit.explain.capture import AttentionExplainer, Capture
-from attnaudit.explain.rollout import real_positions, residual_attention
+from attnaudit.explain.capture import AttentionExplainer, Capture, Reads
+from attnaudit.explain.rollout import ResidualFold, real_positions, residual_attention
 from attnaudit.model.interface import Batch, ExplainableModel
 
 INT_RANGE = 2**30 - 1   # integer capacities stay below 2^30: forward + backward residuals fit scipy's int32
@@ -445,9 +445,19 @@ class Flow(AttentionExplainer):
                              f"max_cells={n_layers * n * n} to the flow explainer ([audit.explainer_params.flow] in a "
                              "config) or shorten the example.")
 
+    def fold(self, n_layers: int) -> ResidualFold:
+        """Â in float64 per layer, as the forward passes: [layer, batch, seq, seq] instead of the patterns."""
+        return ResidualFold(tuple(range(n_layers)), head_fusion="mean", add_residual=self.add_residual, double=True)
+
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(folds=(self.fold(len(model.attention_sites)),))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        self._check_cells(capture.patterns.shape[0], batch)     # also for a capture made outside explain_all
+        self._check_cells(capture.n_layers, batch)              # also for a capture made outside explain_all
         mask = capture.attention_mask
-        a_hat = residual_attention(capture.patterns.double(), mask, head_fusion="mean", add_residual=self.add_residual)
+        a_hat = capture.folds.get(self.fold(capture.n_layers).key)             # [layer, batch, query, key] float64
+        if a_hat is None:
+            a_hat = residual_attention(capture.patterns.double(), mask, head_fusion="mean",
+                                       add_residual=self.add_residual)
         values, gaps = flow_values(a_hat, mask, readout=self.readout, tol=self.tol)
         return values.float(), {"flow_gap": gaps}

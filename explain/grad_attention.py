@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnaudit.explain.attention import check_layer, pick_layer, read_out
-from attnaudit.explain.capture import AttentionExplainer, Capture
+from attnaudit.explain.attention import check_layer, pick_layer, read_layers, read_out
+from attnaudit.explain.capture import AttentionExplainer, Capture, Fold, Reads
 from attnaudit.model.interface import Batch, ExplainableModel
 
 
@@ -35,6 +35,22 @@ def grad_attention_relevance(patterns: Tensor, grads: Tensor, attention_mask: Te
     return relevance
 
 
+def accumulate(a_bars: list[Tensor], attention_mask: Tensor) -> Tensor:
+    """R ← R + Ā·R over the layers' Ā [batch, query, key] from R = I (eq. 6) -> [batch, query, key]."""
+    mask = attention_mask.to(a_bars[0].device)
+    relevance = torch.diag_embed(mask.to(a_bars[0].dtype))                       # [batch, query, key], I on real
+    for a_bar in a_bars:
+        relevance = relevance + a_bar @ relevance                                 # R ← R + Ā·R, eq. 6
+    return relevance
+
+
+def cls_row(relevance: Tensor, attention_mask: Tensor) -> Tensor:
+    """The [CLS] row of the relevance map without its self entry -> [batch, key]."""
+    row = relevance[:, 0].clone()                                                 # [batch, key]
+    row[:, 0] = 0.0                                                               # R[cls, cls] := 0
+    return row.masked_fill(~attention_mask.to(row.device), 0.0)
+
+
 def grad_attention_scores(patterns: Tensor, grads: Tensor, attention_mask: Tensor) -> Tensor:
     """The [CLS] row of the relevance map without its self entry -> [batch, key]."""
     row = grad_attention_relevance(patterns, grads, attention_mask)[:, 0].clone()   # [batch, key]
@@ -49,6 +65,35 @@ def captured_grads(capture: Capture, name: str) -> Tensor:
     return capture.grads
 
 
+class GradFold(Fold):
+    """A per-layer product of dA and A, reduced in the backward as each layer's gradient arrives, so that neither
+    the L gradients nor their stack are kept -> [layer, batch, query, key] in layer order.
+
+    kind "chefer": Ā = mean_h((∇A ⊙ A)⁺) (eq. 5, as `grad_attention_relevance`); "product": mean_h(A ⊙ ∇A) (as
+    `AttentionXGrad`).
+    """
+
+    grads = True
+
+    def __init__(self, kind: str, layers: tuple[int, ...]):
+        super().__init__(layers)
+        self.kind = kind
+        self.per_layer: dict[int, Tensor] = {}
+
+    @property
+    def key(self):
+        return ("grad_fold", self.kind, self.layers)
+
+    def backward(self, layer: int, pattern: Tensor, grad: Tensor, mask: Tensor) -> None:
+        if self.kind == "chefer":
+            self.per_layer[layer] = (grad * pattern).clamp_min(0).mean(1)         # [batch, query, key], eq. 5
+        else:
+            self.per_layer[layer] = (pattern[None] * grad[None]).mean(2)[0]       # [batch, query, key]
+
+    def result(self) -> list[Tensor]:
+        return [self.per_layer[i] for i in self.layers]
+
+
 class GradAttention(AttentionExplainer):
     """Chefer et al. 2021: positive gradient-weighted attention, accumulated across layers."""
 
@@ -58,7 +103,13 @@ class GradAttention(AttentionExplainer):
     def __init__(self):
         pass
 
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(folds=(GradFold("chefer", tuple(range(len(model.attention_sites)))),))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        a_bars = capture.folds.get(GradFold("chefer", tuple(range(capture.n_layers))).key)
+        if a_bars is not None:
+            return cls_row(accumulate(a_bars, capture.attention_mask), capture.attention_mask)
         return grad_attention_scores(capture.patterns, captured_grads(capture, self.name), capture.attention_mask)
 
 
@@ -74,6 +125,13 @@ class AttentionXGrad(AttentionExplainer):
     def validate(self, model: ExplainableModel) -> None:
         check_layer(self.layer, model)
 
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(folds=(GradFold("product", read_layers(self.layer, len(model.attention_sites))),))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        folded = capture.folds.get(GradFold("product", read_layers(self.layer, capture.n_layers)).key)
+        if folded is not None:                     # the layers pick_layer reads, each as in the stacked product
+            picked = folded[0] if self.layer != "mean" else torch.stack(folded).mean(0)  # [batch, query, key]
+            return read_out(picked, capture.attention_mask, "cls")
         per_layer = (capture.patterns * captured_grads(capture, self.name)).mean(2)  # [layer, batch, query, key]
         return read_out(pick_layer(per_layer, self.layer), capture.attention_mask, "cls")   # [batch, key]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from attnaudit.explain.attention import READOUTS, read_out
 from attnaudit.explain.base import check_choice
-from attnaudit.explain.capture import AttentionExplainer, Capture
+from attnaudit.explain.capture import AttentionExplainer, Capture, Fold, Reads
 from attnaudit.model.interface import Batch, ExplainableModel
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -82,6 +82,56 @@ def rollout(patterns: Tensor, *, add_residual: bool = True, head_fusion: str = "
     return torch.stack(out)                                                       # [layer, batch, query, key]
 
 
+class ResidualFold(Fold):
+    """`residual_attention` of each layer as the forward reaches it (in float64 when `double`, as flow reads it)
+    -> [layer, batch, query, key]: heads fused as each layer passes, so the patterns are never all kept."""
+
+    def __init__(self, layers: tuple[int, ...], *, head_fusion: str = "mean", add_residual: bool = True,
+                 double: bool = False):
+        super().__init__(layers)
+        self.head_fusion, self.add_residual, self.double = head_fusion, add_residual, double
+        self.per_layer: list[Tensor] = []
+
+    @property
+    def key(self):
+        return ("residual_attention", self.layers, self.head_fusion, self.add_residual, self.double)
+
+    def forward(self, layer: int, pattern: Tensor, mask: Tensor, values: Tensor | None, w_o: Tensor | None) -> None:
+        pattern = pattern.double() if self.double else pattern                   # [batch, head, query, key]
+        a_hat = residual_attention(pattern[None], mask, head_fusion=self.head_fusion, add_residual=self.add_residual)
+        self.per_layer.append(a_hat[0])                                           # [batch, query, key]
+
+    def result(self) -> Tensor:
+        return torch.stack(self.per_layer)                                        # [layer, batch, query, key]
+
+
+class RolloutFold(Fold):
+    """Rollout folded into the forward: R_l = Â_l · R_{l-1} as layer l is reached -> R_{L-1} [batch, query, key].
+
+    One [batch, seq, seq] product is kept instead of the L patterns; the operations are `rollout`'s, layer by layer.
+    """
+
+    def __init__(self, n_layers: int, *, head_fusion: str, add_residual: bool, start_layer: int):
+        super().__init__(tuple(range(n_layers)))
+        self.head_fusion, self.add_residual, self.start_layer = head_fusion, add_residual, start_layer
+        self.joint: Tensor | None = None
+
+    @property
+    def key(self):
+        return ("rollout", self.layers, self.head_fusion, self.add_residual, self.start_layer)
+
+    def forward(self, layer: int, pattern: Tensor, mask: Tensor, values: Tensor | None, w_o: Tensor | None) -> None:
+        a_hat = residual_attention(pattern[None], mask, head_fusion=self.head_fusion,
+                                   add_residual=self.add_residual)[0]             # [batch, query, key]
+        if self.joint is None:
+            self.joint = torch.diag_embed(mask.to(a_hat.dtype))                   # R_{start-1} = I on real
+        if layer >= self.start_layer:
+            self.joint = a_hat @ self.joint                                       # R_l = Â_l · R_{l-1}
+
+    def result(self) -> Tensor | None:
+        return self.joint
+
+
 class Rollout(AttentionExplainer):
     """Attention rollout (Abnar & Zuidema 2020): multiply residual-augmented patterns across layers."""
 
@@ -104,7 +154,17 @@ class Rollout(AttentionExplainer):
                              f"(this model has {model.n_layers} layers).")
         check_choice("readout", self.readout, READOUTS[:2])
 
+    def fold(self, n_layers: int) -> RolloutFold:
+        return RolloutFold(n_layers, head_fusion=self.head_fusion, add_residual=self.add_residual,
+                           start_layer=self.start_layer)
+
+    def reads(self, model: ExplainableModel) -> Reads:
+        return Reads(folds=(self.fold(len(model.attention_sites)),))
+
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
+        folded = capture.folds.get(self.fold(capture.n_layers).key)
+        if folded is not None:                                                    # R_{L-1} [batch, query, key]
+            return read_out(folded, capture.attention_mask, self.readout)
         joint = rollout(capture.patterns, add_residual=self.add_residual, head_fusion=self.head_fusion,
                         start_layer=self.start_layer, attention_mask=capture.attention_mask)
         return read_out(joint[-1], capture.attention_mask, self.readout)          # [batch, key]

@@ -133,6 +133,31 @@ def recording(model: AttentionModel[Any] | nn.Module, names: str | list[str] | N
             h.remove()
 
 
+@contextmanager
+def observing(model: AttentionModel[Any] | nn.Module, watchers: dict[str, Callable[[Tensor], None]]) -> Iterator[None]:
+    """Call `watchers[site](output)` at every forward of each named site inside the block; nothing is stored.
+
+    Unlike `recording`, which keeps every tensor, a watcher reduces what it needs as the forward goes (e.g. the
+    attention capture folds rollout layer by layer) and the site's tensor is freed with the layer.
+    """
+    handles = []
+
+    def make_hook(watch: Callable[[Tensor], None]):
+        def hook(module, args, output):
+            watch(output)
+
+        return hook
+
+    try:
+        for name, watch in watchers.items():
+            for point in resolve_sites(model, name).values():
+                handles.append(point.register_forward_hook(make_hook(watch)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def record(model: AttentionModel[Any] | nn.Module, batch: Any, names: str | list[str] | None = None, *,
            grads: bool = False) -> tuple[Tensor, Cache]:
     """Run `model(batch)` once and return (logits, cache of the chosen sites).
