@@ -133,8 +133,10 @@ class NormFold(Fold):
     values = True
 
     def __init__(self, head: int | str, layers: tuple[int, ...]):
-        super().__init__(layers)
         self.head = head
+        super().__init__(layers)
+
+    def reset(self) -> None:
         self.per_layer: list[Tensor] = []
 
     @property

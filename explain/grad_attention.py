@@ -76,8 +76,10 @@ class GradFold(Fold):
     grads = True
 
     def __init__(self, kind: str, layers: tuple[int, ...]):
-        super().__init__(layers)
         self.kind = kind
+        super().__init__(layers)
+
+    def reset(self) -> None:
         self.per_layer: dict[int, Tensor] = {}
 
     @property

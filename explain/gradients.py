@@ -38,6 +38,7 @@ from attnaudit.model.interface import Batch, ExplainableModel
 
 BASELINES = ("pad", "mask", "zero")
 MAX_MEMORY_MB = 4096   # integrated gradients' default budget per forward + backward pass
+TOKENS_PER_PASS = 4096  # a measured max_tokens for IG's opt-in length grouping (benchmarks/peer_ferret.py)
 REDUCTIONS = ("sum", "l2")
 
 
@@ -238,6 +239,11 @@ class IntegratedGradients(CaptumExplainer):
         reduction: "sum" (default: Σ token scores = Σ attributions ≈ f(x) − f(x')) or "l2".
         max_cost: the most forward + backward passes per example (n_steps), None = MAX_FORWARDS (4096); checked
             before anything is allocated (the quadrature set-up alone needs 8·n_steps² bytes).
+        max_tokens: None (default): all examples go to captum together, padded to the batch's longest, max_batch
+            rows per pass. An int (opt-in; e.g. TOKENS_PER_PASS): examples are grouped by length and each group,
+            padded only to its own longest, runs passes of at most max_tokens tokens (rows × seq), still within
+            max_batch and max_memory_mb. Fewer padded tokens and cache-sized passes make it faster; the grouping
+            changes the float summation order, so scores differ from the default in the last bits.
     extras: completeness_gap and completeness_gap_relative per example.
     """
 
@@ -245,19 +251,22 @@ class IntegratedGradients(CaptumExplainer):
     attribution_class = captum.attr.IntegratedGradients
 
     def __init__(self, *, baseline: str = "pad", n_steps: int = 512, max_batch: int | None = 512,
-                 max_memory_mb: float | None = MAX_MEMORY_MB, reduction: str = "sum", max_cost: int | None = None):
+                 max_memory_mb: float | None = MAX_MEMORY_MB, reduction: str = "sum", max_cost: int | None = None,
+                 max_tokens: int | None = None):
         self.baseline = baseline
         self.n_steps = n_steps
         self.max_batch = max_batch
         self.max_memory_mb = max_memory_mb
         self.reduction = reduction
         self.max_cost = max_cost
+        self.max_tokens = max_tokens
 
     def validate(self, model: ExplainableModel) -> None:
         super().validate(model)
         check_positive_int("n_steps", self.n_steps)
         check_positive_int("max_batch", self.max_batch, allow_none=True, maximum=MAX_ROWS)
         check_max_cost(self.max_cost)
+        check_positive_int("max_tokens", self.max_tokens, allow_none=True)
         m = self.max_memory_mb
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
             raise ValueError(f"max_memory_mb must be a number > 0 (megabytes per forward + backward pass) or None; "
@@ -277,14 +286,20 @@ class IntegratedGradients(CaptumExplainer):
         rows = len(batch) * self.n_steps if self.max_batch is None else self.max_batch
         if self.max_memory_mb is None:
             return rows
-        one = pass_bytes(model, 1, batch.input_ids.shape[1])
+        return min(rows, self.rows_in_memory(model, batch.input_ids.shape[1]))
+
+    def rows_in_memory(self, model: ExplainableModel, seq: int) -> int:
+        """How many interpolated inputs of `seq` tokens one pass may hold under max_memory_mb (>= 1, else raise)."""
+        if self.max_memory_mb is None:
+            return MAX_ROWS
+        one = pass_bytes(model, 1, seq)
         budget = self.max_memory_mb * 2**20
         if one > budget:
-            raise ValueError(f"integrated_gradients: one interpolated input of {batch.input_ids.shape[1]} tokens needs "
+            raise ValueError(f"integrated_gradients: one interpolated input of {seq} tokens needs "
                              f"about {one / 2**20:,.3g} MB for its forward and backward pass, more than "
                              f"max_memory_mb={self.max_memory_mb}; raise max_memory_mb "
                              "([audit.explainer_params.integrated_gradients] in a config) or shorten the examples.")
-        return max(1, min(rows, int(budget // one)))
+        return max(1, int(budget // one))
 
     def captum_kwargs(self) -> dict:
         return {"n_steps": self.n_steps, "method": "gausslegendre", "internal_batch_size": self.max_batch}
@@ -293,10 +308,41 @@ class IntegratedGradients(CaptumExplainer):
         # captum finds the Gauss–Legendre nodes with numpy (an n_steps × n_steps eigenproblem). Once torch's
         # OpenMP threads exist, numpy's multi-threaded OpenBLAS can stall on it (measured on 2 cores:
         # 4 s instead of 0.05 s for 512 nodes, twice per call), so numpy gets one BLAS thread meanwhile.
-        fitted = copy.copy(self)                                  # the same explainer with a smaller batch
-        fitted.max_batch, fitted.max_memory_mb = self.rows_per_pass(model, batch), None
         with threadpool_limits(limits=1, user_api="blas"):
+            if self.max_tokens is not None:
+                return self._scores_by_length(model, batch, target)
+            fitted = copy.copy(self)                              # the same explainer with a smaller batch
+            fitted.max_batch, fitted.max_memory_mb = self.rows_per_pass(model, batch), None
             return fitted._scores_in_parts(model, batch, target)
+
+    def _scores_by_length(self, model: ExplainableModel, batch: Batch,
+                          target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        # max_tokens: examples sorted by length, grouped greedily while the group's n_steps rows per example,
+        # padded to its longest, fit max_tokens; a group that does not fit whole is run in chunks of steps.
+        assert self.max_tokens is not None
+        lengths = batch.attention_mask.sum(1).tolist()                           # [batch]
+        order = sorted(range(len(batch)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:                                                          # ascending: i is the group's longest
+            if groups and (len(groups[-1]) + 1) * self.n_steps * lengths[i] <= self.max_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out = torch.zeros(batch.input_ids.shape)                                 # [batch, seq]
+        extras: dict[str, Tensor] = {}
+        for group in groups:
+            part = batch.select(group)                                           # trimmed to the group's longest
+            seq = part.input_ids.shape[1]
+            rows = min(max(1, self.max_tokens // seq), self.rows_in_memory(model, seq))
+            if self.max_batch is not None:
+                rows = min(rows, self.max_batch)
+            fitted = copy.copy(self)
+            fitted.max_batch, fitted.max_memory_mb, fitted.max_tokens = rows, None, None
+            s, e = fitted._scores_in_parts(model, part, target[group])           # [group, seq_group]
+            out[group, :seq] = s.cpu()
+            for k, v in e.items():
+                extras.setdefault(k, torch.zeros(len(batch)))[group] = v.cpu()
+        return out, extras
 
     def _scores_in_parts(self, model: ExplainableModel, batch: Batch,
                          target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -88,8 +88,10 @@ class ResidualFold(Fold):
 
     def __init__(self, layers: tuple[int, ...], *, head_fusion: str = "mean", add_residual: bool = True,
                  double: bool = False):
-        super().__init__(layers)
         self.head_fusion, self.add_residual, self.double = head_fusion, add_residual, double
+        super().__init__(layers)
+
+    def reset(self) -> None:
         self.per_layer: list[Tensor] = []
 
     @property
@@ -112,8 +114,10 @@ class RolloutFold(Fold):
     """
 
     def __init__(self, n_layers: int, *, head_fusion: str, add_residual: bool, start_layer: int):
-        super().__init__(tuple(range(n_layers)))
         self.head_fusion, self.add_residual, self.start_layer = head_fusion, add_residual, start_layer
+        super().__init__(tuple(range(n_layers)))
+
+    def reset(self) -> None:
         self.joint: Tensor | None = None
 
     @property

@@ -17,7 +17,7 @@ import torch
 
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer, as_batch, package_attribution, resolve_target
-from attnaudit.explain.capture import AttentionExplainer, capture
+from attnaudit.explain.capture import AttentionExplainer, capture, shared_reads
 from attnaudit.explain.registry import get_explainer
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def explain_all(model: ExplainableModel, batch_or_texts, explainers: list[Explai
             with torch.no_grad():
                 probs = model(batch).float().softmax(-1).cpu()                    # [batch, n_classes]
             tgt = resolve_target(model, target, probs)                            # [batch]
-            cap = capture(model, batch, tgt, grads=any(e.needs_grads for e in shared))
+            cap = capture(model, batch, tgt, reads=shared_reads(model, shared))
             share = cap.seconds / len(shared)
             for e in shared:
                 start = time.perf_counter()
