@@ -358,7 +358,10 @@ def _as_batch(model: ExplainableModel, data, max_examples: int | None) -> Batch:
 
 def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSettings) -> dict:
     """Explain one chunk with every explainer and score it -> {"metrics", "curves", "attributions", "examples", ...}."""
-    attributions = explain_all(model, batch, explainers)                 # name -> Attribution
+    # a language model's rows explain the given continuation's tokens (`attnaudit.model.steps`), a classifier's
+    # the predicted class
+    generating = getattr(model, "kind", None) == "lm" and batch.labels is not None
+    attributions = explain_all(model, batch, explainers, target=batch.labels if generating else None)
     prob = next(iter(attributions.values())).target_prob                  # [batch]
     if not torch.isfinite(prob).all():
         bad = [batch.ids[i] for i in (~torch.isfinite(prob)).nonzero()[:, 0].tolist()]
@@ -380,6 +383,9 @@ def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSet
         frames.append(rationale_table(named, batch).assign(note=""))
     first = next(iter(attributions.values()))
     pred = first.target.tolist()
+    if generating:
+        with model.evaluating(), torch.no_grad():
+            pred = model(batch).argmax(-1).tolist()                               # the greedy next token
     word_ids = model.word_ids(batch) if hasattr(model, "word_ids") and batch.texts is not None else None
     examples = []
     for i in range(len(batch)):

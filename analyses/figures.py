@@ -146,7 +146,7 @@ def _interval_panels(summary: pd.DataFrame, metrics: Sequence[str], title: str) 
         rows.append((m, setting, g[g["setting"].astype(str) == setting]))
     if not rows:
         return _empty(f"no {title} metrics")
-    names = explainer_order(summary["explainer"].unique())
+    names = explainer_order(pd.concat([g for _, _, g in rows])["explainer"].unique())   # those with a value here
     colors = explainer_colors(names)
     ncols = min(4, len(rows))
     nrows = math.ceil(len(rows) / ncols)
@@ -432,6 +432,59 @@ def attention_grid_figure(attention, tokens: Sequence[str]) -> Figure:
     return fig
 
 
-__all__ = ["figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
+# -- generation ----------------------------------------------------------------------------------
+def generation_records(records: Sequence[dict]) -> tuple[str, dict[str, list[dict]]] | None:
+    """The first generation example among attribution records -> (its id, explainer -> its step records by step).
+
+    Step records carry "step" (`Attribution.to_records` of step rows); their ids are "<example id>@<step>".
+    None when no record is a step record.
+    """
+    steps = [r for r in records if "step" in r]
+    if not steps:
+        return None
+    first = str(steps[0]["id"]).rsplit("@", 1)[0]
+    by_method: dict[str, list[dict]] = {}
+    for r in steps:
+        if str(r["id"]).rsplit("@", 1)[0] == first:
+            by_method.setdefault(r["explainer"], []).append(r)
+    return first, {m: sorted(rs, key=lambda r: int(r["step"])) for m, rs in by_method.items()}
+
+
+def generation_figure(by_method: dict[str, list[dict]], target_tokens: Sequence[str] | None = None) -> Figure:
+    """Target step × input token heatmaps, one per explainer: row s = what step s's token is attributed to.
+
+    by_method: explainer -> that example's step records in step order (`generation_records`). Columns are the
+    prompt's tokens (step 0's tokens); each row is scaled by its largest |score|, so rows compare by shape.
+    """
+    names = explainer_order(list(by_method))
+    first = by_method[names[0]]
+    n_prompt = len(first[0]["tokens"])
+    prompt = [_text(t, 10) for t in first[0]["tokens"]]
+    last = first[-1]["tokens"]
+    targets = list(target_tokens) if target_tokens is not None else \
+        [last[n_prompt + s] if n_prompt + s < len(last) else f"step {s}" for s in range(len(first))]
+    n_steps = len(first)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(cols * max(2.4, 0.28 * n_prompt + 1.2), rows * max(1.4, 0.3 * n_steps + 1.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(names):
+            ax.axis("off")
+            continue
+        recs = by_method[names[k]]
+        m = np.zeros((len(recs), n_prompt))
+        for s, r in enumerate(recs):
+            row = np.asarray(r["scores"][:n_prompt], dtype=float)
+            scale = np.abs(row).max() or 1.0
+            m[s, : len(row)] = row / scale
+        ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto", interpolation="nearest")
+        ax.set_title(_text(names[k], 24), fontsize=8)
+        ax.set_xticks(range(n_prompt), prompt if n_prompt <= 40 else [""] * n_prompt, rotation=90, fontsize=6)
+        ax.set_yticks(range(n_steps), [_text(t, 10) for t in targets[:n_steps]], fontsize=6)
+    return fig
+
+
+__all__ = ["generation_records", "generation_figure", "figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
            "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
            "attention_grid_figure", "explainer_order", "explainer_colors", "check_attention"]

@@ -317,6 +317,17 @@ def _render_figures(data) -> dict[str, tuple[str, bytes]]:
                          lambda: F.permutation_figure(perm)))  # noqa: B023
         if cf is not None and (cf["test"] == "uniform").any():
             todo.append(("uniform", "Uniform attention, per layer.", lambda: F.uniform_figure(cf)))  # noqa: B023
+        generation = F.generation_records([r for r in data["attributions"] if r.get("task") == task])
+        if generation is not None:
+            gen_id, by_method = generation
+            names = (res.get("model_cards") or {}).get(task, {}).get("label_names") or []
+            steps = by_method[next(iter(by_method))]
+            said = [str(names[r["target"]]) if isinstance(r.get("target"), int) and 0 <= r["target"] < len(names)
+                    else None for r in steps]
+            tokens = said if all(t is not None for t in said) else None
+            todo.append(("generation", f"Example {gen_id}: each target token (rows) attributed to the prompt's tokens "
+                         "(columns), one panel per explainer; each row scaled by its largest |score|.",
+                         lambda by_method=by_method, tokens=tokens: F.generation_figure(by_method, tokens)))
         att = next((a for a in data["attention"] if a["task"] == task), None)
         if att is not None:
             a = np.asarray(att["attention"], dtype=float)

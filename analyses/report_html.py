@@ -96,9 +96,10 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
     """The self-contained page, from results.json's dict, the loaded tables and the rendered figures."""
     tasks = res["tasks"]
     plaus = [t for t in tasks if rationale_rows(res["summary"][t])]
+    aligned = [t for t in tasks if alignment_table(res["summary"][t])]
     attention = report_section(res, data, ids={t: f"attention-{slug(i, t)}" for i, t in enumerate(tasks)})
     nav = [("verdict", "Verdict")] + ([("attention", "Attention")] if attention else []) + [("evidence", "Evidence")] \
-        + ([("plausibility", "Plausibility")] if plaus else []) \
+        + ([("plausibility", "Plausibility")] if plaus else []) + ([("alignment", "Alignment")] if aligned else []) \
         + [("examples", "Examples"), ("model", "Model and settings")]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">',
@@ -145,12 +146,25 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         for task in plaus:
             parts.append(f"<h3>Task {e(task)}</h3>" + _html_rationale(res["summary"][task]))
         parts.append("</section>")
+    if aligned:
+        parts.append('<section id="alignment"><h2>Alignment with gold word links</h2>'
+                     '<p class="meta">Alignment error rate (Och &amp; Ney 2003): AER = 1 − (|A∩S| + |A∩P|) / (|A| + |S|) '
+                     "with Sure links S and Possible links P ⊇ S; precision |A∩P| / |A|, recall |A∩S| / |S|. A: per "
+                     "target word its highest-scoring source word (argmax), sub-words summed into words. Corpus: "
+                     "counts summed over sentences; sentence mean with its 95% bootstrap interval. Lower AER is "
+                     "better; one row per explainer, then per cross-attention layer and head.</p>")
+        for task in aligned:
+            line = translation_line(res["summary"][task])
+            parts.append(f"<h3>Task {e(task)}</h3>" + (f"<p>{e(line)}</p>" if line else "")
+                         + _html_alignment(res["summary"][task]))
+        parts.append("</section>")
     parts.append('<section id="examples"><h2>Examples</h2>')
     for i, task in enumerate(tasks):
         parts.append(f"<h3>Task {e(task)}</h3>")
         parts.append(_html_examples(task, data, res["model_cards"].get(task) or {}))
-        parts += [_html_figure(name, *figures[name]) for name in figures
-                  if name.startswith(slug(i, task) + "-attention-")]
+        if f'id="attention-{slug(i, task)}"' not in attention:    # the interactive view shows the same, and more
+            parts += [_html_figure(name, *figures[name]) for name in figures
+                      if name.startswith(slug(i, task) + "-attention-")]
     parts.append('</section><section id="model"><h2>Model and settings</h2>')
     for task in tasks:
         card = res["model_cards"].get(task)
@@ -234,6 +248,50 @@ def rationale_rows(summary: list[dict]) -> list[tuple[str, dict]]:
     for r in rows:
         by.setdefault(r["explainer"], {}).setdefault(r["metric"], r)
     return [(n, by[n]) for n in F.explainer_order(list(by))]
+
+
+ALIGNMENT_COLUMNS = (("alignment_error_rate", "AER ↓"), ("alignment_precision", "precision"),
+                     ("alignment_recall", "recall"))
+
+
+def alignment_table(summary: list[dict]) -> list[tuple[str, dict]]:
+    """[(explainer, {metric: corpus value, metric + ":mean": per-sentence summary row})] where AER was measured.
+
+    Explainers first (attention family first), then the cross-attention heads (`cross_attention_L{l}_H{h}`).
+    """
+    rows = [r for r in summary if r.get("metric") in dict(ALIGNMENT_COLUMNS)]
+    if not rows:
+        return []
+    by: dict = {}
+    for r in rows:
+        corpus = str(r.get("setting", "")).endswith(":corpus")
+        by.setdefault(r["explainer"], {})[r["metric"] if corpus else r["metric"] + ":mean"] = r
+    heads = sorted((n for n in by if n.startswith("cross_attention_L")),
+                   key=lambda n: tuple(int(x) for x in n[len("cross_attention_L"):].split("_H")))
+    return [(n, by[n]) for n in F.explainer_order([n for n in by if n not in heads])] + [(n, by[n]) for n in heads]
+
+
+def translation_line(summary: list[dict]) -> str | None:
+    """"Greedy translations of these examples: exact match …, BLEU …" from the "model" rows, or None."""
+    got = {r["metric"]: r["mean"] for r in summary
+           if r.get("explainer") == "model" and str(r.get("setting", "")).endswith(":corpus")}
+    if not got:
+        return None
+    return (f"The model's greedy translations of these examples: exact match {num(got.get('exact_match'))}, "
+            f"corpus BLEU {num(got.get('bleu'), 1)} (sacrebleu).")
+
+
+def _html_alignment(summary: list[dict]) -> str:
+    head = "".join(f"<th>{e(label)} (corpus)</th>" for _, label in ALIGNMENT_COLUMNS) + "<th>AER, sentence mean</th>"
+    body = []
+    for name, cells in alignment_table(summary):
+        tds = [f"<td>{e(num(cells[m]['mean']) if m in cells else '–')}</td>" for m, _ in ALIGNMENT_COLUMNS]
+        c = cells.get("alignment_error_rate:mean")
+        tds.append("<td>–</td>" if not c else f"<td>{e(num(c.get('mean')))} <span class=\"ci\">"
+                   f"[{e(num(c.get('ci_low')))}, {e(num(c.get('ci_high')))}]</span></td>")
+        cls = ' class="fam"' if name in ATTENTION_FAMILY or name.startswith("cross_attention_L") else ""
+        body.append(f"<tr><th{cls}>{e(name)}</th>{''.join(tds)}</tr>")
+    return f'<div class="scroll"><table class="ranks"><tr><th>explainer</th>{head}</tr>{"".join(body)}</table></div>'
 
 
 def _html_rationale(summary: list[dict]) -> str:
@@ -331,4 +389,4 @@ def _html_examples(task: str, data: dict, card: Mapping) -> str:
 
 
 __all__ = ["render_html", "e", "CSP", "CSS", "run_table", "rank_grid", "gold_mask", "slug", "verdict_id", "SUMMARY_FIGURE",
-           "flatten", "num", "rationale_rows"]
+           "flatten", "num", "rationale_rows", "alignment_table", "ALIGNMENT_COLUMNS", "translation_line"]

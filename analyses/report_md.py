@@ -14,13 +14,16 @@ from collections.abc import Sequence
 
 from attnaudit.analyses.report_files import select_examples
 from attnaudit.analyses.report_html import (
+    ALIGNMENT_COLUMNS,
     RATIONALE_METRICS,
     SUMMARY_FIGURE,
+    alignment_table,
     flatten,
     num,
     rank_grid,
     rationale_rows,
     run_table,
+    translation_line,
 )
 from attnaudit.analyses.verdict import RULE, Verdict
 
@@ -104,6 +107,24 @@ def _plausibility_section(res: dict) -> list[str]:
     return out
 
 
+def _alignment_section(res: dict) -> list[str]:
+    aligned = [t for t in res["tasks"] if alignment_table(res["summary"][t])]
+    if not aligned:
+        return []
+    out = ["## Alignment with gold word links", "",
+           "AER = 1 − (|A∩S| + |A∩P|) / (|A| + |S|) (Och & Ney 2003; Sure S, Possible P ⊇ S), precision |A∩P|/|A|, "
+           "recall |A∩S|/|S|, counts summed over the corpus; A = the argmax source word per target word. "
+           "Lower AER is better.", ""]
+    header = ["explainer"] + [f"{label} (corpus)" for _, label in ALIGNMENT_COLUMNS] + ["AER, sentence mean"]
+    for task in aligned:
+        rows = [[name] + [num(cells[m]["mean"]) if m in cells else "–" for m, _ in ALIGNMENT_COLUMNS]
+                + [_interval(cells.get("alignment_error_rate:mean"))]
+                for name, cells in alignment_table(res["summary"][task])]
+        line = translation_line(res["summary"][task])
+        out += [f"### Task {md(task)}", ""] + ([md(line), ""] if line else []) + [_md_table(header, rows), ""]
+    return out
+
+
 def _top_tokens_row(r: dict) -> list:
     """One explainer's record -> [explainer, tokens, its 3 highest-scored tokens] (special tokens never count)."""
     scores = [(-math.inf if s is None or sp else s) for s, sp in
@@ -145,6 +166,7 @@ def render_markdown(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]
     out += _verdict_section(res, figures)
     out += _evidence_section(res, figures)
     out += _plausibility_section(res)
+    out += _alignment_section(res)
     out += _examples_section(res, data, figures)
     out += _settings_section(res)
     out += _files_section(res)

@@ -1,13 +1,23 @@
-"""Can cross-attention explain an encoder–decoder's outputs? The issue-4 analyses for a `Translator`.
+"""Can cross-attention explain an encoder–decoder's outputs? The issue-4 analyses of a `Translator`, `HFTranslator`.
 
     tables = audit_translator(model, make_examples("reorder", "test", n=100))
     write_report("reports/reorder", metrics=tables["metrics"], counterfactual=tables["counterfactual"],
                  attributions=tables["attributions"], examples=tables["examples"])
+    examples = read_parallel("pairs.txt", alignments="pairs.gold")       # `src ||| tgt`, `i-j` / `ipj` links
+    tables = audit_translator(load_hf_seq2seq("my-marian"), examples, gold=read_alignments("pairs.gold", examples))
 
-Unit of explanation: one word t of the reference target (teacher forcing), explained over the source tokens
-through p(y_t | y_<t, x); [SEP] is no unit (it has no gold alignment). Per-word scores are averaged over the
-example's words, so a table row is one example: examples, not the correlated words of one sentence, are the
-independent units that bootstrap intervals and paired tests assume. Explainers, scores [batch, tgt, src]:
+Models: the built-in `Translator` and `attnaudit.model.hf_seq2seq.HFTranslator` (BART, T5, Marian), through the
+members both have: encode -> PairBatch, model(pairs) -> teacher-forced logits, encoder_embeds /
+logits_from_src_embeds (gradients), pad_id / mask_id (perturbations), word_ids / target_word_ids (token -> word),
+target_tokens / target_texts (labels, exact match), attention_sites / decoder_self_attention_sites /
+cross_attention_sites, translate.
+Unit of explanation: one target TOKEN t of the reference (teacher forcing) that belongs to a target word, explained
+over the source tokens through p(y_t | y_<t, x); EOS, BOS and padding are no units (the built-in tokenizer has
+one token a word, so its units are the target words, [SEP] excluded). A target word of several sub-word tokens
+gives one unit per token, each with its word's gold: the tokens of every source word Sure-linked to it. Per-unit
+scores are averaged over the example's units, so a table row is one example: examples, not the correlated words of
+one sentence, are the independent units that bootstrap intervals and paired tests assume.
+Explainers, scores [batch, tgt, src]:
     attention         last decoder layer's cross-attention, mean over heads (alias "cross_attention")
     attention_layers  cross-attention, mean over layers and heads
     rollout           Chefer et al. (2021)'s encoder–decoder rules on head-averaged attention (alias "cross_rollout")
@@ -18,23 +28,32 @@ independent units that bootstrap intervals and paired tests assume. Explainers, 
 "attention" and "rollout" keep the classifier's names, so the verdict counts them as the attention family.
 Metrics (`analyses.tables` formats): comprehensiveness / sufficiency at k = 0.1, 0.2, 0.5 and "aopc", RISE
 deletion / insertion AUC (removed tokens → [MASK], the reference prefix kept), gold_auprc and gold_precision_at_k
-against the word alignment; `metrics.attrs["alignment_error_rate"]` is the AER (Och & Ney 2003, sure = possible
-= gold) of "argmax source token per target word". Counterfactual tests at ``decoder.layers.{i}.cross_attn.pattern``
-(each layer and "all"), as in `analyses.counterfactual`: permutation (Jain & Wallace 2019), uniform (Wiegreffe &
-Pinter 2019) and erasure of the most-attended vs a random source token (Serrano & Smith 2019).
+against the word alignment (Sure links). Alignment rows (`analyses.alignment`, Och & Ney 2003), after all the others:
+metrics alignment_error_rate, alignment_precision and alignment_recall at the WORD level: each explainer's
+[tgt token, src token] scores are summed onto [tgt word, src word] (`merge_subwords`), then links are taken by a
+rule (setting "argmax", the default: each target word's highest-scoring source word), one row per example and one
+corpus row (example_id CORPUS_ID, setting "argmax:corpus": counts summed over examples, the standard AER), for
+every explainer and for every cross-attention head (explainer "cross_attention_L{layer}_H{head}", which has only
+these rows). Gold: Sure S and Possible P ⊇ S (`GoldAlignment`), by default from each Example (`alignment` Sure,
+`possible_alignment` Possible; the reorder task's links are all Sure). Counterfactual tests at
+``decoder.layers.{i}.cross_attn.pattern`` (each layer and "all"), as in `analyses.counterfactual`: permutation
+(Jain & Wallace 2019), uniform (Wiegreffe & Pinter 2019) and erasure of the most-attended vs a random source token
+(Serrano & Smith 2019).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from attnaudit.analyses.alignment import RULES, alignment_counts, extract_links, merge_subwords
 from attnaudit.analyses.counterfactual import tvd
 from attnaudit.analyses.faithfulness import curve_auc
 from attnaudit.analyses.plausibility import auprc, precision_at_k
@@ -42,6 +61,7 @@ from attnaudit.analyses.schema import tidy_frame, tidy_rows
 from attnaudit.analyses.tables import bin_setting
 from attnaudit.core.ranking import spearman
 from attnaudit.data.examples import Example
+from attnaudit.data.parallel import GoldAlignment
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.perturb import (
     deletion_path,
@@ -52,6 +72,7 @@ from attnaudit.explain.perturb import (
     remove_top_k,
 )
 from attnaudit.model.hooks import hooks, record
+from attnaudit.model.interface import Batch
 from attnaudit.model.interventions import permute, uniform, zero_key
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.vocab import words
@@ -59,33 +80,70 @@ from attnaudit.model.vocab import words
 EXPLAINERS = ("attention", "attention_layers", "rollout", "saliency", "input_x_gradient", "occlusion", "random")
 ALIASES = {"cross_attention": "attention", "cross_rollout": "rollout"}
 BINS = (0.1, 0.2, 0.5)
+ALIGNMENT_METRICS = ("alignment_error_rate", "alignment_precision", "alignment_recall")
+CORPUS_ID = "(corpus)"      # example_id of the corpus-level alignment rows
+ALIGNMENT_RULES = tuple(r for r in RULES if r != "threshold")   # the rules that need no threshold
+
+
+Seq2SeqModel = Translator | Any   # the built-in `Translator` or `attnaudit.model.hf_seq2seq.HFTranslator`
 
 
 @dataclass(frozen=True)
 class Units:
-    """The explained target words, flattened: unit u is word tgt[u] of example src[u]."""
+    """The explained target tokens, flattened: unit u is target position tgt[u] of example src[u]."""
 
     src: Tensor      # [unit] long: example index
     tgt: Tensor      # [unit] long: target position (index into tgt_out)
-    gold: Tensor     # [unit, src_seq] bool: the aligned source token(s)
+    gold: Tensor     # [unit, src_seq] bool: the source tokens of the Sure-aligned source word(s)
+    src_words: list[list[int | None]] = field(default_factory=list)   # per example and source token: its word
+    tgt_words: list[list[int | None]] = field(default_factory=list)   # per example and target position: its word
 
 
-def prepare(model: Translator, examples: Sequence[Example]) -> tuple[PairBatch, Units]:
-    """Encode the examples (targets required) and list their target words with their gold source tokens."""
+def prepare(model: Seq2SeqModel, examples: Sequence[Example],
+            gold: Sequence[GoldAlignment] | None = None) -> tuple[PairBatch, Units]:
+    """Encode the examples (targets required) and list their target tokens with their gold source tokens.
+
+    Units: every target position whose token belongs to a target word (`model.target_word_ids`); EOS, BOS and
+    padding are none. A target word of several tokens gives one unit per token, each with the gold of its word:
+    the tokens (`model.word_ids`) of every source word Sure-linked to it (gold: as `translator_metrics`).
+    """
     if not examples or any(not isinstance(e, Example) or e.target is None for e in examples):
         raise ValueError("examples must be a non-empty list of Examples with a target (e.g. make_examples('reorder', ...)).")
+    golds = _golds(examples, gold)
     pairs = model.encode(list(examples))
-    real = (pairs.tgt_out != model.tgt_vocab.pad_id) & (pairs.tgt_out != model.tgt_vocab.sep_id)  # [batch, tgt]
+    _, tgt_out, tgt_mask = pairs.targets()
+    src_words = model.word_ids(pairs)                                                # [batch][src]
+    tgt_words = model.target_word_ids([e.target for e in examples], tgt_out)         # [batch][tgt]
+    has_word = torch.tensor([[w is not None for w in row] for row in tgt_words], dtype=torch.bool)  # [batch, tgt]
+    real = has_word & tgt_mask                                                       # [batch, tgt]
+    empty = [e.id for e, r in zip(examples, real) if not r.any()]
+    if empty:
+        raise ValueError(f"example {empty[0]!r} has no target token that belongs to a target word; every example "
+                         "needs at least one target word to explain.")
     src, tgt = real.nonzero(as_tuple=True)                                           # [unit] each, row-major
-    gold = torch.zeros(*real.shape, pairs.src.input_ids.shape[1], dtype=torch.bool)  # [batch, tgt, src]
-    for i, e in enumerate(examples):
-        for s, t in e.alignment or ():
-            gold[i, t, s + 1] = True                                                 # word s is token s + 1 ([CLS] first)
-    return pairs, Units(src, tgt, gold[src, tgt])
+    gold_t = torch.zeros(*real.shape, pairs.src.input_ids.shape[1], dtype=torch.bool)  # [batch, tgt, src]
+    for i, g in enumerate(golds):
+        tokens_of: dict[int, list[int]] = {}                                         # source word -> its tokens
+        for j, w in enumerate(src_words[i]):
+            if w is not None:
+                tokens_of.setdefault(w, []).append(j)
+        for s, t in g.sure:
+            for j, w in enumerate(tgt_words[i]):
+                if w == t:
+                    gold_t[i, j, tokens_of.get(s, [])] = True                        # built-in: word s is token s + 1
+    return pairs, Units(src, tgt, gold_t[src, tgt], src_words, tgt_words)
+
+
+def _pairs(pairs: PairBatch, rows: Tensor, src_ids: Tensor | None = None) -> PairBatch:
+    """Examples `rows` of `pairs` (no trimming), their source ids replaced by src_ids [n, src] if given."""
+    s = pairs.src
+    ids = s.input_ids[rows] if src_ids is None else src_ids
+    src = Batch(ids, s.attention_mask[rows], s.special_mask[rows], tokens=[])
+    return PairBatch(src, pairs.tgt_in[rows], pairs.tgt_out[rows], pairs.tgt_mask[rows])
 
 
 @contextlib.contextmanager
-def _eval(model: Translator):
+def _eval(model: Seq2SeqModel):
     was = model.net.training
     try:
         yield model.net.eval()
@@ -93,21 +151,19 @@ def _eval(model: Translator):
         model.net.train(was)
 
 
-def _forward(model: Translator, pairs: PairBatch, rows: Tensor, *, src_ids: Tensor | None = None,
+def _forward(model: Seq2SeqModel, pairs: PairBatch, rows: Tensor, *, src_ids: Tensor | None = None,
              edits: Mapping | Callable[[slice], Mapping] | None = None, max_batch: int = 256,
              reduce: Callable[[Tensor, slice], Tensor] | None = None) -> Tensor:
     """Teacher-forced next-token probabilities of examples `rows` [n] -> [n, tgt, vocab], `max_batch` rows a forward.
     src_ids [n, src] replaces their source ids; edits (or edits(slice of rows)) go to `hooks`; reduce(probs, slice)
     shrinks each chunk before it is kept."""
-    dev, out = model.device, []
+    out = []
     with _eval(model), torch.inference_mode():
         for lo in range(0, len(rows), max_batch):
             sl = slice(lo, lo + max_batch)
-            r = rows[sl]
-            ids = pairs.src.input_ids[r] if src_ids is None else src_ids[sl]                # [chunk, src]
+            chunk = _pairs(pairs, rows[sl], None if src_ids is None else src_ids[sl])
             with hooks(model, (edits(sl) if callable(edits) else edits) or {}):
-                logits = model.net(ids.to(dev), pairs.src.attention_mask[r].to(dev), pairs.tgt_in[r].to(dev),
-                                   pairs.tgt_mask[r].to(dev))                               # [chunk, tgt, vocab]
+                logits = model(chunk)                                                       # [chunk, tgt, vocab]
             probs = logits.float().softmax(-1).cpu()
             out.append(reduce(probs, sl) if reduce else probs)
     return torch.cat(out)
@@ -116,7 +172,7 @@ def _forward(model: Translator, pairs: PairBatch, rows: Tensor, *, src_ids: Tens
 class TeacherForcedEngine:
     """De-duplicated, cached forwards of [MASK]-perturbed sources -> p(reference y_t) at every target position."""
 
-    def __init__(self, model: Translator, pairs: PairBatch, *, max_batch: int = 256):
+    def __init__(self, model: Seq2SeqModel, pairs: PairBatch, *, max_batch: int = 256):
         self.model, self.pairs, self.max_batch = model, pairs, max_batch
         self.mask = pairs.src.attention_mask.cpu()                                  # [batch, src]
         self.special = pairs.src.special_mask.cpu() & self.mask                     # [batch, src]
@@ -136,7 +192,7 @@ class TeacherForcedEngine:
             pick = torch.tensor(list(new.values()))                                 # [n_new]
             r = rows[pick]
             ids, _ = materialize(self.pairs.src.input_ids[r], self.mask[r], keep[pick], policy="mask",
-                                 pad_id=self.model.src_vocab.pad_id, mask_id=self.model.src_vocab.mask_id)
+                                 pad_id=self.model.pad_id, mask_id=self.model.mask_id)
             ref = self.pairs.tgt_out[r]                                             # [n_new, tgt]
             p = _forward(self.model, self.pairs, r, src_ids=ids, max_batch=self.max_batch,
                          reduce=lambda probs, sl: probs.gather(-1, ref[sl, :, None])[..., 0])  # [n_new, tgt]
@@ -184,16 +240,16 @@ def cross_rollout(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
     return r_ts
 
 
-def _gradients(model: Translator, pairs: PairBatch, max_batch: int) -> tuple[Tensor, Tensor]:
+def _gradients(model: Seq2SeqModel, pairs: PairBatch, max_batch: int) -> tuple[Tensor, Tensor]:
     """Saliency and input×gradient of log p(y_t | y_<t, x) w.r.t. the source embeddings -> each [batch, tgt, src]."""
-    net, dev, s = model.net, model.device, pairs.src
+    dev, s = model.device, pairs.src
     sal, ixg = [], []
     with _eval(model), torch.enable_grad():
         for lo in range(0, len(s), max_batch):
             sl = slice(lo, lo + max_batch)
-            mask = s.attention_mask[sl].to(dev)                                      # [batch, src]
-            emb = net.encoder.embed(s.input_ids[sl].to(dev)).detach().requires_grad_(True)  # [batch, src, d_model]
-            logits = net.decode(net.encoder(emb, mask), mask, pairs.tgt_in[sl].to(dev), pairs.tgt_mask[sl].to(dev))
+            chunk = _pairs(pairs, torch.arange(len(s))[sl])
+            emb = model.encoder_embeds(chunk.src.input_ids).detach().requires_grad_(True)  # [batch, src, d_model]
+            logits = model.logits_from_src_embeds(emb, chunk)                        # [batch, tgt, vocab]
             logp = logits.float().log_softmax(-1).gather(-1, pairs.tgt_out[sl, :, None].to(dev))[..., 0]  # [batch, tgt]
             # one backward per target position; examples are independent, so the batch sum separates them
             g = torch.stack([torch.autograd.grad(logp[:, t].sum(), emb, retain_graph=True)[0]
@@ -203,7 +259,7 @@ def _gradients(model: Translator, pairs: PairBatch, max_batch: int) -> tuple[Ten
     return torch.cat(sal), torch.cat(ixg)
 
 
-def translator_scores(model: Translator, pairs: PairBatch, explainers: Sequence[str] = EXPLAINERS, *,
+def translator_scores(model: Seq2SeqModel, pairs: PairBatch, explainers: Sequence[str] = EXPLAINERS, *,
                       engine: TeacherForcedEngine | None = None, seed: int = 0, max_batch: int = 256) -> dict[str, Tensor]:
     """Each explainer's scores -> {name: [batch, tgt, src]} (names after resolving ALIASES)."""
     names = [ALIASES.get(n, n) for n in explainers]
@@ -214,12 +270,13 @@ def translator_scores(model: Translator, pairs: PairBatch, explainers: Sequence[
     b, t = pairs.tgt_out.shape
     out: dict[str, Tensor] = {}
     if {"attention", "attention_layers", "rollout"} & set(names):
+        enc, dec, crs = model.attention_sites, model.decoder_self_attention_sites, model.cross_attention_sites
         with _eval(model):
-            _, cache = record(model, pairs)
-        avg = lambda pattern: cache.stack(pattern).float().cpu().mean(2)            # noqa: E731 -> [layer, batch, q, k]
-        cross = avg("decoder.layers.*.cross_attn.pattern")                          # [layer, batch, tgt, src]
+            _, cache = record(model, pairs, names=[*enc, *dec, *crs])
+        avg = lambda names: torch.stack([cache[n] for n in names]).float().cpu().mean(2)  # noqa: E731 [layer, batch, q, k]
+        cross = avg(crs)                                                             # [layer, batch, tgt, src]
         out.update(attention=cross[-1], attention_layers=cross.mean(0),
-                   rollout=cross_rollout(avg("encoder.*"), avg("decoder.layers.*.self_attn.pattern"), cross))
+                   rollout=cross_rollout(avg(enc), avg(dec), cross))
     if {"saliency", "input_x_gradient"} & set(names):
         out["saliency"], out["input_x_gradient"] = _gradients(model, pairs, max_batch)
     if "occlusion" in names:
@@ -244,6 +301,12 @@ def _per_example(units: Units, values: Tensor, n: int) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1), torch.nan)
 
 
+def _unit_name(units: Units) -> str:
+    """"target word" when every target word is one token (the built-in tokenizer), else "target token"."""
+    per_word = [row.count(w) for row in units.tgt_words for w in set(row) - {None}]   # tokens of each word
+    return "target word" if all(n == 1 for n in per_word) else "target token"
+
+
 def unit_attribution(name: str, scores: Tensor, pairs: PairBatch, units: Units, engine: TeacherForcedEngine) -> Attribution:
     """One explainer's scores [batch, tgt, src] as an Attribution with one row per unit (target = the reference word id)."""
     s, r = pairs.src, units.src
@@ -255,23 +318,33 @@ def unit_attribution(name: str, scores: Tensor, pairs: PairBatch, units: Units, 
                        attention_mask=s.attention_mask[r], special_mask=s.special_mask[r],
                        tokens=[s.tokens[i] for i in r.tolist()], texts=[s.texts[i] for i in r.tolist()],
                        target=pairs.tgt_out[r, units.tgt], target_prob=full,
-                       method=name, params={"unit": "target word", "target": "reference"},
+                       method=name, params={"unit": _unit_name(units), "target": "reference"},
                        ids=[f"{s.ids[i] if s.ids else i}:t{j}" for i, j in zip(r.tolist(), units.tgt.tolist())])
 
 
-def translator_metrics(model: Translator, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
-                       scores: Mapping[str, Tensor] | None = None, seed: int = 0,
-                       max_batch: int = 256) -> tuple[pd.DataFrame, dict[str, Attribution]]:
-    """Faithfulness and gold metrics per example -> (tidy table, {name: unit Attribution}).
+def translator_metrics(model: Seq2SeqModel, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
+                       scores: Mapping[str, Tensor] | None = None, seed: int = 0, max_batch: int = 256,
+                       gold: Sequence[GoldAlignment] | None = None, heads: bool = True,
+                       alignment_rules: Sequence[str] = ("argmax",)) -> tuple[pd.DataFrame, dict[str, Attribution]]:
+    """Faithfulness, gold and alignment metrics per example -> (tidy table, {name: unit Attribution}).
 
     `scores` adds precomputed explanations {name: [batch, tgt, src]} (e.g. an oracle) to the named explainers.
+    gold: one `GoldAlignment` per example, word links (e.g. `read_alignments`): Sure and Possible for the alignment
+    rows, Sure for gold_auprc / gold_precision_at_k (default: each Example's `alignment` as Sure and
+    `possible_alignment` as Possible); heads: also the alignment rows of each cross-attention head;
+    alignment_rules: `analyses.alignment.RULES` to score. model: a `Translator` or an `HFTranslator`.
     """
-    pairs, units = prepare(model, examples)
+    bad = [r for r in alignment_rules if r not in ALIGNMENT_RULES]
+    if bad or isinstance(alignment_rules, str):
+        raise ValueError(f"alignment_rules must be a list of rules from {', '.join(ALIGNMENT_RULES)}; got "
+                         f"{alignment_rules!r}.")
+    golds = _golds(examples, gold)
+    pairs, units = prepare(model, examples, golds)
     engine = TeacherForcedEngine(model, pairs, max_batch=max_batch)
     start = time.perf_counter()
     named = {**(translator_scores(model, pairs, explainers, engine=engine, seed=seed, max_batch=max_batch)
                 if explainers else {}), **dict(scores or {})}
-    ids, n, rows, aer, attrs = [e.id for e in examples], len(examples), [], {}, {}
+    ids, n, rows, attrs = [e.id for e in examples], len(examples), [], {}
     for name, sc in named.items():
         a = attrs[name] = unit_attribution(name, sc, pairs, units, engine)
 
@@ -288,24 +361,87 @@ def translator_metrics(model: Translator, examples: Sequence[Example], *, explai
         add("insertion_auc", "", curve_auc(engine.unit_probs(units, *insertion_path(a))))
         add("gold_auprc", "", auprc(a, units.gold))
         add("gold_precision_at_k", "k=n_gold", precision_at_k(a, units.gold))
-        hard = a.top_k(1)                                                            # [unit, src]: argmax link per word
-        has = units.gold.any(1)
-        hits = int((hard & units.gold)[has].sum())
-        aer[name] = 1 - 2 * hits / max(int(hard[has].sum()) + int(units.gold[has].sum()), 1)
+    maps = list(zip(units.src_words, units.tgt_words))
+    n_words = [(len(words(e.text)), len(words(e.target or ""))) for e in examples]
+    for name, sc in named.items():
+        rows += alignment_rows(ids, name, sc, maps, golds, alignment_rules, n_words=n_words)
+    if heads:
+        cross = _cross_attention(model, pairs)                                       # [layer, batch, head, tgt, src]
+        for layer, per_head in enumerate(cross):                                     # [batch, head, tgt, src]
+            for head in range(per_head.shape[1]):
+                rows += alignment_rows(ids, f"cross_attention_L{layer}_H{head}", per_head[:, head], maps, golds,
+                                       alignment_rules, n_words=n_words)
     table = tidy_frame(rows)
-    table.attrs.update(policy="mask", bins=list(BINS), unit="target word, averaged per example", alignment_error_rate=aer,
+    table.attrs.update(policy="mask", bins=list(BINS), unit=f"{_unit_name(units)}, averaged per example",
                        engine={"forwards": engine.forwards, "seconds": round(time.perf_counter() - start, 3)})
     return table, attrs
 
 
+def _golds(examples: Sequence[Example], gold: Sequence[GoldAlignment] | None) -> list[GoldAlignment]:
+    """The gold per example: `gold` as given (checked), else each Example's alignment as Sure links."""
+    if gold is None:
+        return [GoldAlignment.from_example(e) for e in examples]
+    gold = list(gold)
+    if len(gold) != len(examples) or not all(isinstance(g, GoldAlignment) for g in gold):
+        raise ValueError(f"gold must be one GoldAlignment per example ({len(examples)}); got "
+                         f"{len(gold)} items of types {sorted({type(g).__name__ for g in gold})}.")
+    for e, g in zip(examples, gold):
+        n_src, n_tgt = len(words(e.text)), len(words(e.target or ""))
+        bad = [(s, t) for s, t in g.possible if not (0 <= s < n_src and 0 <= t < n_tgt)]
+        if bad:
+            raise ValueError(f"gold for example {e.id!r} has link {min(bad)} outside its {n_src} source and {n_tgt} "
+                             f"target words (links are 0-based (source, target) pairs).")
+    return gold
+
+
+def _cross_attention(model: Seq2SeqModel, pairs: PairBatch) -> Tensor:
+    """Every decoder layer's cross-attention -> [layer, batch, head, tgt, src]."""
+    sites = model.cross_attention_sites
+    with _eval(model):
+        cache = record(model, pairs, names=sites)[1]
+    return torch.stack([cache[n] for n in sites]).float().cpu()
+
+
+def alignment_rows(ids: Sequence[str], name: str, scores: Tensor, maps: Sequence[tuple[list, list]],
+                   golds: Sequence[GoldAlignment], rules: Sequence[str] = ("argmax",), *,
+                   n_words: Sequence[tuple[int, int]] | None = None) -> list[tuple]:
+    """AER, alignment precision and recall of `scores` [batch, tgt, src] -> tidy rows: per example, then the corpus.
+
+    maps: per example, (word of each source token, word of each target position), None for special tokens and
+    padding (`model.word_ids`, `model.target_word_ids`). Each example's token scores are merged onto its words
+    (`merge_subwords`, the default "sum": a target word's pieces and a source word's pieces are added; the
+    built-in tokenizer has one token a word), links are taken by each rule (`extract_links`) and scored against
+    the example's Sure and Possible links (`alignment_counts`). n_words: per example, (source, target) word counts
+    (default: the highest mapped word + 1). Setting: the rule; the corpus row (example_id CORPUS_ID) has setting
+    "{rule}:corpus" and sums the counts over the examples.
+    """
+    rows: list[tuple] = []
+    sc = scores.detach().float().cpu().numpy()                                       # [batch, tgt, src]
+    counts_of = n_words or [(None, None)] * len(maps)
+    words_scores = [merge_subwords(sc[i], src_map, tgt_map, n_src_words=n_s, n_tgt_words=n_t)
+                    for i, ((src_map, tgt_map), (n_s, n_t)) in enumerate(zip(maps, counts_of))]
+    why = {"alignment_error_rate": "no predicted and no Sure link", "alignment_precision": "no predicted link",
+           "alignment_recall": "no Sure gold link"}
+    for rule in rules:
+        counts = [alignment_counts(extract_links(w, rule), g.sure, g.possible) for w, g in zip(words_scores, golds)]
+        total = sum(counts[1:], counts[0])
+        for metric, score in zip(ALIGNMENT_METRICS, ("aer", "precision", "recall")):
+            for example_id, setting, c in [*((i, rule, c) for i, c in zip(ids, counts)),
+                                           (CORPUS_ID, f"{rule}:corpus", total)]:
+                v = getattr(c, score)
+                rows.append((example_id, name, metric, setting, float(v), "" if v == v else why[metric]))
+    return rows
+
+
 # -- counterfactual tests ---------------------------------------------------------------------------
-def translator_counterfactual(model: Translator, examples: Sequence[Example], *, n_permutations: int = 20,
+def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], *, n_permutations: int = 20,
                               seed: int = 0, max_batch: int = 256) -> dict[str, pd.DataFrame]:
     """Permutation, uniform and erasure tests on cross-attention -> {"summary", "permutation"} (see module doc).
 
-    Per example, max_attention and median_tvd are means over its target words of each word's max cross-attention
-    weight and of its median TVD over `n_permutations`; uniform and erasure statistics are over target words
-    (teacher forcing), plus greedy exact match of the whole translation under uniform attention.
+    Per example, max_attention and median_tvd are means over its units (target tokens, see the module doc) of each
+    unit's max cross-attention weight and of its median TVD over `n_permutations`; uniform and erasure statistics
+    are over units (teacher forcing), plus greedy exact match of the whole translation (against
+    `model.target_texts` of the references) under uniform attention.
     """
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be an int >= 1; got {n_permutations!r}.")
@@ -315,11 +451,9 @@ def translator_counterfactual(model: Translator, examples: Sequence[Example], *,
     at = lambda probs: probs[units.src, units.tgt]                                   # noqa: E731 [batch, tgt, v] -> [unit, v]
     base = at(_forward(model, pairs, rows, max_batch=max_batch))                     # [unit, vocab]
     ref = pairs.tgt_out[units.src, units.tgt]                                        # [unit]
-    with _eval(model):
-        cross = record(model, pairs, names="decoder.layers.*.cross_attn.pattern")[1].stack().float().cpu()
-    cross = cross.transpose(2, 3)[:, units.src, units.tgt]                           # [layer, unit, head, src]
+    cross = _cross_attention(model, pairs).transpose(2, 3)[:, units.src, units.tgt]  # [layer, unit, head, src]
     scored = (pairs.src.attention_mask & ~pairs.src.special_mask)[units.src]        # [unit, src]
-    refs = [" ".join(words(e.target)) for e in examples]
+    refs = model.target_texts([e.target for e in examples])
     exact = lambda: float(np.mean([h == r for h, r in zip(model.translate(examples), refs)]))  # noqa: E731
     summary, perm_frames = [], []
 
@@ -327,7 +461,7 @@ def translator_counterfactual(model: Translator, examples: Sequence[Example], *,
         summary.append((test, str(layer), "all", statistic, float(value)))
 
     exact_original = exact()
-    for layer in [*range(model.n_layers), "all"]:
+    for layer in [*range(len(sites)), "all"]:
         edit_sites = sites if layer == "all" else [sites[layer]]
         att = cross.mean(0) if layer == "all" else cross[layer]                     # [unit, head, src]
         gen = torch.Generator().manual_seed(seed)
@@ -366,29 +500,57 @@ def translator_counterfactual(model: Translator, examples: Sequence[Example], *,
 
 
 # -- the entry point --------------------------------------------------------------------------------
-def audit_translator(model: Translator, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
-                     seed: int = 0, max_batch: int = 256, n_permutations: int = 20) -> dict:
-    """Every issue-4 analysis on a Translator -> {"metrics", "counterfactual", "attributions", "examples", "timings"}.
+TRANSLATION_EXPLAINER = "model"          # the explainer column of rows about the model itself, not an explanation
 
-    metrics: tidy example_id, explainer, metric, setting, value, note (one row per example, see the module doc).
+
+def translation_rows(model: Seq2SeqModel, examples: Sequence[Example]) -> pd.DataFrame:
+    """The model's greedy translations of the audited examples against their references: exact match (per example
+    and over the corpus) and sacrebleu's corpus BLEU (0-100) -> tidy rows with explainer "model"."""
+    import sacrebleu
+
+    hyps = model.translate(list(examples))
+    refs = model.target_texts([e.target or "" for e in examples])
+    same = [float(h == r) for h, r in zip(hyps, refs)]
+    rows = [(e.id, TRANSLATION_EXPLAINER, "exact_match", "greedy", v, "") for e, v in zip(examples, same)]
+    rows += [(CORPUS_ID, TRANSLATION_EXPLAINER, "exact_match", "greedy:corpus", float(np.mean(same)), ""),
+             (CORPUS_ID, TRANSLATION_EXPLAINER, "bleu", "greedy:corpus", sacrebleu.corpus_bleu(hyps, [refs]).score,
+              "sacrebleu corpus BLEU, 0-100")]
+    return pd.DataFrame(rows, columns=["example_id", "explainer", "metric", "setting", "value", "note"])
+
+
+def audit_translator(model: Seq2SeqModel, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
+                     seed: int = 0, max_batch: int = 256, n_permutations: int = 20,
+                     gold: Sequence[GoldAlignment] | None = None) -> dict:
+    """Every issue-4 analysis on a Translator or HFTranslator -> {"metrics", "counterfactual", "attributions",
+    "examples", "timings"}.
+
+    metrics: tidy example_id, explainer, metric, setting, value, note (one row per example, see the module doc;
+    the alignment metrics add a corpus row per explainer, example_id CORPUS_ID). gold: as `translator_metrics`.
     counterfactual: {"summary": test, layer, head, statistic, value; "permutation": example_id, layer,
     max_attention, median_tvd}. attributions: `Attribution.to_records()` dicts, one per example and explainer,
-    explaining the example's FIRST target word (id = the example id); examples: id, gold (per source token, that
-    word's alignment), label (the reference word) and prediction (teacher-forced argmax) for `write_report`.
+    explaining the example's FIRST unit (its first target word's first token; id = the example id); examples: id,
+    gold (per source token, that unit's Sure alignment), label (the reference token) and prediction (teacher-forced
+    argmax there) for `write_report`.
     """
     t0 = time.perf_counter()
-    metrics, attrs = translator_metrics(model, examples, explainers=explainers, seed=seed, max_batch=max_batch)
+    metrics, attrs = translator_metrics(model, examples, explainers=explainers, seed=seed, max_batch=max_batch,
+                                        gold=gold)
+    metrics = pd.concat([metrics, translation_rows(model, examples)], ignore_index=True).__finalize__(metrics)
     t1 = time.perf_counter()
     cf = translator_counterfactual(model, examples, n_permutations=n_permutations, seed=seed, max_batch=max_batch)
     t2 = time.perf_counter()
-    pairs, units = prepare(model, examples)
-    first = (units.tgt == 0).nonzero().flatten()                                     # [example] one unit each
+    pairs, units = prepare(model, examples, gold)
+    n = len(examples)
+    first = torch.full((n,), len(units.src), dtype=torch.long).scatter_reduce(
+        0, units.src, torch.arange(len(units.src)), "amin")                          # [example] its first unit
+    at = units.tgt[first]                                                            # [example] its target position
     records = [{**r, "id": examples[int(units.src[u])].id} for a in attrs.values()
                for u, r in zip(first.tolist(), a.select(first.tolist()).to_records())]
-    pred = _forward(model, pairs, torch.arange(len(examples)), max_batch=max_batch)[:, 0].argmax(-1)  # [batch]
-    vocab = model.tgt_vocab
+    pred = _forward(model, pairs, torch.arange(n), max_batch=max_batch)[torch.arange(n), at].argmax(-1)  # [batch]
+    labels = model.target_tokens(pairs.tgt_out[torch.arange(n), at].tolist())
+    predictions = model.target_tokens(pred.tolist())
     n_real = pairs.src.attention_mask.sum(1).tolist()                                # [batch]
-    info = [{"id": e.id, "gold": units.gold[u, : n_real[i]].int().tolist(), "label": vocab.itos[int(pairs.tgt_out[i, 0])],
-             "prediction": vocab.itos[int(pred[i])]} for i, (e, u) in enumerate(zip(examples, first.tolist()))]
+    info = [{"id": e.id, "gold": units.gold[u, : n_real[i]].int().tolist(), "label": labels[i],
+             "prediction": predictions[i]} for i, (e, u) in enumerate(zip(examples, first.tolist()))]
     return {"metrics": metrics, "counterfactual": cf, "attributions": records, "examples": info,
             "timings": {"metrics_seconds": round(t1 - t0, 3), "counterfactual_seconds": round(t2 - t1, 3)}}

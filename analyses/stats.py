@@ -22,6 +22,11 @@ from attnaudit.analyses.schema import check_tidy
 
 # metric -> True when a larger value means a more faithful (or more plausible) explanation
 HIGHER_IS_BETTER: dict[str, bool] = {
+    "alignment_error_rate": False,      # Och & Ney's AER against Sure/Possible gold links
+    "alignment_precision": True,
+    "alignment_recall": True,
+    "bleu": True,                       # the model's greedy translations (explainer "model"), not an explanation
+    "exact_match": True,
     "comprehensiveness": True,          # removing the rationale hurts the prediction a lot
     "sufficiency": False,               # the rationale alone keeps the prediction
     "deletion_auc": False,              # the probability falls fast as top tokens go

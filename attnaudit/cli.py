@@ -50,9 +50,11 @@ def train_cli(
     task: str = typer.Option(None, "--task", help=f"Built-in task: {', '.join(TASK_NAMES)}."),
     data: Path = typer.Option(None, "--data", help="Your labelled file (.csv, .tsv, .jsonl, optionally .gz; "
                               "or an ERASER .jsonl / HateXplain .json, which name their own columns)."),
+    parallel: Path = typer.Option(None, "--parallel", help="Or 'source ||| target' lines: train the lecture's "
+                                  "encoder-decoder on them."),
     text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
     label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
-    valid: Path = typer.Option(None, "--valid", help="Validation file for --data (default: hold out 10%)."),
+    valid: Path = typer.Option(None, "--valid", help="Validation file for --data/--parallel (default: hold out 10%)."),
     test: Path = typer.Option(None, "--test", help="Test file for --data: scored once with the chosen weights."),
     seed: int = typer.Option(None, "--seed", help="Seed for data, initialisation and shuffling (default 0)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -66,21 +68,24 @@ def train_cli(
     """Train the lecture's Transformer on a built-in task or your own file; write a model folder."""
     from attnaudit.data import data_format
     from attnaudit.model.train import defaults_for, resolve_device, train_to_folder
-    if (task is None) == (data is None):
-        raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
-                         f"got {'both' if task is not None else 'neither'}.")
-    if data is None and (text_col or label_col or valid or test):
+    given = [n for n, v in (("--task", task), ("--data", data), ("--parallel", parallel)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}), --data FILE or --parallel FILE; "
+                         f"got {' and '.join(given) or 'neither'}.")
+    if task is not None and (text_col or label_col or valid or test):
         raise ValueError("--text-col, --label-col, --valid and --test go with --data; built-in tasks bring their own.")
+    if parallel is not None and (text_col or label_col):
+        raise ValueError("--text-col and --label-col go with --data; --parallel lines are 'source ||| target'.")
     if data is not None and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {data.name} to use).")
     resolve_device(device)                          # a bad --device fails before any data is read
     _threads(threads)                               # results are bitwise reproducible per thread count
-    settings = defaults_for(task)                   # unknown task names fail here, with the valid ones
+    settings = defaults_for("reorder" if parallel is not None else task)   # unknown task names fail here
     changes = {k: v for k, v in {"seed": seed, "epochs": epochs, "max_len": max_len}.items() if v is not None}
     settings = settings.replace(**changes)
     path, metrics = train_to_folder(out, task=task, data=data, text_col=text_col, label_col=label_col,
                                     valid=valid, test=test, settings=settings, device=device, overwrite=overwrite,
-                                    progress=not quiet)
+                                    progress=not quiet, parallel=parallel)
     if not quiet:
         score = "valid exact match" if metrics["kind"] == "seq2seq" else "valid accuracy"
         best = metrics.get("valid_exact_match", metrics.get("valid_accuracy"))
@@ -168,7 +173,11 @@ def analyze_cli(
     out: Path = typer.Option(..., "--out", help="Report folder to write."),
     task: str = typer.Option(None, "--task", help=f"Analyse on a built-in task's test split: {', '.join(TASK_NAMES)}."),
     data: Path = typer.Option(None, "--data", help="Or your labelled file (.csv, .tsv, .jsonl, optionally .gz; "
-                              "or ERASER .jsonl / HateXplain .json, whose rationales are scored)."),
+                              "or ERASER .jsonl / HateXplain .json, whose rationales are scored). For a language "
+                              "model: rows with 'prompt' and 'target' (the continuation to explain)."),
+    parallel: Path = typer.Option(None, "--parallel", help="Or, for an encoder-decoder, 'source ||| target' lines."),
+    alignments: Path = typer.Option(None, "--alignments", help="Gold word alignments for --parallel: one line per "
+                                    "pair of 1-indexed 'i-j' (Sure) and 'ipj' (Possible) links; AER is reported."),
     text_col: str = typer.Option(None, "--text-col", help="Column of --data holding the text."),
     label_col: str = typer.Option(None, "--label-col", help="Column of --data holding the label."),
     config: Path = typer.Option(None, "--config", help="TOML file with [audit] choices (explainers, analyses, sizes)."),
@@ -189,7 +198,8 @@ def analyze_cli(
 ):
     """Run every explainer and analysis on a trained model and a dataset; write the report."""
     from attnaudit.jobs import analyze_job
-    _job(analyze_job, threads, quiet, _model_folder(model), out, task=task, data=data, text_col=text_col, label_col=label_col,
+    _job(analyze_job, threads, quiet, _model_folder(model), out, task=task, data=data, parallel=parallel,
+         alignments=alignments, text_col=text_col, label_col=label_col,
          config=config, device=device, max_examples=max_examples, name=name, title=title, label_names=label_names,
          allow_untrained=allow_untrained, resume=resume, overwrite=overwrite, full_tables=full_tables)
 
@@ -208,21 +218,32 @@ def report_cli(out: Path = typer.Argument(..., help="A report folder written by 
     typer.echo(f"report written to {path / 'index.html'}")
 
 
+EXPLAIN_DEFAULT = "attention,rollout,grad_attention,integrated_gradients,occlusion"
+
+
 @app.command("explain")
 def explain_cli(
     model: Path = typer.Option(..., "--model", help="A trained model folder."),
     text: str = typer.Option(None, "--text", help="One text to explain."),
     data: Path = typer.Option(None, "--data", help="Or a .jsonl/.csv/.tsv file of texts."),
     text_col: str = typer.Option("text", "--text-col", help="Column of --data holding the text."),
-    explainer: str = typer.Option("attention,rollout,grad_attention,integrated_gradients,occlusion", "--explainer",
-                                  help="Comma-separated registry names ('all' for every one)."),
+    explainer: str = typer.Option(EXPLAIN_DEFAULT, "--explainer",
+                                  help="Comma-separated registry names ('all' for every one). An encoder-decoder "
+                                       "takes attention, attention_layers, rollout, saliency, input_x_gradient, "
+                                       "occlusion, random (default: all of them)."),
     jsonl: Path = typer.Option(None, "--jsonl", help="Also write one JSON object per (example, explainer) here."),
-    target: str = typer.Option(None, "--target", help="Class to explain: a label name or index (default: the predicted one)."),
+    target: str = typer.Option(None, "--target", help="Classifier: the class to explain, a label name or index "
+                               "(default: the predicted one). Language model: the continuation to explain."),
+    generate: int = typer.Option(None, "--generate", min=1, help="Language model: explain its greedy continuation "
+                                 "of this many tokens (default: the next token)."),
     label_names: str = typer.Option(None, "--label-names", help=LABEL_NAMES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
-    """Print the token scores of the chosen explainers as a table (and write them as JSON lines)."""
+    """Print the token scores of the chosen explainers as a table (and write them as JSON lines).
+
+    For a language model each example is explained step by step: one row per target token, one column per
+    prompt token (the target is --target, or a greedy --generate N continuation, or the next token)."""
     import json
 
     from attnaudit.core.io import atomic_write_text
@@ -236,7 +257,9 @@ def explain_cli(
     if (text is None) == (data is None):
         raise ValueError(f"pass exactly one of --text or --data; got {'both' if text is not None else 'neither'}.")
     names = list(REGISTRY) if explainer.strip() == "all" else [n.strip() for n in explainer.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REGISTRY]
+    from attnaudit.analyses.seq2seq import ALIASES
+    from attnaudit.analyses.seq2seq import EXPLAINERS as SEQ2SEQ_EXPLAINERS
+    unknown = [n for n in names if n not in REGISTRY and n not in SEQ2SEQ_EXPLAINERS and n not in ALIASES]
     if unknown or not names:
         raise ValueError(f"--explainer must be registry names separated by commas; got {unknown[0] if unknown else explainer!r}. "
                          f"Available: {', '.join(REGISTRY)}, or all.")
@@ -244,6 +267,13 @@ def explain_cli(
         raise ValueError(f"--jsonl must be a file path; {str(jsonl)!r} is a folder.")
     given_names = parse_label_names(label_names)
     m = name_classes(load_model(_model_folder(model), device=resolve_device(device)), given_names)
+    if getattr(m, "kind", None) == "lm":
+        return _explain_lm(m, names, text=text, data=data, target=target, generate=generate, jsonl=jsonl, quiet=quiet)
+    if getattr(m, "kind", None) == "seq2seq":
+        default = explainer == EXPLAIN_DEFAULT
+        return _explain_seq2seq(m, None if default else names, text=text, data=data, target=target, jsonl=jsonl)
+    if generate is not None:
+        raise ValueError(f"--generate goes with a language model; {str(model)!r} is a {getattr(m, 'kind', 'model')}.")
     inputs = [text] if text is not None else read_texts(data, text_col=text_col)
     if target is not None and target.strip().lstrip("+-").isdigit():
         target = int(target)                        # "1" is class 1; a label name stays a name
@@ -263,6 +293,100 @@ def explain_cli(
     if any(cut):
         typer.echo(f"note: {sum(cut)} text(s) had more words than the model's {m.max_len} positions and were cut "
                    "(\"truncated\": true in --jsonl); a model trained with a larger max_len takes them whole")
+    if jsonl is not None:
+        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        typer.echo(f"wrote {len(records)} records to {jsonl}")
+
+
+def _explain_seq2seq(m, names, *, text, data, target, jsonl) -> None:
+    """`explain` for an encoder-decoder: a [source token x target token] table per example and explainer."""
+    import json
+
+    from attnaudit.analyses.seq2seq import EXPLAINERS, prepare, translator_scores
+    from attnaudit.core.io import atomic_write_text
+    from attnaudit.data import Example
+    from attnaudit.data.parallel import read_parallel
+    chosen = list(EXPLAINERS) if names is None else names
+    if text is not None:
+        examples = [Example(id="0", text=text, target=target)]
+    else:
+        if target is not None:
+            raise ValueError("--target goes with --text; with --data give 'source ||| target' lines (or sources only).")
+        examples = read_parallel(data) if Path(data).read_text(encoding="utf-8").count("|||") else \
+            [Example(id=str(i), text=line.strip()) for i, line in enumerate(Path(data).read_text(encoding="utf-8")
+                                                                          .splitlines()) if line.strip()]
+    missing = [e for e in examples if e.target is None]
+    if missing:                                       # no reference: explain the model's greedy translation
+        said = m.translate([e.text for e in missing])
+        done = dict(zip([e.id for e in missing], said))
+        examples = [e if e.target is not None else Example(id=e.id, text=e.text, target=done[e.id]) for e in examples]
+    pairs, units = prepare(m, examples)
+    scores = translator_scores(m, pairs, chosen)
+    tgt_tokens = [m.target_tokens(row.tolist()) for row in pairs.tgt_out] if hasattr(m, "target_tokens") else None
+    records = []
+    for i, ex in enumerate(examples):
+        steps = units.tgt[units.src == i].tolist()
+        n_src = int(pairs.src.attention_mask[i].sum())
+        src = pairs.src.tokens[i][:n_src]
+        tgt = [tgt_tokens[i][t] for t in steps] if tgt_tokens is not None else [str(t) for t in steps]
+        for name, s in scores.items():
+            typer.echo(f"\n{ex.id}: {name}; source tokens (rows) x target tokens (columns) of '{ex.target}'")
+            width = max(8, *(len(t) for t in src))
+            typer.echo(f"{'token':<{width}} " + " ".join(f"{t[:12]:>12}" for t in tgt))
+            for j, tok in enumerate(src):
+                typer.echo(f"{tok:<{width}} " + " ".join(f"{float(s[i, t, j]):>12.4f}" for t in steps))
+            records.append({"id": ex.id, "text": ex.text, "target": ex.target, "explainer": name, "source_tokens": src,
+                            "target_tokens": tgt, "scores": [[float(s[i, t, j]) for j in range(n_src)] for t in steps]})
+    if jsonl is not None:
+        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        typer.echo(f"wrote {len(records)} records to {jsonl}")
+
+
+def _explain_lm(m, names, *, text, data, target, generate, jsonl, quiet) -> None:
+    """`explain` for a language model: a [prompt token x target step] table per example and explainer."""
+    import json
+
+    from attnaudit.core.io import atomic_write_text
+    from attnaudit.core.progress import progress_bar
+    from attnaudit.data import Example
+    from attnaudit.data.prompts import read_prompts
+    from attnaudit.explain.generation import step_matrices
+    from attnaudit.explain.run import explain_all
+    if target is not None and generate is not None:
+        raise ValueError("pass at most one of --target (the continuation to explain) or --generate N (a greedy one); "
+                         "got both.")
+    if text is not None:
+        examples = [Example(id="0", text=text, target=target)]
+    else:
+        if target is not None:
+            raise ValueError("--target goes with --text; with --data give each row's continuation in its 'target' field.")
+        examples = read_prompts(data)
+    if generate is not None:
+        if any(e.target is not None for e in examples):
+            raise ValueError("--generate N explains a greedy continuation, but the data file gives targets; leave out "
+                             "--generate to explain those.")
+        continuations = m.generate([e.text for e in examples], generate)
+        examples = [Example(id=e.id, text=e.text, target=c, rationale=e.rationale) for e, c in zip(examples, continuations)]
+    records = []
+    with progress_bar(len(examples), desc=f"explain ({len(names)} explainers)", unit="texts",
+                      enabled=False if quiet else None if len(examples) <= EXPLAIN_CHUNK else True) as bar:
+        for start in range(0, len(examples), EXPLAIN_CHUNK):
+            chunk = examples[start : start + EXPLAIN_CHUNK]
+            batch = m.encode(chunk)
+            attributions = explain_all(m, batch, names, target=batch.labels)
+            for a in attributions.values():
+                records += [{**r, "example_id": chunk[r["example"]].id} if "example" in r else r for r in a.to_records()]
+            per_method = {name: step_matrices(a, target_tokens=m.label_names) for name, a in attributions.items()}
+            for e, ex in enumerate(chunk):
+                for name in names:
+                    mat = per_method[name][e]
+                    typer.echo(f"\n{ex.id}: {name}; prompt tokens (rows) x target tokens (columns; p = probability)")
+                    width = max(8, *(len(t) for t in mat.prompt_tokens))
+                    heads = [f"{t[:10]} {float(p):.2f}" for t, p in zip(mat.target_tokens, mat.target_prob.tolist())]
+                    typer.echo(f"{'token':<{width}} " + " ".join(f"{h:>15}" for h in heads))
+                    for j, tok in enumerate(mat.prompt_tokens):
+                        typer.echo(f"{tok:<{width}} " + " ".join(f"{float(v):>15.4f}" for v in mat.scores[:, j]))
+            bar.update(len(chunk))
     if jsonl is not None:
         atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         typer.echo(f"wrote {len(records)} records to {jsonl}")
@@ -327,7 +451,7 @@ def tasks_list_cli():
     from attnaudit.data.tasks import get_task
     for name in TASK_NAMES:
         t = get_task(name)
-        classes = ", ".join(t.label_names) if t.label_names else "seq2seq"
+        classes = ", ".join(t.label_names) if t.label_names else "next token" if t.kind == "lm" else "seq2seq"
         typer.echo(f"{name:<9} [{classes}] train/valid/test {t.sizes['train']}/{t.sizes['valid']}/"
                    f"{t.sizes['test']}: {t.description}")
 

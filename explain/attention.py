@@ -70,11 +70,16 @@ def pick_head(per_head: Tensor, head: int | str) -> Tensor:
     return per_head[:, head]
 
 
-def read_out(matrix: Tensor, attention_mask: Tensor, readout: str) -> Tensor:
-    """[batch, query, key] -> [batch, key]: the [CLS] row (query 0), or the mean/max over real query rows."""
+def read_out(matrix: Tensor, attention_mask: Tensor, readout: str, rows: Tensor | None = None) -> Tensor:
+    """[batch, query, key] -> [batch, key]: the prediction's row, or the mean/max over real query rows.
+
+    "cls" reads the row the model's prediction comes from: query 0 ([CLS]) for encoders, or `rows` [batch]
+    (`Capture.readout_rows`: the last real token of a decoder).
+    """
     mask = attention_mask.to(matrix.device)                                       # [batch, seq]
     if readout == "cls":
-        row = matrix[:, 0]                                                        # [batch, key]
+        row = matrix[:, 0] if rows is None else \
+            matrix[torch.arange(matrix.shape[0], device=matrix.device), rows.to(matrix.device)]   # [batch, key]
     elif readout == "mean":
         real = mask[:, :, None].to(matrix.dtype)                                  # [batch, query, 1]
         row = (matrix * real).sum(1) / real.sum(1).clamp_min(1.0)                 # [batch, key]
@@ -84,7 +89,7 @@ def read_out(matrix: Tensor, attention_mask: Tensor, readout: str) -> Tensor:
 
 
 def attention_scores(patterns: Tensor, attention_mask: Tensor, *, layer: int | str = "last",
-                     head: int | str = "mean", readout: str = "cls") -> Tensor:
+                     head: int | str = "mean", readout: str = "cls", rows: Tensor | None = None) -> Tensor:
     """Raw attention per key: readout(head(layer(patterns))).
 
     Args:
@@ -94,7 +99,7 @@ def attention_scores(patterns: Tensor, attention_mask: Tensor, *, layer: int | s
         [batch, key], 0 on padding.
     """
     per_head = pick_layer(patterns, layer)                                        # [batch, head, query, key]
-    return read_out(pick_head(per_head, head), attention_mask, readout)           # [batch, key]
+    return read_out(pick_head(per_head, head), attention_mask, readout, rows)     # [batch, key]
 
 
 def norm_matrix(pattern: Tensor, values: Tensor, w_o: Tensor, head: int | str) -> Tensor:
@@ -114,7 +119,8 @@ def norm_matrix(pattern: Tensor, values: Tensor, w_o: Tensor, head: int | str) -
 
 
 def norm_scores(patterns: Tensor, values: Tensor, output_weights: Tensor, attention_mask: Tensor, *,
-                layer: int | str = "last", head: int | str = "sum", readout: str = "cls") -> Tensor:
+                layer: int | str = "last", head: int | str = "sum", readout: str = "cls",
+                rows: Tensor | None = None) -> Tensor:
     """Attention norms per key -> [batch, key] (see `norm_matrix`; layer "mean" averages the layers' norms).
 
     Args:
@@ -124,13 +130,14 @@ def norm_scores(patterns: Tensor, values: Tensor, output_weights: Tensor, attent
     n_layers = patterns.shape[0]
     layers = range(n_layers) if layer == "mean" else [layer_index(layer, n_layers)]
     per_layer = torch.stack([norm_matrix(patterns[i], values[i], output_weights[i], head) for i in layers])
-    return read_out(per_layer.mean(0), attention_mask, readout)                   # [batch, key]
+    return read_out(per_layer.mean(0), attention_mask, readout, rows)             # [batch, key]
 
 
 class NormFold(Fold):
     """`norm_matrix` of each of `layers` as the forward reaches it -> [layer, batch, query, key] (as `norm_scores`)."""
 
     values = True
+    batch_dim = 1
 
     def __init__(self, head: int | str, layers: tuple[int, ...]):
         self.head = head
@@ -173,9 +180,9 @@ class RawAttention(AttentionExplainer):
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
         if self.layer != "mean":                   # one layer: the same tensor pick_layer takes from the stack
             per_head = capture.pattern(layer_index(self.layer, capture.n_layers))   # [batch, head, query, key]
-            return read_out(pick_head(per_head, self.head), capture.attention_mask, self.readout)
+            return read_out(pick_head(per_head, self.head), capture.attention_mask, self.readout, capture.readout_rows)
         return attention_scores(capture.patterns, capture.attention_mask, layer=self.layer, head=self.head,
-                                readout=self.readout)
+                                readout=self.readout, rows=capture.readout_rows)
 
 
 class AttentionNorm(AttentionExplainer):
@@ -204,8 +211,8 @@ class AttentionNorm(AttentionExplainer):
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
         folded = capture.folds.get(NormFold(self.head, read_layers(self.layer, capture.n_layers)).key)
         if folded is not None:                                            # [layer, batch, query, key]
-            return read_out(folded.mean(0), capture.attention_mask, self.readout)
+            return read_out(folded.mean(0), capture.attention_mask, self.readout, capture.readout_rows)
         if capture.values is None or capture.output_weights is None:       # both or neither (`capture`)
             raise ValueError("attention_norm needs a capture with value vectors; this model exposes none.")
         return norm_scores(capture.patterns, capture.values, capture.output_weights, capture.attention_mask,
-                           layer=self.layer, head=self.head, readout=self.readout)
+                           layer=self.layer, head=self.head, readout=self.readout, rows=capture.readout_rows)

@@ -25,6 +25,8 @@ class Attribution:
     tokens: per example, aligned with seq; target [batch] long (the explained class); target_prob [batch]
     (the model's probability of it); method + params (all hyper-parameters, verbatim); seconds (wall time);
     extras: per-example diagnostics [batch] (e.g. IG's completeness gap), by name.
+    steps: for generation rows (`attnaudit.model.steps`), (example, target step) per row; None otherwise.
+    `attnaudit.explain.generation.step_matrices` turns them into one [target step, input token] matrix per example.
     """
 
     scores: Tensor
@@ -40,6 +42,7 @@ class Attribution:
     extras: dict[str, Tensor] = field(default_factory=dict)
     ids: list[str] | None = None
     texts: Sequence[str | None] | None = None     # None where a loaded record has no text
+    steps: list[tuple[int, int]] | None = None     # generation rows: (example, target step)
 
     def __post_init__(self):
         shape = tuple(self.input_ids.shape)
@@ -126,7 +129,8 @@ class Attribution:
         return replace(self, **cut, tokens=[self.tokens[i][:seq] for i in idx], target=self.target[idx],
                        target_prob=self.target_prob[idx], extras={k: v[idx] for k, v in self.extras.items()},
                        ids=[self.ids[i] for i in idx] if self.ids else None,
-                       texts=[self.texts[i] for i in idx] if self.texts else None)
+                       texts=[self.texts[i] for i in idx] if self.texts else None,
+                       steps=[self.steps[i] for i in idx] if self.steps else None)
 
     # -- tables, files, pictures ----------------------------------------------------------------
     def example_id(self, i: int) -> str:
@@ -154,6 +158,8 @@ class Attribution:
                    "params": jsonable(self.params, default=repr), "target": int(self.target[i]),
                    "prob": float(self.target_prob[i]), "seconds": self.seconds / max(len(self), 1)}
             rec.update({k: float(v[i]) for k, v in self.extras.items()})
+            if self.steps:
+                rec["example"], rec["step"] = map(int, self.steps[i])
             out.append(rec)
         return out
 
@@ -176,14 +182,15 @@ class Attribution:
             mask[i, :n] = True
             special[i, :n] = torch.tensor(r.get("special", [False] * n))
         extras_keys = set(records[0]) - {"id", "text", "tokens", "scores", "special", "explainer", "params",
-                                           "target", "prob", "seconds"}
+                                           "target", "prob", "seconds", "example", "step"}
+        steps = [(int(r["example"]), int(r["step"])) for r in records] if all("step" in r for r in records) else None
         return cls(scores=scores, input_ids=torch.full((b, seq), -1, dtype=torch.long), attention_mask=mask,
                    special_mask=special, tokens=[r["tokens"] + ["[PAD]"] * (seq - len(r["tokens"])) for r in records],
                    target=torch.tensor([r["target"] for r in records]), target_prob=torch.tensor([r["prob"] for r in records]),
                    method=records[0]["explainer"], params=records[0].get("params", {}),
                    seconds=sum(r.get("seconds", 0.0) for r in records),
                    extras={k: torch.tensor([r[k] for r in records]) for k in sorted(extras_keys)},
-                   ids=[r["id"] for r in records], texts=[r.get("text") for r in records])
+                   ids=[r["id"] for r in records], texts=[r.get("text") for r in records], steps=steps)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON Lines (one record per example), atomically."""

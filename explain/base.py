@@ -156,6 +156,7 @@ def package_attribution(explainer: Explainer, batch: Batch, out, target: Tensor,
         target_prob=probs.gather(1, target.cpu()[:, None])[:, 0], method=explainer.name,
         params=explainer.get_params(), seconds=seconds,
         extras={k: v.detach().float().cpu() for k, v in extras.items()}, ids=batch.ids, texts=batch.texts,
+        steps=batch.steps,
     )
 
 

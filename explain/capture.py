@@ -25,7 +25,7 @@ import contextvars
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import Tensor
 from attnaudit.explain.base import Explainer, short_repr
 from attnaudit.model.hooks import hooks, observing
 from attnaudit.model.interface import Batch, ExplainableModel
+from attnaudit.model.steps import carriers, readout_index
 
 CAPTURE_DTYPES = (None, "float32", "float16", "bfloat16")
 _CAPTURE_DTYPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnaudit_capture_dtype", default=None)
@@ -79,6 +80,7 @@ class Fold:
 
     grads = False
     values = False
+    batch_dim = 0             # where the result's batch dimension is ([layer, batch, ...] folds set 1)
 
     def __init__(self, layers: tuple[int, ...]):
         self.layers = layers
@@ -145,6 +147,7 @@ class Capture:
     seconds: float
     capture_dtype: str | None = None
     reads: Reads = field(default_factory=Reads)
+    readout_rows: Tensor | None = None      # [batch] the position each prediction is read from; None = 0 ([CLS])
 
     def pattern(self, layer: int) -> Tensor:
         """One layer's pattern [batch, head, query, key] in the model's dtype."""
@@ -220,6 +223,10 @@ def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: boo
     grad_layers = set(reads.grads) | {i for f in grad_folds for i in f.layers}
     want_grads = bool(grad_layers)
     mask = batch.attention_mask
+    if not want_grads and getattr(model, "readout", "first") == "last" and len(batch) > 1:
+        shared = _shared_prefixes(model, batch, reads, capture_dtype, start)
+        if shared is not None:
+            return shared
     kept: dict[int, Tensor] = {}
     kept_values: dict[int, Tensor] = {}
     weights: dict[int, Tensor] = {}
@@ -280,7 +287,43 @@ def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: boo
             kept_grads = backward(chosen.sum(), live, reads.grads, grad_folds, sites, keep, device_mask[0])
     return Capture(kept, kept_values, weights, kept_grads, {f.key: f.result() for f in reads.folds}, len(sites),
                    mask.to(embeds.device), (pattern_dtype or [embeds.dtype])[0], time.perf_counter() - start,
-                   capture_dtype, reads)
+                   capture_dtype, reads,
+                   readout_index(model, mask).to(embeds.device) if getattr(model, "readout", "first") == "last" else None)
+
+
+def _shared_prefixes(model: ExplainableModel, batch: Batch, reads: Reads, capture_dtype: str | None,
+                     start: float) -> Capture | None:
+    """A decoder's rows that are prefixes of longer rows (generation steps) captured from those rows' forward.
+
+    Under a causal mask a prefix's patterns are the longer row's first query rows and key columns, and so are
+    rollout's and the norms' products (lower-triangular), so one forward per distinct longest row serves every
+    step (`attnaudit.model.steps.carriers`). Patterns and values are cut back to each row's own positions; the
+    readout row is each row's last real token. None when no row is shared (nothing to save). No gradients: each
+    step's target would need its own backward.
+    """
+    chosen, owner = carriers(batch.input_ids.cpu(), batch.attention_mask.cpu())
+    if len(chosen) == len(batch):
+        return None
+    sub = replace(batch, input_ids=batch.input_ids[chosen], attention_mask=batch.attention_mask[chosen],
+                  special_mask=batch.special_mask[chosen], tokens=[batch.tokens[i] for i in chosen.tolist()],
+                  texts=None, labels=None, rationale=None, ids=None, truncated=None, steps=None)
+    target = torch.zeros(len(chosen), dtype=torch.long)                      # unused: no gradient is taken
+    part = capture(model, sub, target, reads=reads, capture_dtype=capture_dtype)
+    dev = part.attention_mask.device
+    index = owner.to(dev)
+    mask = batch.attention_mask.to(dev)                                      # [batch, seq]
+    pairs = (mask[:, None, :, None] & mask[:, None, None, :])                # [batch, 1, query, key]
+
+    def rows(t: Tensor) -> Tensor:                                           # [batch, head, query, key]
+        return t.index_select(0, index.to(t.device)) * pairs.to(t.device)
+
+    values = {k: v.index_select(0, index.to(v.device)) * mask[:, None, :, None].to(v.device)
+              for k, v in part.layer_values.items()}                         # [batch, head, key, d_head]
+    folds = {f.key: part.folds[f.key].index_select(f.batch_dim, index.to(part.folds[f.key].device))
+             for f in reads.folds}
+    return Capture({k: rows(v) for k, v in part.layer_patterns.items()}, values, part.layer_output_weights, {},
+                   folds, part.n_layers, mask, part.dtype, time.perf_counter() - start, capture_dtype, reads,
+                   readout_index(model, mask))
 
 
 def backward(total: Tensor, live: dict[int, Tensor], raw: frozenset[int], folds: list[Fold], sites: list[str],

@@ -355,7 +355,7 @@ def max_flows(a_hat: np.ndarray, outputs: list[int], *, tol: float = 1e-7) -> tu
 
 
 def flow_values(a_hat: Tensor, attention_mask: Tensor, *, readout: str = "cls",
-                tol: float = 1e-7) -> tuple[Tensor, Tensor]:
+                tol: float = 1e-7, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Flows to every input token, per example -> (values [batch, key] float64, certified gaps [batch]).
 
     Args:
@@ -363,6 +363,7 @@ def flow_values(a_hat: Tensor, attention_mask: Tensor, *, readout: str = "cls",
         attention_mask: [batch, seq] bool.
         readout: "cls" = from the top-layer [CLS] node; "mean" = the mean of the flows from every real top node.
         tol: the certified absolute error allowed per value.
+        rows: [batch] the top node "cls" reads (a decoder's last real token); None = position 0.
     """
     caps = a_hat.detach().double().cpu().numpy()                                  # [layer, batch, query, key]
     mask = attention_mask.cpu()
@@ -371,7 +372,8 @@ def flow_values(a_hat: Tensor, attention_mask: Tensor, *, readout: str = "cls",
     for b in range(caps.shape[1]):
         real = mask[b].nonzero()[:, 0].numpy()                                    # padding nodes carry nothing
         example = caps[:, b][:, real][:, :, real]                                 # [layer, n, n]
-        outputs = [0] if readout == "cls" else list(range(len(real)))
+        top = 0 if rows is None else int((real < int(rows[b])).sum())           # its index among real nodes
+        outputs = [top] if readout == "cls" else list(range(len(real)))
         flows, gaps[b] = max_flows(example, outputs, tol=tol)                     # [output, n]
         values[b, real] = torch.from_numpy(flows.mean(0))
     return values, gaps
@@ -459,5 +461,5 @@ class Flow(AttentionExplainer):
         if a_hat is None:
             a_hat = residual_attention(capture.patterns.double(), mask, head_fusion="mean",
                                        add_residual=self.add_residual)
-        values, gaps = flow_values(a_hat, mask, readout=self.readout, tol=self.tol)
+        values, gaps = flow_values(a_hat, mask, readout=self.readout, tol=self.tol, rows=capture.readout_rows)
         return values.float(), {"flow_gap": gaps}

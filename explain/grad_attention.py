@@ -44,18 +44,22 @@ def accumulate(a_bars: list[Tensor], attention_mask: Tensor) -> Tensor:
     return relevance
 
 
-def cls_row(relevance: Tensor, attention_mask: Tensor) -> Tensor:
-    """The [CLS] row of the relevance map without its self entry -> [batch, key]."""
-    row = relevance[:, 0].clone()                                                 # [batch, key]
-    row[:, 0] = 0.0                                                               # R[cls, cls] := 0
+def cls_row(relevance: Tensor, attention_mask: Tensor, rows: Tensor | None = None) -> Tensor:
+    """The prediction's row of the relevance map without its self entry -> [batch, key].
+
+    The row is [CLS] (query 0), or `rows` [batch] (a decoder's last real token, `Capture.readout_rows`).
+    """
+    index = torch.zeros(relevance.shape[0], dtype=torch.long) if rows is None else rows.long().cpu()
+    batch = torch.arange(relevance.shape[0])
+    row = relevance[batch, index.to(relevance.device)].clone()                    # [batch, key]
+    row[batch, index.to(relevance.device)] = 0.0                                  # R[cls, cls] := 0
     return row.masked_fill(~attention_mask.to(row.device), 0.0)
 
 
-def grad_attention_scores(patterns: Tensor, grads: Tensor, attention_mask: Tensor) -> Tensor:
-    """The [CLS] row of the relevance map without its self entry -> [batch, key]."""
-    row = grad_attention_relevance(patterns, grads, attention_mask)[:, 0].clone()   # [batch, key]
-    row[:, 0] = 0.0                                                               # R[cls, cls] := 0
-    return row.masked_fill(~attention_mask.to(row.device), 0.0)
+def grad_attention_scores(patterns: Tensor, grads: Tensor, attention_mask: Tensor,
+                          rows: Tensor | None = None) -> Tensor:
+    """The prediction's row of the relevance map without its self entry -> [batch, key] (see `cls_row`)."""
+    return cls_row(grad_attention_relevance(patterns, grads, attention_mask), attention_mask, rows)
 
 
 def captured_grads(capture: Capture, name: str) -> Tensor:
@@ -111,8 +115,9 @@ class GradAttention(AttentionExplainer):
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
         a_bars = capture.folds.get(GradFold("chefer", tuple(range(capture.n_layers))).key)
         if a_bars is not None:
-            return cls_row(accumulate(a_bars, capture.attention_mask), capture.attention_mask)
-        return grad_attention_scores(capture.patterns, captured_grads(capture, self.name), capture.attention_mask)
+            return cls_row(accumulate(a_bars, capture.attention_mask), capture.attention_mask, capture.readout_rows)
+        return grad_attention_scores(capture.patterns, captured_grads(capture, self.name), capture.attention_mask,
+                                     capture.readout_rows)
 
 
 class AttentionXGrad(AttentionExplainer):
@@ -134,6 +139,6 @@ class AttentionXGrad(AttentionExplainer):
         folded = capture.folds.get(GradFold("product", read_layers(self.layer, capture.n_layers)).key)
         if folded is not None:                     # the layers pick_layer reads, each as in the stacked product
             picked = folded[0] if self.layer != "mean" else torch.stack(folded).mean(0)  # [batch, query, key]
-            return read_out(picked, capture.attention_mask, "cls")
+            return read_out(picked, capture.attention_mask, "cls", capture.readout_rows)
         per_layer = (capture.patterns * captured_grads(capture, self.name)).mean(2)  # [layer, batch, query, key]
-        return read_out(pick_layer(per_layer, self.layer), capture.attention_mask, "cls")   # [batch, key]
+        return read_out(pick_layer(per_layer, self.layer), capture.attention_mask, "cls", capture.readout_rows)   # [batch, key]

@@ -173,6 +173,13 @@ class CaptumExplainer(Explainer):
         return None if self.baseline is None else baseline_embeds(model, batch, embeds, self.baseline)
 
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.attribution_class in (captum.attr.Saliency, captum.attr.InputXGradient) \
+                and not getattr(self, "attribute_kwargs", None):
+            shared = step_gradients(model, batch, target)
+            if shared is not None:                                                # generation steps: one forward
+                embeds, grads = shared                                            # [batch, seq, d_model] each
+                out = grads if self.attribution_class is captum.attr.Saliency else embeds * grads
+                return reduce_embedding(out, self.reduction), {}
         embeds = model.embed(batch.input_ids).detach()                            # [batch, seq, d_model]
         mask = batch.attention_mask.to(embeds.device)                             # passed through untouched
         method = self.attribution_class(EmbeddingForward(model))
@@ -193,6 +200,41 @@ class CaptumExplainer(Explainer):
             extras["completeness_gap"] = delta.abs()
             extras["completeness_gap_relative"] = delta.abs() / change.abs().clamp_min(1e-12)
         return reduce_embedding(attributions.detach(), self.reduction), extras
+
+
+def step_gradients(model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, Tensor] | None:
+    """d logit(target_r) / d embeddings for generation rows that are prefixes of longer rows, from ONE forward.
+
+    A causal LM's row r (prompt + t_<s) is the first positions of a longer row (`attnaudit.model.steps.carriers`),
+    so its target logit is that row's logit at position len(r) - 1 and depends on the same embeddings. One forward
+    of the distinct longest rows (`model.sequence_logits_from_embeds`, [n, seq, vocab]) and one batched backward
+    (a vector-Jacobian product per row) give every row's gradient. -> (embeds, grads), each [batch, seq, d_model];
+    None when the model is not such an LM or no row is shared.
+    """
+    from attnaudit.model.steps import carriers, last_index
+
+    if getattr(model, "readout", "first") != "last" or not hasattr(model, "sequence_logits_from_embeds") \
+            or len(batch) < 2:
+        return None
+    chosen, owner = carriers(batch.input_ids.cpu(), batch.attention_mask.cpu())
+    if len(chosen) == len(batch):
+        return None
+    dev = model.device
+    embeds = model.embed(batch.input_ids[chosen]).detach().requires_grad_()      # [n, seq, d_model]
+    with torch.enable_grad():
+        logits = model.sequence_logits_from_embeds(embeds, batch.attention_mask[chosen].to(dev))   # [n, seq, vocab]
+        rows = torch.arange(len(batch), device=logits.device)
+        picked = logits[owner.to(logits.device), last_index(batch.attention_mask).to(logits.device),
+                        target.to(logits.device)]                                  # [batch]
+        try:
+            eye = torch.eye(len(batch), dtype=picked.dtype, device=picked.device)  # one vector-Jacobian product per row
+            grads = torch.autograd.grad(picked, embeds, grad_outputs=eye, is_grads_batched=True)[0]  # [batch, n, seq, d]
+            grads = grads[rows, owner.to(grads.device)]                            # [batch, seq, d_model]
+        except RuntimeError:                                                      # an op without a batching rule
+            grads = torch.stack([torch.autograd.grad(picked[r], embeds, retain_graph=True)[0][int(owner[r])]
+                                 for r in range(len(batch))])                     # [batch, seq, d_model]
+    own = batch.attention_mask.to(grads.device)[:, :, None]                       # a row's own positions only
+    return embeds.detach()[owner.to(embeds.device)] * own, grads * own
 
 
 # -- the named methods ----------------------------------------------------------------------------

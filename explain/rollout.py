@@ -86,6 +86,8 @@ class ResidualFold(Fold):
     """`residual_attention` of each layer as the forward reaches it (in float64 when `double`, as flow reads it)
     -> [layer, batch, query, key]: heads fused as each layer passes, so the patterns are never all kept."""
 
+    batch_dim = 1
+
     def __init__(self, layers: tuple[int, ...], *, head_fusion: str = "mean", add_residual: bool = True,
                  double: bool = False):
         self.head_fusion, self.add_residual, self.double = head_fusion, add_residual, double
@@ -168,7 +170,7 @@ class Rollout(AttentionExplainer):
     def from_capture(self, capture: Capture, batch: Batch, target: Tensor) -> Tensor:
         folded = capture.folds.get(self.fold(capture.n_layers).key)
         if folded is not None:                                                    # R_{L-1} [batch, query, key]
-            return read_out(folded, capture.attention_mask, self.readout)
+            return read_out(folded, capture.attention_mask, self.readout, capture.readout_rows)
         joint = rollout(capture.patterns, add_residual=self.add_residual, head_fusion=self.head_fusion,
                         start_layer=self.start_layer, attention_mask=capture.attention_mask)
-        return read_out(joint[-1], capture.attention_mask, self.readout)          # [batch, key]
+        return read_out(joint[-1], capture.attention_mask, self.readout, capture.readout_rows)          # [batch, key]

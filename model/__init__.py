@@ -14,11 +14,14 @@ _NAMES = {
     "Batch": "interface", "TextClassifier": "interface", "Translator": "seq2seq",
     "TASK_NAMES": "attnaudit.data.tasks", "get_task": "attnaudit.data.tasks", "make_examples": "attnaudit.data.tasks",
     "TransformerClassifier": "transformer", "TransformerConfig": "transformer", "TransformerSeq2Seq": "transformer",
+    "HFTranslator": "hf_seq2seq", "load_hf_seq2seq": "hf_seq2seq", "SEQ2SEQ_SUPPORTED": "hf_seq2seq",
+    "step_batch": "steps",
 }
 
 __all__ = ["load_model", "save_checkpoint", "Example", "Batch", "TextClassifier", "Translator", "Cache", "HookPoint",
            "hooks", "record", "recording", "TASK_NAMES", "get_task", "make_examples", "TransformerClassifier",
-           "TransformerConfig", "TransformerSeq2Seq", "read_eraser", "read_hatexplain", "read_labelled", "read_sst2"]
+           "TransformerConfig", "TransformerSeq2Seq", "read_eraser", "read_hatexplain", "read_labelled", "read_sst2",
+           "HFTranslator", "load_hf_seq2seq", "SEQ2SEQ_SUPPORTED", "step_batch"]
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from safetensors import SafetensorError
@@ -20,12 +20,20 @@ from safetensors.torch import load_file, save_file
 
 from attnaudit.core.io import PICKLE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, open_readable
 from attnaudit.model.interface import TextClassifier
+from attnaudit.model.lm import DecoderClassifier, LanguageModel
 from attnaudit.model.seq2seq import Translator
-from attnaudit.model.transformer import TransformerClassifier, TransformerConfig, TransformerSeq2Seq
+from attnaudit.model.transformer import (
+    DecoderLMConfig,
+    TransformerClassifier,
+    TransformerConfig,
+    TransformerDecoderLM,
+    TransformerSeq2Seq,
+)
 from attnaudit.model.vocab import Vocab
 
 if TYPE_CHECKING:
     from attnaudit.model.hf import HFClassifier
+    from attnaudit.model.hf_seq2seq import HFTranslator
 
 FORMAT = "attnaudit"
 FORMAT_VERSION = 1
@@ -37,12 +45,20 @@ MAX_ARCHITECTURE = {"vocab_size": 2**24, "tgt_vocab_size": 2**24, "n_classes": 2
                     "n_heads": 2**10, "n_layers": 2**10, "d_ff": 2**18, "max_len": 2**20}
 MAX_DERIVED_BYTES = 2**30   # tensors the config implies but the file does not store (the positional table)
 MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own limit on its JSON header
+DECODER_NET = "decoder"          # config.json "net" of a decoder-only model (kind "lm", or a DecoderClassifier)
 
 
-def model_config(model: TextClassifier | Translator, extra: dict | None = None) -> dict:
+SavedModel: TypeAlias = "TextClassifier | Translator | LanguageModel | DecoderClassifier"
+
+
+def model_config(model: SavedModel, extra: dict | None = None) -> dict:
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": model.kind,
            "architecture": model.net.cfg.to_dict()}
-    if isinstance(model, TextClassifier):
+    if isinstance(model, LanguageModel):
+        cfg.update(net=DECODER_NET, vocab=model.vocab.itos)
+    elif isinstance(model, DecoderClassifier):
+        cfg.update(net=DECODER_NET, vocab=model.vocab.itos, label_names=list(model.label_names))
+    elif isinstance(model, TextClassifier):
         cfg.update(vocab=model.vocab.itos, label_names=list(model.label_names))
     else:
         cfg.update(vocab=model.src_vocab.itos, tgt_vocab=model.tgt_vocab.itos)
@@ -50,7 +66,7 @@ def model_config(model: TextClassifier | Translator, extra: dict | None = None) 
     return cfg
 
 
-def save_checkpoint(model: TextClassifier | Translator, out_dir: str | Path, *, extra: dict | None = None) -> Path:
+def save_checkpoint(model: SavedModel, out_dir: str | Path, *, extra: dict | None = None) -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json (atomically); returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +191,8 @@ def verify_weights(path: Path, cfg: dict, cfg_path: Path) -> None:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu",
-               **hf_options) -> TextClassifier | Translator | HFClassifier:
+               **hf_options) -> TextClassifier | Translator | LanguageModel | DecoderClassifier | HFClassifier \
+        | HFTranslator:
     """Load a model folder as the model interface, in eval mode: ours (config.json + model.safetensors) or a
     HuggingFace one (config.json with `architectures`; see `attnaudit.model.hf.load_hf` for `hf_options`:
     num_labels, label_names, seed).
@@ -186,7 +203,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     folder = Path(path)
     cfg = read_config(folder)
     if "architectures" in cfg:
-        from attnaudit.model.hf import load_hf  # transformers is imported only for HuggingFace folders
+        from attnaudit.model.hf_seq2seq import SEQ2SEQ_SUPPORTED  # transformers is imported only for HF folders
+
+        if cfg.get("model_type") in SEQ2SEQ_SUPPORTED:          # BART, T5, Marian: an encoder-decoder
+            from attnaudit.model.hf_seq2seq import load_hf_seq2seq
+
+            if hf_options:
+                raise TypeError(f"{', '.join(sorted(hf_options))} apply only to HuggingFace classifiers; "
+                                f"{str(folder)!r} is a {cfg['model_type']} encoder-decoder.")
+            return load_hf_seq2seq(folder, device=device)
+        from attnaudit.model.hf import load_hf
 
         return load_hf(folder, device=device, **hf_options)
     if hf_options:
@@ -204,28 +230,37 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     if not isinstance(cfg.get("architecture"), dict):
         raise ValueError(f"{str(cfg_path)!r} lacks the key 'architecture' (an object of sizes such as d_model).")
     check_architecture(cfg["architecture"], cfg_path, ("n_layers", "n_heads"))   # they size Python loops
+    decoder = cfg.get("kind") == "lm" or cfg.get("net") == DECODER_NET
     try:
-        arch = TransformerConfig(**cfg["architecture"])
+        arch: TransformerConfig | DecoderLMConfig = \
+            (DecoderLMConfig if decoder else TransformerConfig)(**cfg["architecture"])
         vocab = Vocab(cfg["vocab"])
         kind = cfg["kind"]
     except KeyError as e:
         raise ValueError(f"{str(cfg_path)!r} lacks the key {e.args[0]!r}.") from e
     except TypeError as e:
         raise ValueError(f"{str(cfg_path)!r} has an invalid architecture: {e}.") from e
-    if kind not in ("classifier", "seq2seq"):
-        raise ValueError(f"config kind must be 'classifier' or 'seq2seq'; got {kind!r}.")
+    if kind not in ("classifier", "seq2seq", "lm"):
+        raise ValueError(f"config kind must be 'classifier', 'seq2seq' or 'lm'; got {kind!r}.")
+    if decoder and (kind == "seq2seq" or (getattr(arch, "head", None) == "lm") != (kind == "lm")):
+        raise ValueError(f"{str(cfg_path)!r}: kind {kind!r} does not go with a decoder whose architecture.head is "
+                         f"{getattr(arch, 'head', None)!r} ('lm' for kind 'lm', 'classifier' for kind 'classifier').")
     if len(vocab) != arch.vocab_size:
         raise ValueError(f"the vocabulary has {len(vocab)} tokens but architecture.vocab_size is {arch.vocab_size}.")
-    build: type[TransformerClassifier | TransformerSeq2Seq] = \
-        TransformerClassifier if kind == "classifier" else TransformerSeq2Seq
+    build: type[TransformerClassifier | TransformerSeq2Seq | TransformerDecoderLM] = \
+        TransformerDecoderLM if decoder else TransformerClassifier if kind == "classifier" else TransformerSeq2Seq
     if not weights.is_file():
         raise FileNotFoundError(f"{str(weights)!r} is missing; a model folder holds {CONFIG} and {WEIGHTS}.")
     with torch.device("meta"):                                   # shapes only: nothing is allocated
-        check_against_header(build(arch), read_header(weights), cfg["architecture"], cfg_path, weights)
+        check_against_header(build(arch), read_header(weights), cfg["architecture"], cfg_path,  # type: ignore[arg-type]
+                             weights)
     check_architecture(cfg["architecture"], cfg_path)
     verify_weights(weights, cfg, cfg_path)
-    model: TextClassifier | Translator
-    if kind == "classifier":
+    model: SavedModel
+    if isinstance(arch, DecoderLMConfig):
+        model = LanguageModel(TransformerDecoderLM(arch), vocab, config=cfg) if kind == "lm" else \
+            DecoderClassifier(TransformerDecoderLM(arch), vocab, label_names=cfg.get("label_names", []), config=cfg)
+    elif kind == "classifier":
         model = TextClassifier(TransformerClassifier(arch), vocab, label_names=cfg.get("label_names", []), config=cfg)
     else:
         model = Translator(TransformerSeq2Seq(arch), vocab, Vocab(cfg["tgt_vocab"]), config=cfg)

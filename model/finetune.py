@@ -1,4 +1,7 @@
-"""Fine-tuning a HuggingFace encoder classifier on labelled Examples, saved as an ordinary HuggingFace folder.
+"""Fine-tuning a HuggingFace classifier on labelled Examples, saved as an ordinary HuggingFace folder.
+
+Encoders ([CLS] head: BERT, MiniLM, RoBERTa, ...) and decoders (GPT-2, Llama, Qwen2, Mistral: a score head on the
+last real token, `attnaudit.model.hf_lm.HFDecoderClassifier`; a causal-LM folder gets a fresh one) alike.
 
     model = load_hf(minilm_path(), num_labels=2)                     # a fresh head, or a trained one to go on with
     model, metrics = finetune_hf(model, train, valid, settings=finetune_settings(model, n_train=len(train)))
@@ -157,8 +160,10 @@ def finetune_hf(
         and test_loss (with test), peak_lr, best_epoch, epochs_run, steps, train_seconds, n_train, n_valid,
         n_test, n_truncated, device, n_params.
     """
-    if not isinstance(model, HFClassifier):
-        raise TypeError(f"model must be an HFClassifier (attnaudit.model.hf.load_hf); got {type(model).__name__}.")
+    if not isinstance(model, HFClassifier) or model.kind != "classifier":
+        raise TypeError(f"model must be an HFClassifier (attnaudit.model.hf.load_hf) or HFDecoderClassifier; got "
+                        f"{type(model).__name__}" + (" (a language model: load it with kind='classifier' for a "
+                                                    "classification head)." if getattr(model, "kind", None) == "lm" else "."))
     settings = settings or finetune_settings(model, n_train=max(1, len(train)))
     d_model = int(model.hf_config.hidden_size)
     if settings.d_model != d_model:
@@ -316,7 +321,8 @@ def finetune_to_folder(
     base = {"path": str(hf_dir.resolve()), **_sha256_of(hf_dir)}
     with warnings.catch_warnings():             # a fresh head is about to be trained: no "UNTRAINED" warning
         warnings.filterwarnings("ignore", message=".*has no classification head", category=UserWarning)
-        model = load_hf(hf_dir, device=dev, num_labels=len(label_names), label_names=label_names, seed=seed)
+        model = load_hf(hf_dir, device=dev, num_labels=len(label_names), label_names=label_names, seed=seed,
+                        kind="classifier")
     settings = finetune_settings(model, n_train=len(train), lr=lr, epochs=epochs, batch_size=batch_size,
                                  max_len=max_len, seed=seed).replace(n_train=n_train)
     used = {k: settings.to_dict()[k] for k in USED}

@@ -1,5 +1,8 @@
 """HuggingFace encoder classifiers (BERT, DistilBERT, RoBERTa, ALBERT, ELECTRA) behind the model interface.
 
+Decoder-only models (GPT-2, Llama, Qwen2, Mistral: sequence classification and causal LM) are subclasses of
+`HFClassifier` in `attnaudit.model.hf_lm`, with causal sites ``decoder.layers.{i}.self_attn.pattern``.
+
 `load_hf(folder)` (`attnaudit.model.hf_load`; what `attnaudit.load_model` calls for a folder whose config.json
 names `architectures`) returns an `HFClassifier`, an `ExplainableModel` (`attnaudit.model.interface`) like the
 built-in `TextClassifier`, so every explainer and analysis runs on it unchanged.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +73,7 @@ class HFClassifier(ClassifierBase):
     net: Any
 
     PREDICT_BATCH = 64                    # pretrained models are wider than ours
+    SITES = "encoder"                     # hook sites ``{SITES}.layers.{i}.self_attn.pattern``; decoders: "decoder"
 
     def __init__(self, net: Any, tokenizer, *, label_names: Sequence[str] | None = None,
                  config: dict | None = None, verify: bool = True):
@@ -80,22 +84,13 @@ class HFClassifier(ClassifierBase):
         self.net = net
         self.tokenizer = tokenizer
         self.hf_config = hf
-        n_classes = int(hf.num_labels)
-        names = list(label_names) if label_names is not None else \
-            [hf.id2label.get(i, f"LABEL_{i}") for i in range(n_classes)]
+        self._vocab_size = int(net.get_input_embeddings().num_embeddings)
+        n_classes = self.n_classes
+        names = list(label_names) if label_names is not None else self._default_label_names()
         if len(names) != n_classes:
             raise ValueError(f"label_names must have n_classes={n_classes} entries; got {len(names)}.")
         self.label_names = tuple(str(n) for n in names)
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; attnaudit pads batches and needs one.")
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.unk_id = tokenizer.unk_token_id
-        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
-        if mask_id is None:
-            raise ValueError("the tokenizer has neither a mask nor an unknown token; perturbations need one.")
-        self.mask_id = int(mask_id)
-        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-        self._vocab_size = int(net.get_input_embeddings().num_embeddings)
+        self._special_ids(tokenizer)
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
                              f"{self.vocab_size}; they do not belong together.")
@@ -103,7 +98,7 @@ class HFClassifier(ClassifierBase):
         self._sites = [(HookPoint(), HookPoint()) for _ in range(n_layers)]     # (pattern, values) by layer
         self._n_layers = n_layers
         self._attention_modules: list[nn.Module] = []       # in call order, from the first forward
-        self._output_linears: list[nn.Linear | None] = []
+        self._output_linears: list[nn.Module | None] = []        # nn.Linear, or GPT-2's Conv1D (model/hf_lm.py)
         self.config = {"format": "huggingface", "kind": self.kind, "model_type": hf.model_type,
                        "architecture": type(net).__name__, "label_names": list(self.label_names),
                        "transformers_version": transformers_module().__version__, "attention": ATTENTION,
@@ -115,6 +110,21 @@ class HFClassifier(ClassifierBase):
             self.config["verified_max_abs_diff"] = None
             with self.evaluating(), torch.no_grad():
                 self(self.encode(VERIFY_TEXTS[1:]))
+
+    def _default_label_names(self) -> list[str]:
+        return [self.hf_config.id2label.get(i, f"LABEL_{i}") for i in range(self.n_classes)]
+
+    def _special_ids(self, tokenizer) -> None:
+        """pad_id, mask_id (the perturbations' replacement), unk_id, cls_id, sep_id from the tokenizer."""
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; attnaudit pads batches and needs one.")
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.unk_id = tokenizer.unk_token_id
+        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        if mask_id is None:
+            raise ValueError("the tokenizer has neither a mask nor an unknown token; perturbations need one.")
+        self.mask_id = int(mask_id)
+        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
 
     # -- description ------------------------------------------------------------------------------
     @property
@@ -255,10 +265,14 @@ class HFClassifier(ClassifierBase):
         return self._forward(inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device).long())
 
     def _forward(self, **inputs) -> Tensor:
+        return self._through_our_attention(lambda: self.net(**inputs).logits)   # [batch, n_classes]
+
+    def _through_our_attention(self, forward):
+        """forward() with the hook sites of this adapter active: each self-attention call gets its layer's sites."""
         run = _Forward(list(self._sites))
         token = _ACTIVE.set(run)
         try:
-            logits = self.net(**inputs).logits                                   # [batch, n_classes]
+            logits = forward()
         finally:
             _ACTIVE.reset(token)
         if len(run.modules) != self.n_layers:
@@ -325,15 +339,20 @@ class HFClassifier(ClassifierBase):
         points: dict[str, HookPoint] = {}
         with_values = all(self._output_linear(i) is not None for i in range(self.n_layers))
         for i, (pattern, values) in enumerate(self._sites):
-            points[f"encoder.layers.{i}.self_attn.pattern"] = pattern
+            points[f"{self.SITES}.layers.{i}.self_attn.pattern"] = pattern
             if with_values:
-                points[f"encoder.layers.{i}.self_attn.values"] = values
+                points[f"{self.SITES}.layers.{i}.self_attn.values"] = values
         return points
 
-    def _output_linear(self, layer: int) -> nn.Linear | None:
+    @property
+    def attention_sites(self) -> list[str]:
+        """The self-attention pattern sites in layer order (``encoder.layers.{i}.self_attn.pattern``)."""
+        return [f"{self.SITES}.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
+
+    def _output_linear(self, layer: int) -> nn.Module | None:
         return self._output_linears[layer] if self._output_linears else None
 
-    def _find_output_linear(self, module: nn.Module) -> nn.Linear | None:
+    def _find_output_linear(self, module: nn.Module) -> nn.Module | None:
         """W^O of an attention module: DistilBERT's out_lin, ALBERT's dense, BERT/RoBERTa/ELECTRA's output.dense."""
         for name in ("out_lin", "dense"):
             if isinstance(getattr(module, name, None), nn.Linear):
@@ -352,7 +371,8 @@ class HFClassifier(ClassifierBase):
         if linear is None:
             raise ValueError(f"{self.config['architecture']}: the attention output projection W^O of layer {layer} "
                              "was not found, so attention norms are not available for this model.")
-        return linear.weight.view(linear.weight.shape[0], self.n_heads, -1)
+        weight = cast(Tensor, linear.weight)                        # an encoder's W^O: an nn.Linear [d_model, d_model]
+        return weight.view(weight.shape[0], self.n_heads, -1)
 
     def cascading_layers(self) -> list[tuple[str, list[nn.Module]]]:
         """Randomisation order for `analyses.sanity` (output first): head, encoder layers top-down, embeddings."""

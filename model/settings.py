@@ -106,6 +106,14 @@ _TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "majority": dict(_TASK_RECIPE, epochs=5, patience=2),
     "reorder": dict(_TASK_RECIPE, epochs=6, patience=2, max_len=16),
 }
+# The decoder-only next-token tasks (model.train_lm): Noam factor 0.5 (peak lr ≈ 3.7e-3). Measured on the
+# 2-core CPU (one thread), seed 0: recall jumps from 0.39 to 0.99 valid accuracy in epoch 4 (the induction
+# step: find the queried key, read the token after it), copy passes 0.99 in epoch 3; each run well under 60 s.
+_LM_RECIPE: dict[str, Any] = dict(lr_factor=0.5, warmup=300, dropout=0.0, max_len=32)
+_TASK_DEFAULTS.update({
+    "recall": dict(_LM_RECIPE, epochs=8, patience=2),
+    "copy": dict(_LM_RECIPE, epochs=5, patience=2),
+})
 
 
 def defaults_for(task: str | None = None) -> TrainSettings:

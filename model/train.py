@@ -13,10 +13,13 @@ initialisation and dropout draw from `torch.manual_seed(seed)`, shuffling from i
 `torch.Generator`. The pieces live beside this file: `settings` (TrainSettings, defaults_for,
 resolve_device), `fit` (the Adam + Noam loop), `evaluate` (accuracy, exact match, BLEU) and
 `run_folder` (what a model folder holds and when it may be written); their names are re-exported here.
+The decoder-only LM tasks (kind "lm": recall, copy) train through `train_lm` (model/train_lm.py): the
+same `fit` loop, loss on the target tokens only; `train_task` and `train_to_folder` dispatch to it.
 """
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -31,6 +34,7 @@ from attnaudit.model.checkpoint import save_checkpoint
 from attnaudit.model.evaluate import evaluate_classifier, evaluate_translator, pair_loss
 from attnaudit.model.fit import LOG_COLUMNS, classification_step_loss, fit, log_csv
 from attnaudit.model.interface import TextClassifier
+from attnaudit.model.lm import LanguageModel
 from attnaudit.model.run_folder import (
     HOLDOUT,
     METRICS,
@@ -42,6 +46,7 @@ from attnaudit.model.run_folder import (
 )
 from attnaudit.model.seq2seq import PairBatch, Translator
 from attnaudit.model.settings import DEVICES, TrainSettings, defaults_for, resolve_device
+from attnaudit.model.train_lm import evaluate_lm, train_lm
 from attnaudit.model.transformer import TransformerClassifier, TransformerSeq2Seq, init_weights
 from attnaudit.model.vocab import Vocab, words
 
@@ -50,6 +55,7 @@ __all__ = [
     "train_classifier", "train_seq2seq", "train_task", "task_examples", "train_to_folder",
     "evaluate_classifier", "evaluate_translator", "fit", "log_csv", "LOG_COLUMNS", "init_weights",
     "check_out_dir", "labelled_splits", "table_splits", "file_sha256", "run_identity", "METRICS", "TRAIN_LOG", "HOLDOUT",
+    "train_lm", "evaluate_lm",
 ]
 _identity = run_identity   # the name tests and older callers import
 
@@ -191,11 +197,14 @@ def task_examples(task: str, settings: TrainSettings) -> dict[str, list[Example]
 
 
 def train_task(task: str, settings: TrainSettings | None = None, *, device: str = "auto",
-               progress: bool | None = None, log_path=None) -> tuple[TextClassifier | Translator, dict]:
+               progress: bool | None = None, log_path=None) -> tuple[TextClassifier | Translator | LanguageModel, dict]:
     """Generate a built-in task's splits and train the matching model on them -> (model, metrics)."""
     spec = get_task(task)
     settings = settings or defaults_for(task)
     data = task_examples(task, settings)
+    if spec.kind == "lm":
+        return train_lm(data["train"], data["valid"], data["test"], settings=settings, device=device,
+                        progress=progress, log_path=log_path, progress_label=f"train {task}")
     if spec.kind == "seq2seq":
         return train_seq2seq(data["train"], data["valid"], data["test"], settings=settings, device=device,
                              progress=progress, log_path=log_path, progress_label=f"train {task}")
@@ -205,12 +214,40 @@ def train_task(task: str, settings: TrainSettings | None = None, *, device: str 
 
 
 # -- a model folder ------------------------------------------------------------------------------
+def _parallel_splits(path, valid, test, *, seed: int) -> tuple[dict, dict]:
+    """Sentence pairs for training an encoder-decoder: the file's, a held-out 10% (or `valid`), and `test`."""
+    from attnaudit.data.parallel import read_parallel
+
+    pairs = read_parallel(path)
+    if valid is None:
+        if len(pairs) < 10:
+            raise ValueError(f"{path}: {len(pairs)} sentence pairs are too few to hold out a validation tenth; give "
+                             "at least 10 pairs, or a --valid file.")
+        order = list(range(len(pairs)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, round(HOLDOUT * len(pairs)))
+        held = set(order[:cut])
+        train = [p for i, p in enumerate(pairs) if i not in held]
+        held_out = [p for i, p in enumerate(pairs) if i in held]
+    else:
+        train, held_out = pairs, read_parallel(valid)
+    tested = read_parallel(test) if test is not None else None
+    info = {"path": str(Path(path)), "sha256": file_sha256(Path(path)), "format": "parallel",
+            "valid_sha256": file_sha256(Path(valid)) if valid is not None else None,
+            "test_sha256": file_sha256(Path(test)) if test is not None else None}
+    return {"train": train, "valid": held_out, "test": tested}, info
+
+
+
 def train_to_folder(
     out_dir, *, task: str | None = None, data=None, text_col: str | None = None, label_col: str | None = None,
     valid=None, test=None, settings: TrainSettings | None = None, device: str = "auto", overwrite: bool = False,
-    progress: bool | None = None,
+    progress: bool | None = None, parallel=None,
 ) -> tuple[Path, dict]:
-    """Train on a built-in task or a labelled file and write a model folder -> (folder, metrics).
+    """Train on a built-in task, a labelled file or parallel text and write a model folder -> (folder, metrics).
+
+    parallel: `source ||| target` lines (`attnaudit.data.read_parallel`): the built-in encoder-decoder is trained
+    on them; `valid` / `test` are files of the same format (default valid: a seeded 10% held out).
 
     The folder gets model.safetensors + config.json (with `task` and `training` provenance: settings,
     seed, device, example counts, data file and its sha256), metrics.json and train_log.csv, each
@@ -219,12 +256,17 @@ def train_to_folder(
 
     >>> path, metrics = train_to_folder("runs/needle", task="needle")
     """
-    if (task is None) == (data is None):
-        raise ValueError(f"pass exactly one of task (a built-in task: {', '.join(TASK_NAMES)}) or data "
-                         f"(a labelled file); got {'both' if task is not None else 'neither'}.")
+    given = [n for n, v in (("task", task), ("data", data), ("parallel", parallel)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of task (a built-in task: {', '.join(TASK_NAMES)}), data (a labelled "
+                         f"file) or parallel ('source ||| target' lines); got {' and '.join(given) or 'neither'}.")
     dev = resolve_device(device)
-    settings = settings or defaults_for(task)
-    if task is not None:
+    settings = settings or defaults_for("reorder" if parallel is not None else task)
+    if parallel is not None:
+        splits, data_info = _parallel_splits(parallel, valid, test, seed=settings.seed)
+        task_info = {"name": Path(parallel).name, "kind": "seq2seq", "label_names": [], "source": "file"}
+        data = parallel
+    elif task is not None:
         spec = get_task(task)
         splits = task_examples(task, settings)
         task_info = {"name": spec.name, "kind": spec.kind, "label_names": list(spec.label_names),
@@ -244,8 +286,12 @@ def train_to_folder(
     check_out_dir(out, run_identity(task_info, training), overwrite=overwrite)   # before minutes of training
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / TRAIN_LOG
-    model: TextClassifier | Translator
-    if task_info["kind"] == "seq2seq":
+    model: TextClassifier | Translator | LanguageModel
+    if task_info["kind"] == "lm":
+        model, metrics = train_lm(splits["train"], splits["valid"], splits["test"], settings=settings,
+                                  device=str(dev), progress=progress, log_path=log_path,
+                                  progress_label=f"train {task_info['name']}")
+    elif task_info["kind"] == "seq2seq":
         model, metrics = train_seq2seq(splits["train"], splits["valid"], splits["test"], settings=settings,
                                        device=str(dev), progress=progress, log_path=log_path,
                                        progress_label=f"train {task_info['name']}")
@@ -255,8 +301,11 @@ def train_to_folder(
                                           device=str(dev), progress=progress, log_path=log_path,
                                           progress_label=f"train {task_info['name']}")
     if splits["test"] is None:
-        metrics["test_accuracy"] = metrics["valid_accuracy"]
-        metrics["test_set"] = ("none: test_accuracy is the validation accuracy "
+        score = "exact_match" if task_info["kind"] == "seq2seq" else "accuracy"
+        metrics[f"test_{score}"] = metrics[f"valid_{score}"]
+        if score == "exact_match":
+            metrics["test_bleu"] = metrics["valid_bleu"]
+        metrics["test_set"] = (f"none: test_{score} is the validation {score.replace('_', ' ')} "
                                + (f"on {Path(valid).name}" if valid is not None else
                                   f"on a held-out {HOLDOUT:.0%} of {Path(data).name} (seed {settings.seed})")
                                + "; the best epoch was chosen on it, so it is optimistic")

@@ -1,10 +1,11 @@
-"""The lecture's Transformer (Vaswani et al. 2017): an encoder classifier and an encoder–decoder.
+"""The lecture's Transformer (Vaswani et al. 2017): an encoder classifier, an encoder–decoder and a
+decoder-only LM (`TransformerDecoderLM`, its own `DecoderLMConfig`: causal blocks without cross-attention).
 
 Blocks are post-LN, LayerNorm(x + Dropout(sublayer(x))), as in the paper; `norm="pre"` gives
 x + sublayer(LayerNorm(x)) with a final LayerNorm. Hook sites:
 ``encoder.layers.{i}.self_attn.pattern``, ``decoder.layers.{i}.self_attn.pattern`` (causal) and
 ``decoder.layers.{i}.cross_attn.pattern`` (queries from the decoder, keys and values from the encoder).
-Both constructors end with `init_weights` (Glorot-uniform matrices, zero [PAD] rows), so a model built
+Every constructor ends with `init_weights` (Glorot-uniform matrices, zero [PAD] rows), so a model built
 anywhere, by training, a test or a user, starts the same way for the same `torch.manual_seed`.
 """
 from __future__ import annotations
@@ -231,3 +232,115 @@ class TransformerSeq2Seq(nn.Module):
             if done.all():
                 break
         return out
+
+
+# -- decoder-only ---------------------------------------------------------------------------------
+HEADS = ("lm", "classifier")
+
+
+@dataclass(frozen=True)
+class DecoderLMConfig:
+    """A decoder-only Transformer's hyper-parameters (stored verbatim in config.json, beside `"net": "decoder"`).
+
+    Its own dataclass, so TransformerConfig (and every config.json written from it) is untouched.
+    head: "lm" -> next-token logits [batch, seq, vocab_size]; "classifier" -> the last real token's hidden
+    state through a linear head -> [batch, n_classes]. The LM head is a separate nn.Linear, not tied to the
+    embedding: gradient explainers then attribute to an input table that is not also the output layer.
+    """
+
+    vocab_size: int
+    head: str = "lm"
+    n_classes: int = 0              # classifier head only
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    dropout: float = 0.1
+    max_len: int = 128
+    norm: str = "post"              # "post" (lecture) or "pre"
+    pad_id: int = 0
+
+    def __post_init__(self):
+        checks = [
+            ("head", self.head in HEADS, "'lm' or 'classifier'"),
+            ("n_classes", self.head == "lm" or self.n_classes >= 2, "an int >= 2 with head='classifier'"),
+            ("norm", self.norm in ("post", "pre"), "'post' or 'pre'"),
+            ("d_model", self.d_model > 0 and self.d_model % self.n_heads == 0, f"a positive multiple of n_heads={self.n_heads}"),
+            ("n_layers", self.n_layers >= 1, "an int >= 1"),
+            ("n_heads", self.n_heads >= 1, "an int >= 1"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("vocab_size", self.vocab_size >= 1, "an int >= 1"),
+            ("max_len", self.max_len >= 2, "an int >= 2"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}; got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalLayer(nn.Module):
+    """A decoder block without cross-attention: masked self-attention, then the FFN, each in a Residual."""
+
+    def __init__(self, cfg: DecoderLMConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)   # masked (causal)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.self_block = Residual(cfg.d_model, cfg.dropout, cfg.norm)
+        self.ff_block = Residual(cfg.d_model, cfg.dropout, cfg.norm)
+
+    def forward(self, y: Tensor, self_allowed: Tensor) -> Tensor:
+        y = self.self_block(y, lambda h: self.self_attn(h, h, self_allowed))          # [batch, seq, d_model]
+        return self.ff_block(y, self.ff)                                              # [batch, seq, d_model]
+
+
+class Decoder(nn.Module):
+    """Token embedding + sinusoidal positions + causal blocks (+ a final LayerNorm when pre-LN)."""
+
+    def __init__(self, cfg: DecoderLMConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.pos = PositionalEncoding(cfg.d_model, cfg.max_len)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+
+    def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """embeds [batch, seq, d_model] (unscaled), mask [batch, seq] bool (right padding) -> [batch, seq, d_model]."""
+        y = self.dropout(self.pos(embeds))
+        allowed = causal_allowed(mask)                                           # [batch, 1, seq, seq]
+        for layer in self.layers:
+            y = layer(y, allowed)
+        return self.final_norm(y)
+
+
+class TransformerDecoderLM(nn.Module):
+    """Decoder-only Transformer: next-token logits [batch, seq, vocab] (head="lm") or, reading the last real
+    token, class logits [batch, n_classes] (head="classifier").
+
+    Sites ``decoder.layers.{i}.self_attn.pattern`` [batch, head, query, key] (exactly 0 above the diagonal)
+    and ``decoder.layers.{i}.self_attn.values``. Under the causal mask position j sees only positions <= j,
+    so the outputs at a row's first n positions do not depend on what follows them (`model.steps.last_logits`).
+    """
+
+    def __init__(self, cfg: DecoderLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size if cfg.head == "lm" else cfg.n_classes)
+        init_weights(self)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.decoder.embed(input_ids)                                     # [batch, seq, d_model]
+
+    def forward_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        h = self.decoder(embeds, attention_mask)                                 # [batch, seq, d_model]
+        if self.cfg.head == "lm":
+            return self.head(h)                                                  # [batch, seq, vocab]
+        last = attention_mask.long().sum(1).clamp_min(1) - 1                     # [batch], right padding
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]              # [batch, d_model]
+        return self.head(pooled)                                                 # [batch, n_classes]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.forward_embeds(self.embed(input_ids), attention_mask)

@@ -76,9 +76,11 @@ def test_non_empty_folder_that_is_not_a_model_is_refused(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--task", "needles"], ["Unknown task 'needles'", "keywords, majority, needle, reorder"]),
+    (["--task", "needles"], ["Unknown task 'needles'", "copy, keywords, majority, needle, recall, reorder"]),
     ([], ["exactly one of --task", "neither"]),
-    (["--task", "needle", "--data", "x.csv"], ["exactly one of --task", "both"]),
+    (["--task", "needle", "--data", "x.csv"], ["exactly one of --task", "got --task and --data"]),
+    (["--parallel", "x.txt", "--text-col", "a"], ["--text-col and --label-col go with --data"]),
+    (["--parallel", "missing.txt"], ["missing.txt"]),
     (["--task", "needle", "--device", "tpu"], ["device must be one of auto, cpu, cuda"]),
     (["--data", "missing.csv", "--text-col", "text", "--label-col", "label"], ["missing.csv", "does not exist"]),
     (["--data", "{table}"], ["--data needs --text-col and --label-col"]),

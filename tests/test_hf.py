@@ -130,8 +130,9 @@ def test_pickle_only_folder_is_refused_without_reading_it(tmp_path):
 
 
 def test_unsupported_model_type_and_attnaudit_options(tmp_path, tiny_model):
-    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="model_type must be one of bert, distilbert, roberta, albert, electra"):
+    (tmp_path / "config.json").write_text('{"architectures": ["FalconForCausalLM"], "model_type": "falcon"}')
+    with pytest.raises(ValueError, match="model_type must be one of bert, distilbert, roberta, albert, electra, "
+                                         "gpt2, llama, qwen2, mistral"):
         attnaudit.load_model(tmp_path)
     ours = attnaudit.model.save_checkpoint(tiny_model, tmp_path / "ours")
     assert attnaudit.load_model(ours).n_layers == tiny_model.n_layers            # ours still load as before

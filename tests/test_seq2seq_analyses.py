@@ -6,10 +6,13 @@ import json
 import math
 
 import pytest
+import sacrebleu
 import torch
 
 from attnaudit.analyses.report import write_report
 from attnaudit.analyses.seq2seq import (
+    ALIGNMENT_METRICS,
+    CORPUS_ID,
     EXPLAINERS,
     TeacherForcedEngine,
     audit_translator,
@@ -74,10 +77,25 @@ def test_audit_tables_are_tidy_and_render(reorder_model, test_examples, tmp_path
                            explainers=("cross_attention", "cross_rollout", *EXPLAINERS[3:]))
     m = out["metrics"]
     assert list(m.columns) == COLUMNS and not m["value"].isna().any()
-    assert set(m["explainer"]) == {"attention", "rollout", "saliency", "input_x_gradient", "occlusion", "random"}
-    assert set(m["example_id"]) == {e.id for e in test_examples[:16]}
-    per = m.groupby(["explainer", "metric", "setting"]).size()
+    heads = {f"cross_attention_L{layer}_H{head}" for layer in range(2) for head in range(2)}
+    assert set(m["explainer"]) == {"attention", "rollout", "saliency", "input_x_gradient", "occlusion", "random",
+                                   "model"} | heads
+    assert set(m["example_id"]) == {e.id for e in test_examples[:16]} | {CORPUS_ID}
+    # the model's own translations: exact match per example and over the corpus, corpus BLEU (sacrebleu)
+    own = m[m.explainer == "model"].set_index(["example_id", "metric"])["value"]
+    hyps = reorder_model.translate(test_examples[:16])
+    same = [float(h == " ".join(e.target.split())) for h, e in zip(hyps, test_examples[:16])]
+    assert [own[(e.id, "exact_match")] for e in test_examples[:16]] == same
+    assert own[(CORPUS_ID, "exact_match")] == pytest.approx(sum(same) / 16)
+    assert own[(CORPUS_ID, "bleu")] == pytest.approx(sacrebleu.corpus_bleu(hyps, [[" ".join(e.target.split())
+                                                                                  for e in test_examples[:16]]]).score)
+    m = m[m.explainer != "model"]
+    per = m[m.example_id != CORPUS_ID].groupby(["explainer", "metric", "setting"]).size()
     assert (per == 16).all()                                             # one row per example, not per word
+    corpus = m[m.example_id == CORPUS_ID]                                # alignment metrics: + one corpus row each
+    assert set(corpus["metric"]) == set(ALIGNMENT_METRICS) and set(corpus["setting"]) == {"argmax:corpus"}
+    assert (corpus.groupby(["explainer", "metric"]).size() == 1).all() and len(corpus) == 10 * 3
+    assert set(m.loc[m.explainer.isin(heads), "metric"]) == set(ALIGNMENT_METRICS)   # heads: alignment rows only
     assert set(m.loc[m.metric == "comprehensiveness", "setting"]) == {"k=0.1", "k=0.2", "k=0.5", "aopc"}
     assert m.loc[m.metric.isin(["gold_auprc", "deletion_auc", "insertion_auc"]), "value"].between(0, 1).all()
     cf = out["counterfactual"]
@@ -213,3 +231,65 @@ def test_errors_name_the_rule(reorder_model, test_examples):
         prepare(reorder_model, [Example("x", "red cat sees dog")])
     with pytest.raises(ValueError, match=r"must have shape \[batch, tgt, src\]"):
         translator_metrics(reorder_model, test_examples[:2], explainers=(), scores={"bad": torch.zeros(2, 3)})
+
+
+# -- the shared members (HFTranslator's interface) reproduce the built-in internals the analyses used --------------
+@pytest.fixture(scope="module")
+def tiny_translator():
+    tiny = TrainSettings(d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=16, epochs=1, batch_size=32, warmup=10,
+                         lr_factor=0.5, dropout=0.0, n_train=64, n_valid=8, n_test=8)
+    model, _ = train_task("reorder", tiny, device="cpu", progress=False)       # a barely trained fit, in ~1 s
+    model.net.eval()
+    return model
+
+
+def test_shared_members_equal_the_former_builtin_path(tiny_translator):
+    """Bit for bit: the members `analyses.seq2seq` now calls give what it computed from `model.net` before."""
+    from attnaudit.analyses.seq2seq import _forward
+    from attnaudit.model.hooks import record
+    m = tiny_translator
+    examples = make_examples("reorder", "test", n=6, seed=0)
+    pairs, units = prepare(m, examples)
+    s, net = pairs.src, m.net
+    assert (m.pad_id, m.mask_id, m.eos_id, m.decoder_start_id) == (
+        m.src_vocab.pad_id, m.src_vocab.mask_id, m.tgt_vocab.sep_id, m.tgt_vocab.cls_id)
+    assert m.decoder_self_attention_sites == [f"decoder.layers.{i}.self_attn.pattern" for i in range(2)]
+    # units: every target word (not [SEP], not [PAD]); gold: word s is token s + 1
+    real = (pairs.tgt_out != m.tgt_vocab.pad_id) & (pairs.tgt_out != m.tgt_vocab.sep_id)
+    assert torch.equal(torch.stack(real.nonzero(as_tuple=True)), torch.stack([units.src, units.tgt]))
+    gold = torch.zeros(*real.shape, s.input_ids.shape[1], dtype=torch.bool)
+    for i, e in enumerate(examples):
+        for a, b in e.alignment:
+            gold[i, b, a + 1] = True
+    assert torch.equal(units.gold, gold[units.src, units.tgt])
+    n = [len(e.text.split()) for e in examples]
+    assert m.word_ids(pairs) == [[None, *range(k), None] + [None] * (s.input_ids.shape[1] - k - 2) for k in n]
+    assert m.word_ids([e.text for e in examples]) == m.word_ids(pairs)
+    assert m.target_texts([e.target for e in examples]) == [" ".join(e.target.lower().split()) for e in examples]
+    with torch.no_grad():
+        before = net(s.input_ids, s.attention_mask, pairs.tgt_in, pairs.tgt_mask)            # [batch, tgt, vocab]
+        assert torch.equal(m.logits_from_src_embeds(m.encoder_embeds(s.input_ids), pairs), before)
+        assert torch.equal(_forward(m, pairs, torch.arange(6), max_batch=4), before.softmax(-1))
+    # attention and rollout from the site lists = from the former globs
+    got = translator_scores(m, pairs, ("attention", "attention_layers", "rollout", "saliency", "input_x_gradient"))
+    _, cache = record(m, pairs)
+    avg = lambda glob: cache.stack(glob).float().mean(2)                     # noqa: E731 [layer, batch, q, k]
+    cross = avg("decoder.layers.*.cross_attn.pattern")
+    assert torch.equal(got["attention"], cross[-1]) and torch.equal(got["attention_layers"], cross.mean(0))
+    assert torch.equal(got["rollout"], cross_rollout(avg("encoder.*"), avg("decoder.layers.*.self_attn.pattern"), cross))
+    # gradients: the former net.encoder.embed / net.decode(net.encoder(...)) by hand
+    emb = net.encoder.embed(s.input_ids).detach().requires_grad_(True)
+    logp = net.decode(net.encoder(emb, s.attention_mask), s.attention_mask, pairs.tgt_in, pairs.tgt_mask
+                      ).log_softmax(-1).gather(-1, pairs.tgt_out[..., None])[..., 0]   # [batch, tgt]
+    g = torch.stack([torch.autograd.grad(logp[:, t].sum(), emb, retain_graph=True)[0] for t in range(logp.shape[1])], 1)
+    assert torch.equal(got["saliency"], g.norm(dim=-1)) and torch.equal(got["input_x_gradient"], (g * emb[:, None]).sum(-1))
+
+
+def test_builtin_audit_keeps_its_word_units_and_labels(tiny_translator):
+    """The first unit is target word 0; labels are vocabulary words; the unit name stays "target word"."""
+    examples = make_examples("reorder", "test", n=4, seed=1)
+    out = audit_translator(tiny_translator, examples, n_permutations=1, explainers=("attention",))
+    assert out["metrics"].attrs["unit"] == "target word, averaged per example"
+    assert [x["label"] for x in out["examples"]] == [e.target.split()[0] for e in examples]
+    assert {r["params"]["unit"] for r in out["attributions"]} == {"target word"}
+    assert [r["id"] for r in out["attributions"]] == [e.id for e in examples]

@@ -142,7 +142,7 @@ def test_reorder_hand_example():
 
 
 def test_unknown_task_lists_the_names():
-    expected = r"Unknown task 'x'\. Available: keywords, majority, needle, reorder\."
+    expected = r"Unknown task 'x'\. Available: copy, keywords, majority, needle, recall, reorder \(next-token LM tasks: copy, recall\)\."
     with pytest.raises(ValueError, match=expected):
         get_task("x")
 

@@ -171,7 +171,7 @@ def test_settings_and_device_errors_name_the_rule():
         TrainSettings(epochs=0)
     with pytest.raises(ValueError, match="Unknown TrainSettings field 'epoch'. Available: d_model"):
         TINY.replace(epoch=3)
-    with pytest.raises(ValueError, match="Unknown task 'needles'. Available: keywords, majority, needle, reorder"):
+    with pytest.raises(ValueError, match="Unknown task 'needles'. Available: copy, keywords, majority, needle, recall, reorder"):
         defaults_for("needles")
     with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
         resolve_device("tpu")

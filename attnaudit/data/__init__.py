@@ -18,10 +18,13 @@ from attnaudit.data.hatexplain import HATEXPLAIN_RULES, read_hatexplain
 from attnaudit.data.hf_datasets import from_hf_dataset
 from attnaudit.data.labelled import data_format, read_labelled
 from attnaudit.data.labels import parse_label_names
+from attnaudit.data.parallel import GoldAlignment, ParallelFormatError, read_alignments, read_parallel, write_parallel
+from attnaudit.data.prompts import read_prompts
 from attnaudit.data.splits import LoadedSplit, split_stats
 from attnaudit.data.sst2 import read_sst2
 from attnaudit.data.tasks import TASK_NAMES, get_task, make_examples
 
 __all__ = ["Example", "LoadedSplit", "read_eraser", "read_hatexplain", "read_sst2", "read_labelled", "data_format",
            "from_hf_dataset", "read_table", "read_texts", "write_jsonl", "split_stats", "sorted_labels",
-           "HATEXPLAIN_RULES", "parse_label_names", "TASK_NAMES", "get_task", "make_examples"]
+           "HATEXPLAIN_RULES", "parse_label_names", "TASK_NAMES", "get_task", "make_examples", "GoldAlignment",
+           "ParallelFormatError", "read_alignments", "read_parallel", "write_parallel", "read_prompts"]

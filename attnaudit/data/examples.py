@@ -31,7 +31,8 @@ class Example:
         label: class index for classification tasks, else None.
         target: the reference output text for seq2seq tasks, else None.
         rationale: one 0/1 per whitespace token of `text` (1 = decides the label), or None if unknown.
-        alignment: for seq2seq, (source word index, target word index) pairs, 0-based, or None.
+        alignment: for seq2seq, (source word index, target word index) pairs, 0-based, or None: the Sure links.
+        possible_alignment: Possible-only links (Och & Ney 2003), same form, or None; AER reads P = S ∪ these.
         meta: what a reader changed on the way in, e.g. {"cleaned": {"nul": 2}} (NUL characters removed from
             this example's line, `read_source`); None if nothing. Not compared.
     """
@@ -42,6 +43,7 @@ class Example:
     target: str | None = None
     rationale: tuple[int, ...] | None = None
     alignment: tuple[tuple[int, int], ...] | None = None
+    possible_alignment: tuple[tuple[int, int], ...] | None = None
     meta: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -62,6 +64,8 @@ class Example:
             out["rationale"] = list(self.rationale)
         if self.alignment is not None:
             out["alignment"] = [list(p) for p in self.alignment]
+        if self.possible_alignment is not None:
+            out["possible_alignment"] = [list(p) for p in self.possible_alignment]
         return out
 
 

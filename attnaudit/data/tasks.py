@@ -2,8 +2,10 @@
 
 Each task plants the words that decide the answer among neutral fillers and records them: a 0/1
 `rationale` per word for classification (in the spirit of ERASER's human rationales, DeYoung et al.
-2020, but exact), or word `alignment`s for the toy translation task. Everything is generated from a
-seed, offline:
+2020, but exact), or word `alignment`s for the toy translation task. The next-token tasks (kind "lm",
+`LM_TASK_NAMES`: `recall`, `copy`) give the prompt as `text`, the continuation as `target`, and the
+evidence as a `rationale` over the prompt words (`copy` adds the per-step `alignment`). Everything is
+generated from a seed, offline:
 
     >>> ex = make_examples("needle", "test", n=2, seed=0)[0]
     >>> ex.id, len(ex.rationale) == len(ex.text.split()), sum(ex.rationale)
@@ -50,7 +52,20 @@ VERBS = {
 LEXICON = {**NOUNS, **ADJECTIVES, **VERBS}
 
 SPLITS = ("train", "valid", "test")
-TASK_NAMES = ("keywords", "needle", "majority", "reorder")
+# Decoder-only next-token tasks (kind "lm"): a decoder-only LM explains each target token
+LM_TASK_NAMES = ("recall", "copy")
+TASK_NAMES = ("keywords", "needle", "majority", "reorder", *LM_TASK_NAMES)
+
+# recall: distinct keys, each followed by its value; "?" then the queried key; the answer is its value.
+RECALL_KEYS = tuple("abcdefghijklmnop")
+RECALL_VALUES = tuple("0123456789")
+RECALL_QUERY = "?"
+RECALL_PAIRS = (2, 6)               # number of key-value pairs, inclusive
+# copy: distinct symbols, "=", then the same symbols again as the target.
+COPY_SYMBOLS = ("ka", "ki", "ku", "ke", "ko", "sa", "si", "su", "se", "so",
+                "ta", "ti", "tu", "te", "to", "na")
+COPY_SEPARATOR = "="
+COPY_LENGTH = (3, 6)                # source length, inclusive
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,8 @@ class Task:
     """A built-in task: what it asks, its classes and its default split sizes."""
 
     name: str
-    kind: str                        # "classification" | "seq2seq"
-    label_names: tuple[str, ...]     # () for seq2seq
+    kind: str                        # "classification" | "seq2seq" | "lm" (decoder-only next tokens)
+    label_names: tuple[str, ...]     # () for seq2seq and lm
     sizes: dict = field(default_factory=dict)  # split -> default number of examples
     description: str = ""
 
@@ -87,13 +102,25 @@ _TASKS = {
         "Word-by-word toy translation of '[adj] noun verb [adj] noun' into pseudo-French, where "
         "adjectives follow their noun. Evidence: the one-to-one word alignment.",
     ),
+    "recall": Task(
+        "recall", "lm", (), {"train": 8000, "valid": 500, "test": 1000},
+        "Associative recall: 2-6 pairs 'key value' (distinct keys a-p, values 0-9), then '?' and one of the "
+        "keys; the next token is its value. Evidence: the queried key's occurrence in the pairs, its value, "
+        "and the query key after '?'.",
+    ),
+    "copy": Task(
+        "copy", "lm", (), {"train": 8000, "valid": 500, "test": 1000},
+        "Copy: 3-6 distinct symbols, '=', then the same symbols again as the target. Evidence for target "
+        "step s: source symbol s (Example.alignment pairs (s, s)); the rationale is their union.",
+    ),
 }
 
 
 def get_task(name: str) -> Task:
-    """The built-in task called `name` (one of TASK_NAMES)."""
+    """The built-in task called `name` (one of TASK_NAMES or LM_TASK_NAMES)."""
     if name not in _TASKS:
-        raise ValueError(f"Unknown task {name!r}. Available: {', '.join(sorted(_TASKS))}.")
+        raise ValueError(f"Unknown task {name!r}. Available: {', '.join(sorted(TASK_NAMES))} (next-token LM tasks: "
+                         f"{', '.join(sorted(LM_TASK_NAMES))}).")
     return _TASKS[name]
 
 
@@ -199,6 +226,36 @@ def _reorder(rng: random.Random, id: str) -> Example:
     return Example(id, " ".join(source), target=" ".join(target), alignment=alignment)
 
 
+def _recall(rng: random.Random, id: str) -> Example:
+    """'k1 v1 k2 v2 ... ? kq' -> 'vq'.
+
+    rationale (one 0/1 per prompt word): 1 at the queried key's position 2i in the pairs, at its value
+    2i+1, and at the final query key; 0 on the other pairs and on '?'. Keys are distinct, so the answer is
+    unique; values may repeat.
+    """
+    n_pairs = rng.randint(*RECALL_PAIRS)
+    keys = rng.sample(RECALL_KEYS, n_pairs)
+    values = rng.choices(RECALL_VALUES, k=n_pairs)
+    asked = rng.randrange(n_pairs)
+    prompt = [w for kv in zip(keys, values) for w in kv] + [RECALL_QUERY, keys[asked]]
+    rationale = [0] * len(prompt)
+    rationale[2 * asked] = rationale[2 * asked + 1] = rationale[-1] = 1
+    return Example(id, " ".join(prompt), target=values[asked], rationale=tuple(rationale))
+
+
+def _copy(rng: random.Random, id: str) -> Example:
+    """'s1 .. sn =' -> 's1 .. sn' (distinct symbols).
+
+    rationale: 1 on every source symbol, 0 on '=' (the union of the steps' evidence); alignment: (s, s) for
+    each step s, i.e. (source word index, target word index): target step s is decided by source word s.
+    """
+    source = rng.sample(COPY_SYMBOLS, rng.randint(*COPY_LENGTH))
+    rationale = (1,) * len(source) + (0,)
+    return Example(id, " ".join(source + [COPY_SEPARATOR]), target=" ".join(source), rationale=rationale,
+                   alignment=tuple((s, s) for s in range(len(source))))
+
+
 _GENERATORS: dict[str, Callable[[random.Random, str], Example]] = {
     "keywords": _keywords, "needle": _needle, "majority": _majority, "reorder": _reorder,
+    "recall": _recall, "copy": _copy,
 }

@@ -73,12 +73,12 @@ def _hf_card(model: HFClassifier, folder: Path, metrics: Mapping, *, device) -> 
     keep = ("test_accuracy", "valid_accuracy", "best_epoch", "epochs_run", "train_seconds", "n_train", "test_set")
     return {
         "task": None, "data": None,
-        "architecture": {"kind": "classifier", "model_type": hf.model_type, "class": model.config["architecture"],
+        "architecture": {"kind": getattr(model, "kind", "classifier"), "model_type": hf.model_type, "class": model.config["architecture"],
                          "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": int(hf.hidden_size),
                          "d_ff": getattr(hf, "intermediate_size", None) or getattr(hf, "hidden_dim", None),
                          "max_len": model.max_len, "vocab_size": model.vocab_size,
                          "parameters": sum(p.numel() for p in model.net.parameters())},
-        "training": {**{k: metrics[k] for k in keep if k in metrics}, "head": model.config["head"],
+        "training": {**{k: metrics[k] for k in keep if k in metrics}, "head": model.config.get("head"),
                      "stage_seconds": "reused"},
         "seed": metrics.get("seed"), "label_names": list(model.label_names), "device": str(device),
         "checkpoint": {"folder": str(folder), "sha256": sha256_file(folder / "model.safetensors")},

@@ -15,9 +15,10 @@ from attnaudit.analyses.audit import AuditSettings
 from attnaudit.data.tasks import TASK_NAMES
 from attnaudit.model.train import TrainSettings, defaults_for, resolve_device
 
-DEFAULT_TASKS = ("keywords", "needle", "majority", "reorder")
+DEFAULT_TASKS = ("keywords", "needle", "majority", "reorder", "recall", "copy")
 QUICK_TRAIN = {"keywords": dict(n_train=6000, epochs=6), "needle": dict(n_train=2000, epochs=3),
-               "majority": dict(n_train=2000, epochs=3), "reorder": dict(n_train=4000, epochs=4)}
+               "majority": dict(n_train=2000, epochs=3), "reorder": dict(n_train=4000, epochs=4),
+               "recall": dict(n_train=8000, epochs=6), "copy": dict(n_train=8000, epochs=4)}
 QUICK_AUDIT = dict(max_examples=48, chunk_size=48, counterfactual_examples=48, n_permutations=10,
                    adversarial_steps=15, sanity_examples=12, explainer_params={
                        "integrated_gradients": {"n_steps": 64}, "lime": {"n_samples": 200},

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from attnaudit.analyses.audit import AuditSettings
-from attnaudit.data import TASK_NAMES, data_format, parse_label_names, read_labelled
+from attnaudit.data import TASK_NAMES, LoadedSplit, data_format, parse_label_names, read_labelled
+from attnaudit.data.parallel import read_parallel
+from attnaudit.data.prompts import read_prompts
 from attnaudit.jobs import sharding
 from attnaudit.jobs.models import model_card, model_folder, trained_model
 from attnaudit.jobs.plan import plan_run, run_identity
@@ -87,7 +89,7 @@ def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=
 
 @sharding.sharded
 def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = None, data=None,
-                text_col: str | None = None, label_col: str | None = None, config=None, device: str | None = None,
+                parallel=None, alignments=None, text_col: str | None = None, label_col: str | None = None, config=None, device: str | None = None,
                 max_examples: int | None = None, name: str | None = None, title: str | None = None,
                 label_names=None, allow_untrained: bool = False, resume: bool = False, overwrite: bool = False,
                 progress: bool | None = True, full_tables: bool = False, echo: Callable[[str], None] = print) -> Path:
@@ -102,10 +104,14 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
     Under torchrun the items are shared among the ranks (attnaudit.jobs.sharding); rank 0 writes the report.
     """
     echo = echo if sharding.is_main() else (lambda _: None)
-    if (task is None) == (data is None):
-        raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}) or --data FILE; "
-                         f"got {'both' if task is not None else 'neither'}.")
-    if data is not None and (not text_col or not label_col) and data_format(data) == "table":
+    given = [n for n, v in (("--task", task), ("--data", data), ("--parallel", parallel)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of --task ({', '.join(TASK_NAMES)}), --data FILE or --parallel FILE "
+                         f"(an encoder-decoder's 'source ||| target' lines); got {' and '.join(given) or 'neither'}.")
+    if alignments is not None and parallel is None:
+        raise ValueError("--alignments goes with --parallel (gold links for its sentence pairs); got no --parallel.")
+    lm = data is not None and _is_lm_folder(Path(model_dir))
+    if data is not None and not lm and (not text_col or not label_col) and data_format(data) == "table":
         raise ValueError(f"--data needs --text-col and --label-col (the columns of {Path(data).name} to use).")
     names = parse_label_names(label_names)           # a malformed list fails before the model is loaded
     plan = plan_run(config=config, device=device)
@@ -124,6 +130,21 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
     if task is not None:
         settings = defaults_for(task).replace(seed=plan.audit.seed)
         examples, name, data_hash = task_examples(task, settings)["test"], name or task, sha256_json(settings.to_dict())
+    elif parallel is not None:                           # sentence pairs (and their gold alignments)
+        if getattr(model, "kind", None) != "seq2seq":
+            raise ValueError(f"--parallel goes with an encoder-decoder; --model {str(folder)!r} is a "
+                             f"{getattr(model, 'kind', 'model')} (use --data for it).")
+        examples = read_parallel(parallel, alignments=alignments)
+        files = [Path(parallel)] + ([Path(alignments)] if alignments is not None else [])
+        data_hash = sha256_json([sha256_file(f) for f in files])
+        loaded = LoadedSplit(examples, (), {"format": "parallel", "source": str(Path(parallel)), "alignments":
+                                            str(Path(alignments)) if alignments is not None else None,
+                                            "n_examples": len(examples)})
+        data, name = parallel, name or Path(parallel).name.split(".")[0]
+    elif getattr(model, "kind", None) == "lm":          # prompts and the continuations to explain
+        examples = read_prompts(data, prompt_col=text_col or "prompt")
+        loaded = LoadedSplit(examples, (), {"format": "prompts", "source": str(Path(data)), "n_examples": len(examples)})
+        data_hash, name = sha256_file(Path(data)), name or Path(data).name.split(".")[0]
     else:
         loaded = read_labelled(data, text_col=text_col, label_col=label_col, label_names=tuple(model.label_names))
         examples, data_hash = loaded.examples, sha256_file(Path(data))
@@ -152,3 +173,13 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
     echo(f"{name}: writing the report (tables, figures, index.html) into {out}")
     return write_results(out, results, {name: card}, settings, timings,
                   title or f"Can attention explain this model's outputs? {name}", full_tables=full_tables)
+
+
+def _is_lm_folder(folder: Path) -> bool:
+    """Whether a model folder holds a language model (built-in kind "lm", or a HuggingFace causal-LM head)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False                                  # load_model says what is wrong with the folder
+    archs = cfg.get("architectures") or []
+    return cfg.get("kind") == "lm" or any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)

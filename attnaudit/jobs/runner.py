@@ -92,7 +92,7 @@ def _audit_one(task: str, model: ExplainableModel | Translator, examples, settin
     n = min(len(examples), settings.max_examples or len(examples))
     echo(f"{task}: explaining and analysing {n} examples with {len(settings.explainers)} explainers"
          + (f" (the first {n} of {len(examples)}: raise max_examples in [audit] for more)" if n < len(examples) else ""))
-    if isinstance(model, Translator):
+    if getattr(model, "kind", None) == "seq2seq":          # the built-in Translator or a HuggingFace one
         result = _audit_translator(model, examples, settings, runner, progress=progress, label=f"audit {task}")
     else:
         result = audit(model, examples, settings, progress=progress, progress_label=f"audit {task}", runner=runner)
