@@ -5,7 +5,9 @@
 A language model's explanation of a T-token continuation is T step rows (`attnaudit.model.steps`). Row s is a
 prefix of row T-1, so under the causal mask one forward of the longest row serves every step: the attention
 capture (`explain/capture.py`) and the gradients (`explain/gradients.step_gradients`, one forward and one batched
-backward) share it. This script counts the rows that reach the network per explainer and times both ways, sides
+backward) share it, and so do perturbations that are the same for every step (occlusion's leave-one-out rows:
+`model/steps.last_logits`). The gradients still take one backward per step (a vector-Jacobian product each), so
+they save at most the forwards; integrated gradients runs through captum row by row and shares nothing. This script counts the rows that reach the network per explainer and times both ways, sides
 interleaved, several rounds, medians; the shared scores are checked equal to the unshared ones (≤ 1e-5).
 """
 from __future__ import annotations
@@ -18,13 +20,13 @@ import torch
 
 from attnaudit.data.examples import Example
 from attnaudit.explain import capture as capture_module
-from attnaudit.explain import gradients as gradients_module
 from attnaudit.explain.run import explain_all
+from attnaudit.model import steps
 from attnaudit.model.lm import LanguageModel
 from attnaudit.model.transformer import DecoderLMConfig, TransformerDecoderLM
 from attnaudit.model.vocab import Vocab
 
-EXPLAINERS = ("attention", "rollout", "flow", "attention_norm", "saliency", "input_x_gradient")
+EXPLAINERS = ("attention", "rollout", "flow", "attention_norm", "saliency", "input_x_gradient", "occlusion", "lime")
 
 
 def build(d_model: int, n_prompt: int, n_target: int, seed: int = 0):
@@ -59,11 +61,14 @@ def main() -> None:
         return forward(embeds, mask)
 
     model.net.forward_embeds = counting
-    saved = capture_module._shared_prefixes, gradients_module.step_gradients
+    saved = steps.carriers
+
+    def every_row_alone(input_ids, attention_mask):                         # no row shares another's forward
+        rows = torch.arange(len(input_ids))
+        return rows, rows.clone()
 
     def run(shared: bool, name: str):
-        capture_module._shared_prefixes, gradients_module.step_gradients = saved if shared else \
-            (lambda *a, **k: None, lambda *a, **k: None)
+        steps.carriers = capture_module.carriers = saved if shared else every_row_alone
         rows.clear()
         start = time.perf_counter()
         out = explain_all(model, batch, [name], target=batch.labels)[name]
@@ -83,7 +88,7 @@ def main() -> None:
         a, b = statistics.median(times[True]), statistics.median(times[False])
         print(f"{name:<18} {counts[True]:>11} {counts[False]:>10} {a:>9.3f} {b:>8.3f} {b / a:>5.1f}× {diff:>10.1e}")
         assert diff <= 1e-5, f"{name}: shared scores differ by {diff}"
-    capture_module._shared_prefixes, gradients_module.step_gradients = saved
+    steps.carriers = capture_module.carriers = saved
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ checked against transformers' own eager attention (a mismatch raises).
 """
 from __future__ import annotations
 
-import bisect
-import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -36,6 +34,7 @@ from attnaudit.model.hf_attention import (
     attention_masks,
     eager_probs_attention,
     register_attention,
+    use_attention,
 )
 from attnaudit.model.hf_load import (
     SUPPORTED,
@@ -46,8 +45,9 @@ from attnaudit.model.hf_load import (
     minilm_path,
     transformers_module,
 )
+from attnaudit.model.hf_text import align_word_ids, offsets_to_words, text_batch, text_inputs, tokenize_texts
 from attnaudit.model.hooks import HookPoint
-from attnaudit.model.interface import Batch, ClassifierBase
+from attnaudit.model.interface import Batch, ClassifierBase, class_names
 
 VERIFY_TEXTS = ("attention probabilities are recorded at every layer of this model", "a")
 
@@ -87,9 +87,7 @@ class HFClassifier(ClassifierBase):
         self._vocab_size = int(net.get_input_embeddings().num_embeddings)
         n_classes = self.n_classes
         names = list(label_names) if label_names is not None else self._default_label_names()
-        if len(names) != n_classes:
-            raise ValueError(f"label_names must have n_classes={n_classes} entries; got {len(names)}.")
-        self.label_names = tuple(str(n) for n in names)
+        self.label_names = tuple(str(n) for n in class_names(names, n_classes))
         self._special_ids(tokenizer)
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
@@ -170,66 +168,14 @@ class HFClassifier(ClassifierBase):
         An example longer than max_len tokens raises unless `truncate=True`. An Example's rationale (one 0/1
         per whitespace word) is spread over the word's sub-word tokens.
         """
-        if isinstance(inputs, (str, Example)):
-            inputs = [inputs]
-        if len(inputs) == 0:
-            raise ValueError("inputs must hold at least one text; got an empty list.")
-        examples = [x if isinstance(x, Example) else None for x in inputs]
-        texts = [x.text if isinstance(x, Example) else x for x in inputs]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
-            if not t.strip():
-                raise ValueError(f"inputs[{i}] is empty or whitespace-only; every example needs at least one word.")
+        examples, texts = text_inputs(inputs)
         need_words = any(e is not None and e.rationale is not None for e in examples)
         rows, special, words, cut = self._tokenize(texts, truncate=truncate, word_ids=need_words)
-        seq = max(map(len, rows))
-        lengths = torch.tensor([len(r) for r in rows])
-        input_ids = torch.tensor([r + [self.pad_id] * (seq - len(r)) for r in rows], dtype=torch.long)  # [batch, seq]
-        attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                                  # [batch, seq]
-        special_mask = torch.zeros_like(attention_mask)
-        for i, s in enumerate(special):
-            special_mask[i, : len(s)] = torch.tensor(s, dtype=torch.bool)
-        pad = self.tokenizer.pad_token
-        tokens = [self.tokenizer.convert_ids_to_tokens(r) + [pad] * (seq - len(r)) for r in rows]
-        labels = rationale = None
-        ids = None
-        if all(e is not None and e.label is not None for e in examples):
-            labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)
-        if all(e is not None and e.rationale is not None for e in examples):
-            rationale = torch.zeros(len(rows), seq)
-            for i, e in enumerate(examples):
-                assert e is not None and e.rationale is not None                 # checked just above
-                for j, w in enumerate(words[i]):
-                    if w is not None:
-                        rationale[i, j] = float(e.rationale[w])                  # every piece of word w
-        if all(e is not None for e in examples):
-            ids = [e.id for e in examples if e is not None]
-        return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), labels=labels,
-                     rationale=rationale, ids=ids, truncated=cut)
+        return text_batch(self.tokenizer, self.pad_id, texts, examples, rows, special, words, cut)
 
     def _tokenize(self, texts: Sequence[str], *, truncate: bool, word_ids: bool):
         """-> (ids per text, special flags per text, whitespace-word index per token or None, truncated flags)."""
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        if word_ids and not fast:
-            raise ValueError(f"{type(self.tokenizer).__name__} is not a fast tokenizer, so sub-words cannot be "
-                             "aligned with words (rationales, word_ids); save the model with a tokenizer.json.")
-        options = dict(add_special_tokens=True, return_special_tokens_mask=True, return_offsets_mapping=fast,
-                       return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        enc = self.tokenizer(list(texts), truncation=False, **options)
-        lengths = [len(r) for r in enc["input_ids"]]
-        cut = [n > self.max_len for n in lengths]
-        if any(cut):
-            if not truncate:
-                i = cut.index(True)
-                raise ValueError(f"inputs[{i}] has {lengths[i]} tokens but this model takes at most {self.max_len} "
-                                 "(special tokens included); pass truncate=True or shorten it.")
-            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, **options)
-        rows = [list(map(int, r)) for r in enc["input_ids"]]
-        special = [[bool(x) for x in s] for s in enc["special_tokens_mask"]]
-        words = [offsets_to_words(t, o, s) for t, o, s in zip(texts, enc["offset_mapping"], special)] if fast \
-            else [[None] * len(r) for r in rows]
-        return rows, special, words, cut
+        return tokenize_texts(self.tokenizer, texts, max_len=self.max_len, truncate=truncate, word_ids=word_ids)
 
     def word_ids(self, inputs) -> list[list[int | None]]:
         """Per example and position, the index of the whitespace word (`text.split()`) a token belongs to.
@@ -237,17 +183,7 @@ class HFClassifier(ClassifierBase):
         None for special tokens and padding. `inputs`: a Batch or an Attribution (anything with `texts` and
         `input_ids`) or texts; for `attnaudit.explain.words.aggregate_words(attr, word_ids=model.word_ids(attr))`.
         """
-        texts = [inputs] if isinstance(inputs, str) else getattr(inputs, "texts", inputs)
-        if texts is None or not all(isinstance(t, str) for t in texts):
-            raise ValueError("word_ids needs the texts: pass a Batch or Attribution with `texts`, or a list of str.")
-        rows, _, words, _ = self._tokenize(list(texts), truncate=True, word_ids=True)
-        given = getattr(inputs, "input_ids", None)
-        seq = max(map(len, rows)) if given is None else given.shape[1]
-        for i, r in enumerate(rows):
-            if given is not None and given[i, : len(r)].tolist() != r:
-                raise ValueError(f"example {i}: its token ids are not what this tokenizer makes of its text (a "
-                                 "perturbed or foreign batch?); word_ids aligns only the model's own encoding.")
-        return [w + [None] * (seq - len(w)) for w in words]
+        return align_word_ids(inputs, lambda texts: self._tokenize(texts, truncate=True, word_ids=True)[::2])  # rows, words
 
     # -- forward ----------------------------------------------------------------------------------
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -287,13 +223,7 @@ class HFClassifier(ClassifierBase):
 
     # -- attention --------------------------------------------------------------------------------
     def _use_our_attention(self) -> None:
-        if not hasattr(self.net, "set_attn_implementation"):
-            raise ImportError(f"transformers {self.config['transformers_version']} cannot switch attention "
-                              "implementations; attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.")
-        self.net.set_attn_implementation(ATTENTION)
-        if self.net.config._attn_implementation != ATTENTION:
-            raise RuntimeError(f"{self.config['architecture']} refused the attention implementation {ATTENTION!r} "
-                               f"(it kept {self.net.config._attn_implementation!r}).")
+        use_attention(self.net, ATTENTION, self.config)
 
     @torch.no_grad()
     def verify_attention(self, texts: Sequence[str] = VERIFY_TEXTS, *, rtol: float = 1e-4, atol: float = 1e-5) -> float:
@@ -364,15 +294,19 @@ class HFClassifier(ClassifierBase):
         return None
 
     def output_weight(self, layer: int) -> Tensor:
-        """W^O split by head -> [d_model, head, d_head]: head h's value v maps to W^O[:, h] @ v."""
+        """W^O split by (query) head -> [d_model, head, d_head]: head h's value v maps to W^O[:, h] @ v.
+
+        GPT-2's Conv1D stores its weight as [in, out] (y = x @ W + b), so it is transposed first.
+        """
         if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
             raise ValueError(f"layer must be an int in [0, {self.n_layers - 1}]; got {layer!r}.")
         linear = self._output_linear(layer)
         if linear is None:
             raise ValueError(f"{self.config['architecture']}: the attention output projection W^O of layer {layer} "
                              "was not found, so attention norms are not available for this model.")
-        weight = cast(Tensor, linear.weight)                        # an encoder's W^O: an nn.Linear [d_model, d_model]
-        return weight.view(weight.shape[0], self.n_heads, -1)
+        weight = cast(Tensor, linear.weight)                              # nn.Linear: [d_model, head·d_head]
+        weight = weight if isinstance(linear, nn.Linear) else weight.t()  # GPT-2's Conv1D stores [in, out]
+        return weight.reshape(weight.shape[0], self.n_heads, -1)          # [d_model, head, d_head]
 
     def cascading_layers(self) -> list[tuple[str, list[nn.Module]]]:
         """Randomisation order for `analyses.sanity` (output first): head, encoder layers top-down, embeddings."""
@@ -387,18 +321,3 @@ class HFClassifier(ClassifierBase):
         steps = [(f"encoder.layers.{i}", [layers[i]]) for i in reversed(range(len(layers)))]
         return [("head", head), *steps, ("embeddings", embeddings)]
 
-
-def offsets_to_words(text: str, offsets, special: Sequence[bool]) -> list[int | None]:
-    """Character offsets of tokens -> index of the whitespace word each starts in (None for special tokens)."""
-    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
-    starts = [s for s, _ in spans]
-    out: list[int | None] = []
-    for (start, _), is_special in zip(offsets, special):
-        if is_special or not spans:
-            out.append(None)
-            continue
-        j = start
-        while j < len(text) and text[j].isspace():                  # byte-level BPE offsets may start on the space
-            j += 1
-        out.append(max(bisect.bisect_right(starts, j) - 1, 0))
-    return out

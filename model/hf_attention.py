@@ -155,8 +155,8 @@ def boolean_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def register_attention() -> None:
-    """Register `eager_probs_attention` and its mask under "attnaudit" (idempotent)."""
+def register_under(name: str, attention) -> None:
+    """Register `attention` and `boolean_mask` in transformers' Attention(Mask)Interface under `name` (idempotent)."""
     tf = transformers_module()
     try:
         from transformers import AttentionInterface
@@ -164,5 +164,24 @@ def register_attention() -> None:
     except ImportError as e:
         raise ImportError(f"transformers {tf.__version__} has no AttentionInterface / AttentionMaskInterface; "
                           "attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.") from e
-    AttentionInterface.register(ATTENTION, eager_probs_attention)
-    AttentionMaskInterface.register(ATTENTION, boolean_mask)
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, boolean_mask)
+
+
+def use_attention(net, name: str, config: dict) -> None:
+    """Switch a transformers model to the attention registered under `name` (`register_under`), or raise.
+
+    config: the adapter's provenance; its "architecture" and "transformers_version" word the errors.
+    """
+    if not hasattr(net, "set_attn_implementation"):
+        raise ImportError(f"transformers {config['transformers_version']} cannot switch attention "
+                          "implementations; attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.")
+    net.set_attn_implementation(name)
+    if net.config._attn_implementation != name:
+        raise RuntimeError(f"{config['architecture']} refused the attention implementation {name!r} "
+                           f"(it kept {net.config._attn_implementation!r}).")
+
+
+def register_attention() -> None:
+    """Register `eager_probs_attention` and its mask under "attnaudit" (idempotent)."""
+    register_under(ATTENTION, eager_probs_attention)

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
-from attnaudit.model.hf import VERIFY_TEXTS, HFClassifier, offsets_to_words
+from attnaudit.model.hf import VERIFY_TEXTS, HFClassifier
+from attnaudit.model.hf_text import align_word_ids, text_inputs, tokenize_texts
 from attnaudit.model.interface import Batch
 from attnaudit.model.steps import gather_last, hooks_active, last_index, last_logits, step_batch
 
@@ -70,7 +71,6 @@ class _Decoder:
     n_layers: int
     n_heads: int
     _through_our_attention: Any
-    _output_linear: Any
     check_ids: Any
     device: Any
     evaluating: Any
@@ -117,20 +117,6 @@ class _Decoder:
             if isinstance(found, nn.Linear) or type(found).__name__ == "Conv1D":
                 return found
         return None
-
-    def output_weight(self, layer: int) -> Tensor:
-        """W^O split by query head -> [d_model, head, d_head]: head h's value v maps to W^O[:, h] @ v.
-
-        GPT-2's Conv1D stores its weight as [in, out] (y = x @ W + b), so it is transposed first.
-        """
-        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
-            raise ValueError(f"layer must be an int in [0, {self.n_layers - 1}]; got {layer!r}.")
-        linear = self._output_linear(layer)
-        if linear is None:
-            raise ValueError(f"{self.config['architecture']}: the attention output projection W^O of layer {layer} "
-                             "was not found, so attention norms are not available for this model.")
-        weight = linear.weight if isinstance(linear, nn.Linear) else linear.weight.t()   # [d_model, head·d_head]
-        return weight.reshape(weight.shape[0], self.n_heads, -1)                           # [d_model, head, d_head]
 
     def cascading_layers(self) -> list[tuple[str, list[nn.Module]]]:
         """Randomisation order for `analyses.sanity` (output first): head and final norm, layers top-down, embeddings."""
@@ -298,19 +284,9 @@ class HFLanguageModel(_Decoder, HFClassifier):
             truncate: a prompt plus target longer than max_len raises unless True; then the prompt is cut from
                 the left (its leading special tokens kept) and `batch.truncated` says which rows were.
         """
-        if isinstance(inputs, (str, Example)):
-            inputs = [inputs]
-        if len(inputs) == 0:
-            raise ValueError("inputs must hold at least one text; got an empty list.")
         if targets is not None and target_ids is not None:
             raise ValueError("give targets (texts) or target_ids (token ids), not both.")
-        examples = [x if isinstance(x, Example) else None for x in inputs]
-        texts = [x.text if isinstance(x, Example) else x for x in inputs]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
-            if not t.strip():
-                raise ValueError(f"inputs[{i}] is empty or whitespace-only; every prompt needs at least one word.")
+        examples, texts = text_inputs(inputs, what="prompt")
         for name, given in (("targets", targets), ("target_ids", target_ids)):
             if given is not None and len(given) != len(texts):
                 raise ValueError(f"{name} must have one entry per prompt ({len(texts)}); got {len(given)}.")
@@ -354,18 +330,9 @@ class HFLanguageModel(_Decoder, HFClassifier):
 
     def _prompts(self, texts: Sequence[str], *, word_ids: bool):
         """-> (prompt ids, special flags, whitespace-word index or None per token), trailing special tokens dropped."""
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        if word_ids and not fast:
-            raise ValueError(f"{type(self.tokenizer).__name__} is not a fast tokenizer, so sub-words cannot be "
-                             "aligned with words (rationales, word_ids); save the model with a tokenizer.json.")
-        enc = self.tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True,
-                             return_offsets_mapping=fast, return_attention_mask=False, return_token_type_ids=False,
-                             truncation=False, verbose=False)
+        full, special, full_words, _ = tokenize_texts(self.tokenizer, texts, word_ids=word_ids)   # no length limit
         rows, flags, words = [], [], []
-        for i, text in enumerate(texts):
-            r = [int(t) for t in enc["input_ids"][i]]
-            s = [bool(x) for x in enc["special_tokens_mask"][i]]
-            w = offsets_to_words(text, enc["offset_mapping"][i], s) if fast else [None] * len(r)
+        for r, s, w in zip(full, special, full_words):
             end = len(r)
             while end > 1 and s[end - 1]:                               # EOS / [SEP] after the text
                 end -= 1
@@ -401,17 +368,8 @@ class HFLanguageModel(_Decoder, HFClassifier):
         None for special tokens, the target prefix and padding. `inputs`: a Batch or Attribution (with
         `texts`: each row's prompt) or texts.
         """
-        texts = [inputs] if isinstance(inputs, str) else getattr(inputs, "texts", inputs)
-        if texts is None or not all(isinstance(t, str) for t in texts):
-            raise ValueError("word_ids needs the texts: pass a Batch or Attribution with `texts`, or a list of str.")
-        rows, _, words = self._prompts(list(texts), word_ids=True)
-        given = getattr(inputs, "input_ids", None)
-        seq = max(map(len, rows)) if given is None else given.shape[1]
-        for i, r in enumerate(rows):
-            if given is not None and given[i, : len(r)].tolist() != r:
-                raise ValueError(f"row {i}: its prompt ids are not what this tokenizer makes of its text (a "
-                                 "perturbed or foreign batch?); word_ids aligns only the model's own encoding.")
-        return [w + [None] * (seq - len(w)) for w in words]
+        return align_word_ids(inputs, lambda texts: self._prompts(texts, word_ids=True)[::2],  # rows, words
+                              row="row", ids="prompt ids")
 
     # -- forward ----------------------------------------------------------------------------------
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Loading a local HuggingFace folder as an `HFClassifier`: the transformers import, file checks, a fresh head.
+"""Loading a local HuggingFace folder as an `HFClassifier`: the transformers import, file checks, tokenizer and
+weights (shared with `attnaudit.model.hf_seq2seq`), a fresh head.
 
     >>> model = attnaudit.load_model("my-finetuned-bert")          # config.json + model.safetensors + tokenizer
     >>> model = attnaudit.load_model(minilm_path(), num_labels=2)   # no head in the folder: a fresh, UNTRAINED one
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,9 @@ def minilm_path() -> Path:
 
 
 
-def check_weights(folder: Path) -> None:
-    """Refuse a folder without safetensors weights, naming the pickle files and how to convert them."""
+def check_weights(folder: Path, *, auto_class: str = "AutoModelForSequenceClassification") -> None:
+    """Refuse a folder without safetensors weights, naming the pickle files and how to convert them (with
+    `auto_class`, the transformers class that loads the folder)."""
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
         return
     pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(NOT_SAFETENSORS_SUFFIXES))
@@ -78,16 +80,18 @@ def check_weights(folder: Path) -> None:
         raise ValueError(
             f"{str(folder)!r} holds only {', '.join(pickled)}: pickle-based weights, which attnaudit never loads "
             "(unpickling can run code). Convert them once, where you trust the file: "
-            "AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=False)"
+            f"{auto_class}.from_pretrained(folder, use_safetensors=False)"
             ".save_pretrained(folder, safe_serialization=True).")
     raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors; a HuggingFace model folder holds "
                             "config.json, model.safetensors and the tokenizer files.")
 
 
-def check_tokenizer_files(folder: Path, model_type: str) -> None:
+def check_tokenizer_files(folder: Path, model_type: str, *,
+                          vocab_files: Mapping[str, tuple[str, ...]] = VOCAB_FILES) -> None:
     """Refuse a folder without tokenizer files: transformers would build an empty tokenizer that maps every
-    word to [UNK], and every explanation would be about [UNK]."""
-    vocab = VOCAB_FILES.get(model_type, ())
+    word to [UNK], and every explanation would be about [UNK]. vocab_files: the slow files by model type
+    (the encoder-decoders pass `hf_seq2seq.SEQ2SEQ_VOCAB_FILES`)."""
+    vocab = vocab_files.get(model_type, ())
     if (folder / "tokenizer.json").is_file() or (vocab and all((folder / f).is_file() for f in vocab)):
         return
     wanted = " or ".join(["tokenizer.json", " + ".join(vocab)] if vocab else ["tokenizer.json"])
@@ -95,6 +99,39 @@ def check_tokenizer_files(folder: Path, model_type: str) -> None:
         f"{str(folder)!r} has no tokenizer files ({wanted}, with tokenizer_config.json); without them every word "
         f"would be [UNK]. Save the tokenizer the model was trained with beside its weights: "
         f"tokenizer.save_pretrained({str(folder)!r}).")
+
+
+def load_tokenizer(folder: Path):
+    """The folder's own tokenizer (local files only, no remote code), or a ValueError that says how to save one."""
+    try:
+        return transformers_module().AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                                  trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{str(folder)!r}: could not load its tokenizer ({e}); save it beside the weights with "
+                         "tokenizer.save_pretrained(folder).") from e
+
+
+def load_eager(folder: Path, auto, **options):
+    """`auto.from_pretrained(folder)` (an AutoModel... class) with eager attention, float32, safetensors only,
+    quietly, without moving the caller's RNG -> (net, loading info). options: config overrides (num_labels)."""
+    tf = transformers_module()
+    common = dict(local_files_only=True, trust_remote_code=False)
+    verbosity, bars = tf.logging.get_verbosity(), tf.logging.is_progress_bar_enabled()
+    tf.logging.set_verbosity_error()               # the callers' own warnings say what a fresh head means
+    tf.logging.disable_progress_bar()
+    try:
+        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument:
+        # explainers need the probabilities, which only the eager path computes, so the config is set to it.
+        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
+        hf_config._attn_implementation = "eager"
+        with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
+            return auto.from_pretrained(
+                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
+                output_loading_info=True, **common)
+    finally:
+        tf.logging.set_verbosity(verbosity)
+        if bars:
+            tf.logging.enable_progress_bar()
 
 
 def _is_head(name: str) -> bool:
@@ -157,29 +194,9 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", num_labels:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"num_labels must be an int >= 2; got {num_labels!r}.")
         options["num_labels"] = n
-    common = dict(local_files_only=True, trust_remote_code=False)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), **common)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{str(folder)!r}: could not load its tokenizer ({e}); save it beside the weights with "
-                         "tokenizer.save_pretrained(folder).") from e
-    verbosity, bars = tf.logging.get_verbosity(), tf.logging.is_progress_bar_enabled()
-    tf.logging.set_verbosity_error()               # our own warning below says what a fresh head means
-    tf.logging.disable_progress_bar()
-    try:
-        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument:
-        # explainers need the probabilities, which only the eager path computes, so the config is set to it.
-        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common, **options)
-        hf_config._attn_implementation = "eager"
-        with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
-            auto = tf.AutoModelForCausalLM if kind == "lm" else tf.AutoModelForSequenceClassification
-            net, info = auto.from_pretrained(
-                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True, **common)
-    finally:
-        tf.logging.set_verbosity(verbosity)
-        if bars:
-            tf.logging.enable_progress_bar()
+    tokenizer = load_tokenizer(folder)
+    auto = tf.AutoModelForCausalLM if kind == "lm" else tf.AutoModelForSequenceClassification
+    net, info = load_eager(folder, auto, **options)
     missing = sorted(info.get("missing_keys") or [])
     not_head = [k for k in missing if not _is_head(k)]
     if not_head:

@@ -27,8 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
-from attnaudit.model.hf import offsets_to_words
-from attnaudit.model.hf_load import check_weights, transformers_module
+from attnaudit.model.hf_attention import use_attention
+from attnaudit.model.hf_load import (
+    check_tokenizer_files,
+    check_weights,
+    load_eager,
+    load_tokenizer,
+    transformers_module,
+)
 from attnaudit.model.hf_seq2seq_attention import (
     ROLES,
     SEQ2SEQ_ATTENTION,
@@ -37,8 +43,9 @@ from attnaudit.model.hf_seq2seq_attention import (
     register_seq2seq_attention,
     running,
 )
+from attnaudit.model.hf_text import align_word_ids, is_fast, offsets_to_words, text_batch, text_inputs, tokenize_texts
 from attnaudit.model.hooks import HookPoint
-from attnaudit.model.interface import Batch, ModelBase
+from attnaudit.model.interface import Batch, ModelBase, check_ids
 from attnaudit.model.seq2seq import PairBatch
 
 SEQ2SEQ_SUPPORTED = ("bart", "t5", "marian")
@@ -155,20 +162,10 @@ class HFTranslator(ModelBase[PairBatch]):
         (transformers' `shift_tokens_right`), tgt_mask = True on real target positions. A source or target longer
         than max_len tokens raises unless `truncate=True`.
         """
-        if isinstance(inputs, (str, Example)):
-            inputs = [inputs]
-        if len(inputs) == 0:
-            raise ValueError("inputs must hold at least one text; got an empty list.")
-        examples = [x if isinstance(x, Example) else None for x in inputs]
-        texts = [x.text if isinstance(x, Example) else x for x in inputs]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
-            if not t.strip():
-                raise ValueError(f"inputs[{i}] is empty or whitespace-only; every example needs at least one word.")
+        examples, texts = text_inputs(inputs)
         src = self._source(texts, examples, truncate=truncate)
         targets = [e.target for e in examples if e is not None and e.target is not None]
-        if len(targets) != len(inputs):                                                 # some have no target
+        if len(targets) != len(examples):                                               # some have no target
             return PairBatch(src)
         enc = self.tokenizer(text_target=list(targets), add_special_tokens=True, truncation=False, verbose=False)
         rows = [list(map(int, r)) for r in enc["input_ids"]]
@@ -189,50 +186,12 @@ class HFTranslator(ModelBase[PairBatch]):
     def _source(self, texts: list[str], examples: list[Example | None], *, truncate: bool) -> Batch:
         need_words = any(e is not None and e.rationale is not None for e in examples)
         rows, special, words, cut = self._tokenize(texts, truncate=truncate, word_ids=need_words)
-        seq = max(map(len, rows))
-        lengths = torch.tensor([len(r) for r in rows])
-        input_ids = torch.tensor([r + [self.pad_id] * (seq - len(r)) for r in rows], dtype=torch.long)  # [batch, src]
-        attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                                  # [batch, src]
-        special_mask = torch.zeros_like(attention_mask)
-        for i, s in enumerate(special):
-            special_mask[i, : len(s)] = torch.tensor(s, dtype=torch.bool)
-        pad = self.tokenizer.pad_token
-        tokens = [self.tokenizer.convert_ids_to_tokens(r) + [pad] * (seq - len(r)) for r in rows]
-        rationale = None
-        if all(e is not None and e.rationale is not None for e in examples):
-            rationale = torch.zeros(len(rows), seq)
-            for i, e in enumerate(examples):
-                assert e is not None and e.rationale is not None                     # checked just above
-                for j, w in enumerate(words[i]):
-                    if w is not None:
-                        rationale[i, j] = float(e.rationale[w])                      # every piece of word w
-        ids = [e.id for e in examples if e is not None] if all(e is not None for e in examples) else None
-        return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), rationale=rationale,
-                     ids=ids, truncated=cut)
+        return text_batch(self.tokenizer, self.pad_id, texts, examples, rows, special, words, cut, labels=False)
 
     def _tokenize(self, texts: Sequence[str], *, truncate: bool, word_ids: bool):
         """-> (ids per text, special flags per text, whitespace-word index per token or None, truncated flags)."""
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        options = dict(add_special_tokens=True, return_special_tokens_mask=True, return_offsets_mapping=fast,
-                       return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        enc = self.tokenizer(list(texts), truncation=False, **options)
-        lengths = [len(r) for r in enc["input_ids"]]
-        cut = [n > self.max_len for n in lengths]
-        if any(cut):
-            if not truncate:
-                i = cut.index(True)
-                raise ValueError(f"inputs[{i}] has {lengths[i]} tokens but this model takes at most {self.max_len} "
-                                 "(special tokens included); pass truncate=True or shorten it.")
-            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, **options)
-        rows = [list(map(int, r)) for r in enc["input_ids"]]
-        special = [[bool(x) for x in s] for s in enc["special_tokens_mask"]]
-        if fast:
-            words = [offsets_to_words(t, o, s) for t, o, s in zip(texts, enc["offset_mapping"], special)]
-        elif word_ids:
-            words = [self._words_from_pieces(t, r, s, target=False) for t, r, s in zip(texts, rows, special)]
-        else:
-            words = [[None] * len(r) for r in rows]
-        return rows, special, words, cut
+        return tokenize_texts(self.tokenizer, texts, max_len=self.max_len, truncate=truncate, word_ids=word_ids,
+                              slow_words=lambda t, r, s: self._words_from_pieces(t, r, s, target=False))
 
     def word_ids(self, inputs) -> list[list[int | None]]:
         """Per example and source position, the index of the whitespace word (`text.split()`) a token belongs to.
@@ -241,18 +200,8 @@ class HFTranslator(ModelBase[PairBatch]):
         and `input_ids`), or texts.
         """
         inputs = inputs.src if isinstance(inputs, PairBatch) else inputs
-        texts = [inputs] if isinstance(inputs, str) else getattr(inputs, "texts", inputs)
-        if texts is None or not all(isinstance(t, str) for t in texts):
-            raise ValueError("word_ids needs the texts: pass a PairBatch, Batch or Attribution with `texts`, or a "
-                             "list of str.")
-        rows, _, words, _ = self._tokenize(list(texts), truncate=True, word_ids=True)
-        given = getattr(inputs, "input_ids", None)
-        seq = max(map(len, rows)) if given is None else given.shape[1]
-        for i, r in enumerate(rows):
-            if given is not None and given[i, : len(r)].tolist() != r:
-                raise ValueError(f"example {i}: its token ids are not what this tokenizer makes of its text (a "
-                                 "perturbed or foreign batch?); word_ids aligns only the model's own encoding.")
-        return [w + [None] * (seq - len(w)) for w in words]
+        return align_word_ids(inputs, lambda texts: self._tokenize(texts, truncate=True, word_ids=True)[::2],  # rows, words
+                              holders="a PairBatch, Batch or Attribution")
 
     def target_word_ids(self, targets: Sequence[str], tgt_out: Tensor | None = None) -> list[list[int | None]]:
         """Per target text and target position (of `tgt_out` [batch, tgt], as `encode` builds it), the index of the
@@ -261,7 +210,7 @@ class HFTranslator(ModelBase[PairBatch]):
         Needs a fast tokenizer (character offsets). tgt_out, when given, must hold this tokenizer's labels for the
         targets (checked); rows are padded to its width.
         """
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        fast = is_fast(self.tokenizer)
         targets = list(targets)
         enc = self.tokenizer(text_target=targets, add_special_tokens=True, return_special_tokens_mask=True,
                              return_offsets_mapping=fast, truncation=False, verbose=False)
@@ -309,11 +258,7 @@ class HFTranslator(ModelBase[PairBatch]):
 
     def check_ids(self, input_ids: Tensor) -> None:
         """Ids outside the vocabulary would index garbage (or crash on CUDA): refuse them first."""
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (the vocabulary size is "
-                             f"{self.vocab_size}); got values from {int(input_ids.min())} to {int(input_ids.max())}.")
+        check_ids(input_ids, self.vocab_size)
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, batch: PairBatch) -> Tensor:
@@ -453,13 +398,7 @@ class HFTranslator(ModelBase[PairBatch]):
         return linear.weight.view(linear.weight.shape[0], self.n_heads, -1)
 
     def _use_our_attention(self) -> None:
-        if not hasattr(self.net, "set_attn_implementation"):
-            raise ImportError(f"transformers {self.config['transformers_version']} cannot switch attention "
-                              "implementations; attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.")
-        self.net.set_attn_implementation(SEQ2SEQ_ATTENTION)
-        if self.net.config._attn_implementation != SEQ2SEQ_ATTENTION:
-            raise RuntimeError(f"{self.config['architecture']} refused the attention implementation "
-                               f"{SEQ2SEQ_ATTENTION!r} (it kept {self.net.config._attn_implementation!r}).")
+        use_attention(self.net, SEQ2SEQ_ATTENTION, self.config)
 
     @torch.no_grad()
     def verify_attention(self, pairs: Sequence[tuple[str, str]] = VERIFY_PAIRS, *, atol: float = 1e-5) -> float:
@@ -508,18 +447,6 @@ class HFTranslator(ModelBase[PairBatch]):
         return diff
 
 
-def check_seq2seq_tokenizer_files(folder: Path, model_type: str) -> None:
-    """Refuse a folder without tokenizer files: transformers would build an empty tokenizer (every word [UNK])."""
-    vocab = SEQ2SEQ_VOCAB_FILES.get(model_type, ())
-    if (folder / "tokenizer.json").is_file() or (vocab and all((folder / f).is_file() for f in vocab)):
-        return
-    wanted = " or ".join(["tokenizer.json", " + ".join(vocab)] if vocab else ["tokenizer.json"])
-    raise FileNotFoundError(
-        f"{str(folder)!r} has no tokenizer files ({wanted}, with tokenizer_config.json); without them every word "
-        f"would be [UNK]. Save the tokenizer the model was trained with beside its weights: "
-        f"tokenizer.save_pretrained({str(folder)!r}).")
-
-
 def load_hf_seq2seq(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> HFTranslator:
     """Load a local HuggingFace encoder–decoder folder as an `HFTranslator`, in eval mode, float32, on `device`.
 
@@ -541,32 +468,10 @@ def load_hf_seq2seq(path: str | Path, *, device: str | torch.device = "cpu", ver
     if model_type not in SEQ2SEQ_SUPPORTED:
         raise ValueError(f"model_type must be one of {', '.join(SEQ2SEQ_SUPPORTED)} for an encoder–decoder; "
                          f"{str(folder / 'config.json')!r} has {model_type!r}.")
-    try:
-        check_weights(folder)
-    except ValueError as e:         # its conversion hint names the classifiers' auto class; ours is the seq2seq one
-        raise ValueError(str(e).replace("AutoModelForSequenceClassification", "AutoModelForSeq2SeqLM")) from None
-    check_seq2seq_tokenizer_files(folder, model_type)
-    common = dict(local_files_only=True, trust_remote_code=False)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), **common)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{str(folder)!r}: could not load its tokenizer ({e}); save it beside the weights with "
-                         "tokenizer.save_pretrained(folder).") from e
-    verbosity, bars = tf.logging.get_verbosity(), tf.logging.is_progress_bar_enabled()
-    tf.logging.set_verbosity_error()
-    tf.logging.disable_progress_bar()
-    try:
-        # A config.json saved for SDPA or flash attention names it, and that name would win over the argument.
-        hf_config = tf.AutoConfig.from_pretrained(str(folder), **common)
-        hf_config._attn_implementation = "eager"
-        with torch.random.fork_rng(devices=[]):    # transformers' init must not move the caller's RNG
-            net, info = tf.AutoModelForSeq2SeqLM.from_pretrained(
-                str(folder), config=hf_config, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True, **common)
-    finally:
-        tf.logging.set_verbosity(verbosity)
-        if bars:
-            tf.logging.enable_progress_bar()
+    check_weights(folder, auto_class="AutoModelForSeq2SeqLM")
+    check_tokenizer_files(folder, model_type, vocab_files=SEQ2SEQ_VOCAB_FILES)
+    tokenizer = load_tokenizer(folder)
+    net, info = load_eager(folder, tf.AutoModelForSeq2SeqLM)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"{str(folder)!r} lacks weights {missing[:5]}{'...' if len(missing) > 5 else ''}; they "

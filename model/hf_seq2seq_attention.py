@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attnaudit.model.hf_load import transformers_module
+from attnaudit.model.hf_attention import register_under
 from attnaudit.model.hooks import HookPoint
 
 SEQ2SEQ_ATTENTION = "attnaudit_seq2seq"        # our name in transformers' AttentionInterface
@@ -143,14 +143,4 @@ def seq2seq_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value
 
 def register_seq2seq_attention() -> None:
     """Register `seq2seq_probs_attention` and a boolean mask under "attnaudit_seq2seq" (idempotent)."""
-    tf = transformers_module()
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as e:
-        raise ImportError(f"transformers {tf.__version__} has no AttentionInterface / AttentionMaskInterface; "
-                          "attnaudit needs transformers >= 5: pip install -U 'attnaudit[hf]'.") from e
-    from attnaudit.model.hf_attention import boolean_mask  # always a bool [batch, 1, query, key] mask
-
-    AttentionInterface.register(SEQ2SEQ_ATTENTION, seq2seq_probs_attention)
-    AttentionMaskInterface.register(SEQ2SEQ_ATTENTION, boolean_mask)
+    register_under(SEQ2SEQ_ATTENTION, seq2seq_probs_attention)

@@ -33,15 +33,20 @@ nn.Module) and `kind`, and implements:
   under `net` (the HuggingFace adapter keeps its own).
 - classifiers: `logits`, `embed`, `logits_from_embeds`, `output_weight`, `vocab_size`, `max_len`,
   `n_classes`, `label_names`, `pad_id`, `mask_id`.
-- a decoder-only LM (prompt -> target tokens): subclass `ModelBase[LMBatch]`, where the batch holds the prompt
-  and the target ids; `__call__` returns the logits of the target positions [batch, tgt, vocab] (per-step
-  targets: the explainers' `target` picks one id per step); `attention_sites` returns
-  ``decoder.layers.{i}.self_attn.pattern`` (causal). For gradient explainers it adds `embed` and
-  `logits_from_embeds` (the same [batch, tgt, vocab]), and `check_ids` on its vocabulary.
-- an encoder–decoder (prompt -> target tokens): as `Translator` (`ModelBase[PairBatch]`): `encode` builds the
-  source with `encode_words` (or its tokenizer) and the teacher-forcing target, `__call__` returns
-  [batch, tgt, vocab], and `cross_attention_sites` names the cross-attention patterns besides
-  `attention_sites` (the encoder's, inherited).
+- a decoder-only LM (prompt -> target tokens): a `ClassifierBase` over the vocabulary whose rows are generation
+  steps (`attnaudit.model.steps`: row s = prompt + t_<s, label t_s, the target prefix special), `kind = "lm"`,
+  `readout = "last"` (the prediction is read at the last real token; explainers read that row), `logits` ->
+  [rows, vocab] through `steps.last_logits` (one forward per distinct longest row), `attention_sites`
+  ``decoder.layers.{i}.self_attn.pattern`` (causal), and `sequence_logits_from_embeds` ([rows, seq, vocab]) so
+  gradients share that forward too. `LanguageModel` (model/lm.py) and `HFLanguageModel` (model/hf_lm.py) do so;
+  a decoder classifier (`DecoderClassifier`, `HFDecoderClassifier`) is an ordinary classifier with
+  `readout = "last"`.
+- an encoder–decoder (source -> target tokens): as `Translator` and `HFTranslator` (`ModelBase[PairBatch]`):
+  `encode` builds the source (`encode_words` or its tokenizer) and the teacher-forcing target, `__call__` returns
+  [batch, tgt, vocab], `cross_attention_sites` and `decoder_self_attention_sites` name the decoder's patterns
+  besides `attention_sites` (the encoder's); `analyses.seq2seq` also reads `translate`, `encoder_embeds`,
+  `logits_from_src_embeds`, `word_ids`, `target_word_ids`, `target_tokens`, `target_texts`, `pad_id`, `mask_id`
+  and `eos_id`.
 """
 from __future__ import annotations
 
@@ -113,7 +118,7 @@ class Batch:
 class AttentionModel(Protocol[B]):
     """What every model family offers, whatever its batch type `B` (see the module docstring)."""
 
-    kind: str                           # "classifier" or "seq2seq"
+    kind: str                           # "classifier", "seq2seq" or "lm"
 
     @property
     def net(self) -> nn.Module: ...
@@ -245,11 +250,7 @@ class ClassifierBase(ModelBase[Batch]):
 
     def check_ids(self, input_ids: Tensor) -> None:
         """Ids outside the vocabulary would index garbage (or crash on CUDA): refuse them first."""
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size - 1}] (the vocabulary size is "
-                             f"{self.vocab_size}); got values from {int(input_ids.min())} to {int(input_ids.max())}.")
+        check_ids(input_ids, self.vocab_size)
 
     # -- notebook surface -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -268,12 +269,56 @@ class ClassifierBase(ModelBase[Batch]):
         return [self.label_names[i] for i in self.predict_proba(texts).argmax(1)]
 
 
+def check_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Refuse token ids that are not integers or lie outside [0, vocab_size): they would index garbage (or crash
+    on CUDA). What every model's `check_ids` runs."""
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}.")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}] (the vocabulary size is "
+                         f"{vocab_size}); got values from {int(input_ids.min())} to {int(input_ids.max())}.")
+
+
+def class_names(label_names: Sequence[str], n_classes: int) -> tuple[str, ...]:
+    """A classifier's label_names as a tuple, checked to name each of its n_classes classes."""
+    if len(label_names) != n_classes:
+        raise ValueError(f"label_names must have n_classes={n_classes} entries; got {len(label_names)}.")
+    return tuple(label_names)
+
+
+def batch_labels(examples: Sequence[Example | None], seq: int, word_of_token: Sequence[Sequence[int | None]]
+                 ) -> tuple[Tensor | None, Tensor | None, list[str] | None]:
+    """What a Batch takes from its Examples -> (labels [batch] or None, rationale [batch, seq] or None, ids or None).
+
+    Each is None unless every input is an Example that has it. `word_of_token[i][j]`: the whitespace word of
+    example i that token j belongs to (None for special tokens and padding); word w's 0/1 rationale goes to
+    every token of w.
+
+    >>> labels, rationale, ids = batch_labels(examples, seq, [[None, 0, 1, None]] * len(examples))  # [CLS] a b [SEP]
+    """
+    labels = rationale = None
+    ids = None
+    if all(e is not None and e.label is not None for e in examples):
+        labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)         # [batch]
+    if all(e is not None and e.rationale is not None for e in examples):
+        rationale = torch.zeros(len(examples), seq)                                                 # [batch, seq]
+        for i, e in enumerate(examples):
+            assert e is not None and e.rationale is not None                                       # checked just above
+            for j, w in enumerate(word_of_token[i]):
+                if w is not None:
+                    rationale[i, j] = float(e.rationale[w])                                        # every piece of word w
+    if all(e is not None for e in examples):
+        ids = [e.id for e in examples if e is not None]
+    return labels, rationale, ids
+
+
 def encode_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, *, max_len: int,
-                 truncate: bool = False) -> Batch:
+                 truncate: bool = False, cls: bool = True) -> Batch:
     """Texts or Examples -> Batch: [CLS] words [SEP] in `vocab`, right-padded with [PAD] (the built-in models' input).
 
     An example longer than max_len raises unless `truncate=True` (then words are cut and
-    `batch.truncated` says which examples were).
+    `batch.truncated` says which examples were). cls=False (the built-in decoders): words [SEP], no [CLS] in
+    front (a causal [CLS] would see nothing), so word i is token i.
     """
     if isinstance(inputs, (str, Example)):
         inputs = [inputs]
@@ -282,7 +327,8 @@ def encode_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, 
     examples = [x if isinstance(x, Example) else None for x in inputs]
     texts = [x.text if isinstance(x, Example) else x for x in inputs]
     rows, cut = [], []
-    room = max_len - 2
+    lead = [CLS] if cls else []
+    room = max_len - len(lead) - 1
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"inputs[{i}] must be a str or an Example; got {type(t).__name__}.")
@@ -292,30 +338,22 @@ def encode_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, 
         if len(w) > room and not truncate:
             raise ValueError(
                 f"inputs[{i}] has {len(w)} words but this model takes at most {room} "
-                f"(max_len={max_len} minus [CLS] and [SEP]); pass truncate=True or shorten it."
+                f"(max_len={max_len} minus {'[CLS] and [SEP]' if cls else '[SEP]'}); pass truncate=True or shorten it."
             )
         cut.append(len(w) > room)
-        rows.append([CLS, *w[:room], SEP])
+        rows.append([*lead, *w[:room], SEP])
     seq = max(map(len, rows))
     tokens = [r + [PAD] * (seq - len(r)) for r in rows]
     input_ids = torch.tensor([vocab.ids(r) for r in tokens], dtype=torch.long)             # [batch, seq]
     lengths = torch.tensor([len(r) for r in rows])
     attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                         # [batch, seq]
     special_mask = torch.zeros_like(attention_mask)
-    special_mask[:, 0] = True
+    if cls:
+        special_mask[:, 0] = True                                                          # [CLS]
     special_mask[torch.arange(len(rows)), lengths - 1] = True                              # [SEP]
-    labels = rationale = None
-    ids = None
-    if all(e is not None and e.label is not None for e in examples):
-        labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)
-    if all(e is not None and e.rationale is not None for e in examples):
-        rationale = torch.zeros(len(rows), seq)
-        for i, e in enumerate(examples):
-            assert e is not None and e.rationale is not None                               # checked just above
-            r = torch.tensor(e.rationale[:room], dtype=torch.float)
-            rationale[i, 1 : 1 + len(r)] = r                                               # word i -> token i+1
-    if all(e is not None for e in examples):
-        ids = [e.id for e in examples if e is not None]
+    first = len(lead)                                                                      # word i -> token first + i
+    word_of_token = [[None] * first + list(range(len(r) - first - 1)) + [None] for r in rows]
+    labels, rationale, ids = batch_labels(examples, seq, word_of_token)
     return Batch(input_ids, attention_mask, special_mask, tokens, texts=list(texts), labels=labels,
                  rationale=rationale, ids=ids, truncated=cut)
 
@@ -338,23 +376,19 @@ class BuiltinSizes:
         return self.net.cfg.max_len
 
 
-class TextClassifier(BuiltinSizes, ClassifierBase):
-    """The built-in Transformer classifier behind the model interface (see the module docstring)."""
+class BuiltinClassifier(BuiltinSizes, ClassifierBase):
+    """What the built-in classifiers share (`TextClassifier`, the decoders of `attnaudit.model.lm`): the net and
+    its `vocab` (ids, special tokens), and the forward: the net itself maps ids and mask to the logits."""
 
-    kind = "classifier"
-    net: TransformerClassifier
+    net: TransformerClassifier | TransformerDecoderLM
 
-    def __init__(self, net: TransformerClassifier, vocab: Vocab, *, label_names: Sequence[str], config: dict | None = None):
-        if len(label_names) != net.cfg.n_classes:
-            raise ValueError(f"label_names must have n_classes={net.cfg.n_classes} entries; got {len(label_names)}.")
+    def __init__(self, net: TransformerClassifier | TransformerDecoderLM, vocab: Vocab, *, config: dict | None = None):
         self.net = net
         self.vocab = vocab
-        self.label_names = tuple(label_names)
         self.config = dict(config or {})
         self.pad_id, self.mask_id, self.cls_id, self.sep_id, self.unk_id = (
             vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.sep_id, vocab.unk_id)
 
-    # -- description ------------------------------------------------------------------------------
     @property
     def n_classes(self) -> int:
         return self.net.cfg.n_classes
@@ -363,19 +397,10 @@ class TextClassifier(BuiltinSizes, ClassifierBase):
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def __repr__(self) -> str:
-        c = self.net.cfg
-        return (f"TextClassifier(layers={c.n_layers}, heads={c.n_heads}, d_model={c.d_model}, norm={c.norm!r}, "
-                f"pooling={c.pooling!r}, vocab={len(self.vocab)}, labels={list(self.label_names)})")
-
-    # -- text in ----------------------------------------------------------------------------------
-    def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch:
-        """Texts or Examples -> Batch: [CLS] words [SEP], right-padded with [PAD] (`encode_words`)."""
-        return encode_words(inputs, self.vocab, max_len=self.max_len, truncate=truncate)
-
     # -- forward ----------------------------------------------------------------------------------
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids [batch, seq] and mask [batch, seq] -> logits [batch, n_classes]."""
+        """Token ids [batch, seq] and mask [batch, seq] -> logits [batch, n_classes] (read at the net's readout:
+        [CLS] or pooled for the encoder, the last real token for a decoder)."""
         self.check_ids(input_ids)
         dev = self.device
         return self.net(input_ids.to(dev), attention_mask.to(dev))
@@ -386,6 +411,29 @@ class TextClassifier(BuiltinSizes, ClassifierBase):
 
     def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
         return self.net.forward_embeds(embeds, attention_mask.to(embeds.device))              # [batch, n_classes]
+
+
+class TextClassifier(BuiltinClassifier):
+    """The built-in Transformer classifier behind the model interface (see the module docstring)."""
+
+    kind = "classifier"
+    net: TransformerClassifier
+
+    def __init__(self, net: TransformerClassifier, vocab: Vocab, *, label_names: Sequence[str], config: dict | None = None):
+        names = class_names(label_names, net.cfg.n_classes)
+        super().__init__(net, vocab, config=config)
+        self.label_names = names
+
+    # -- description ------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        c = self.net.cfg
+        return (f"TextClassifier(layers={c.n_layers}, heads={c.n_heads}, d_model={c.d_model}, norm={c.norm!r}, "
+                f"pooling={c.pooling!r}, vocab={len(self.vocab)}, labels={list(self.label_names)})")
+
+    # -- text in ----------------------------------------------------------------------------------
+    def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch:
+        """Texts or Examples -> Batch: [CLS] words [SEP], right-padded with [PAD] (`encode_words`)."""
+        return encode_words(inputs, self.vocab, max_len=self.max_len, truncate=truncate)
 
     # -- attention --------------------------------------------------------------------------------
     def output_weight(self, layer: int) -> Tensor:

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
 from attnaudit.model import steps
-from attnaudit.model.interface import Batch, BuiltinSizes, ClassifierBase
+from attnaudit.model.interface import Batch, BuiltinClassifier, class_names, encode_words
 from attnaudit.model.transformer import CausalLayer, TransformerDecoderLM
-from attnaudit.model.vocab import CLS, PAD, SEP, Vocab, words
+from attnaudit.model.vocab import CLS, PAD, Vocab, words
 
 
 def _as_inputs(inputs: str | Example | Sequence[str] | Sequence[Example]) -> list:
@@ -49,7 +49,7 @@ def _prompt_words(i: int, x: str | Example) -> list[str]:
     return w
 
 
-class _DecoderBase(BuiltinSizes, ClassifierBase):
+class _DecoderBase(BuiltinClassifier):
     """What the LM and the decoder classifier share: vocabulary, ids, decoder sites, W^O, randomisation order."""
 
     readout = "last"
@@ -58,23 +58,11 @@ class _DecoderBase(BuiltinSizes, ClassifierBase):
     def __init__(self, net: TransformerDecoderLM, vocab: Vocab, *, config: dict | None = None):
         if len(vocab) != net.cfg.vocab_size:
             raise ValueError(f"vocab must have vocab_size={net.cfg.vocab_size} tokens; got {len(vocab)}.")
-        self.net = net
-        self.vocab = vocab
-        self.config = dict(config or {})
-        self.pad_id, self.mask_id, self.cls_id, self.sep_id, self.unk_id = (
-            vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.sep_id, vocab.unk_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
+        super().__init__(net, vocab, config=config)
 
     @property
     def attention_sites(self) -> list[str]:
         return [f"decoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        self.check_ids(input_ids)
-        return self.net.embed(input_ids.to(self.device))                                     # [batch, seq, d_model]
 
     def output_weight(self, layer: int) -> Tensor:
         block = cast(CausalLayer, self.net.decoder.layers[layer])
@@ -226,44 +214,6 @@ class LanguageModel(_DecoderBase):
                 for i, p in enumerate(prompts)]
 
 
-def encode_decoder_words(inputs: str | Sequence[str] | Sequence[Example], vocab: Vocab, *, max_len: int,
-                         truncate: bool = False) -> Batch:
-    """Texts or Examples -> Batch: words [SEP], right-padded; the readout is [SEP], the last real token.
-
-    No [CLS] in front (a causal [CLS] would see nothing): word i is token i, so `rationale` maps one to one.
-    """
-    inputs = _as_inputs(inputs)
-    examples = [x if isinstance(x, Example) else None for x in inputs]
-    room = max_len - 1
-    rows, cut = [], []
-    for i, x in enumerate(inputs):
-        w = _prompt_words(i, x)
-        if len(w) > room and not truncate:
-            raise ValueError(f"inputs[{i}] has {len(w)} words but this model takes at most {room} "
-                             f"(max_len={max_len} minus [SEP]); pass truncate=True or shorten it.")
-        cut.append(len(w) > room)
-        rows.append([*w[:room], SEP])
-    seq = max(map(len, rows))
-    tokens = [r + [PAD] * (seq - len(r)) for r in rows]
-    input_ids = torch.tensor([vocab.ids(r) for r in tokens], dtype=torch.long)             # [batch, seq]
-    lengths = torch.tensor([len(r) for r in rows])
-    attention_mask = torch.arange(seq)[None, :] < lengths[:, None]                         # [batch, seq]
-    special_mask = torch.zeros_like(attention_mask)
-    special_mask[torch.arange(len(rows)), lengths - 1] = True                              # [SEP]
-    labels = rationale = None
-    if all(e is not None and e.label is not None for e in examples):
-        labels = torch.tensor([e.label for e in examples if e is not None], dtype=torch.long)
-    if all(e is not None and e.rationale is not None for e in examples):
-        rationale = torch.zeros(len(rows), seq)
-        for i, e in enumerate(examples):
-            assert e is not None and e.rationale is not None                               # checked just above
-            r = torch.tensor(e.rationale[:room], dtype=torch.float)
-            rationale[i, : len(r)] = r                                                     # word i -> token i
-    ids = [e.id for e in examples if e is not None] if all(e is not None for e in examples) else None
-    return Batch(input_ids, attention_mask, special_mask, tokens, texts=[x.text if isinstance(x, Example) else x
-                 for x in inputs], labels=labels, rationale=rationale, ids=ids, truncated=cut)
-
-
 class DecoderClassifier(_DecoderBase):
     """A causal Transformer with a classification head read at the last real token ([SEP])."""
 
@@ -272,14 +222,9 @@ class DecoderClassifier(_DecoderBase):
     def __init__(self, net: TransformerDecoderLM, vocab: Vocab, *, label_names: Sequence[str], config: dict | None = None):
         if net.cfg.head != "classifier":
             raise ValueError(f"DecoderClassifier needs a net with head='classifier'; got head={net.cfg.head!r}.")
-        if len(label_names) != net.cfg.n_classes:
-            raise ValueError(f"label_names must have n_classes={net.cfg.n_classes} entries; got {len(label_names)}.")
+        names = class_names(label_names, net.cfg.n_classes)
         super().__init__(net, vocab, config=config)
-        self.label_names = tuple(label_names)
-
-    @property
-    def n_classes(self) -> int:
-        return self.net.cfg.n_classes
+        self.label_names = names
 
     def __repr__(self) -> str:
         c = self.net.cfg
@@ -287,14 +232,5 @@ class DecoderClassifier(_DecoderBase):
                 f"vocab={len(self.vocab)}, labels={list(self.label_names)})")
 
     def encode(self, inputs: str | Sequence[str] | Sequence[Example], *, truncate: bool = False) -> Batch:
-        """Texts or Examples -> Batch: words [SEP], right-padded (`encode_decoder_words`)."""
-        return encode_decoder_words(inputs, self.vocab, max_len=self.max_len, truncate=truncate)
-
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids [batch, seq] and mask [batch, seq] -> logits [batch, n_classes] (read at the last real token)."""
-        self.check_ids(input_ids)
-        dev = self.device
-        return self.net(input_ids.to(dev), attention_mask.to(dev))
-
-    def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.net.forward_embeds(embeds, attention_mask.to(embeds.device))             # [batch, n_classes]
+        """Texts or Examples -> Batch: words [SEP], right-padded (`encode_words` without [CLS])."""
+        return encode_words(inputs, self.vocab, max_len=self.max_len, truncate=truncate, cls=False)

@@ -20,6 +20,25 @@ from attnaudit.model.attention import MultiHeadAttention
 from attnaudit.model.positional import PositionalEncoding
 
 
+def size_checks(cfg: TransformerConfig | DecoderLMConfig) -> list[tuple[str, bool, str]]:
+    """The (field, ok, rule) checks every built-in config shares: sizes, dropout, vocabulary, positions."""
+    return [
+        ("d_model", cfg.d_model > 0 and cfg.d_model % cfg.n_heads == 0, f"a positive multiple of n_heads={cfg.n_heads}"),
+        ("n_layers", cfg.n_layers >= 1, "an int >= 1"),
+        ("n_heads", cfg.n_heads >= 1, "an int >= 1"),
+        ("dropout", 0.0 <= cfg.dropout < 1.0, "in [0, 1)"),
+        ("vocab_size", cfg.vocab_size >= 1, "an int >= 1"),
+        ("max_len", cfg.max_len >= 2, "an int >= 2"),
+    ]
+
+
+def check_config(cfg: object, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise for the first failed (field, ok, rule) check: "d_model must be ...; got 30."."""
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}; got {getattr(cfg, name)!r}.")
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """Architecture hyper-parameters (stored verbatim in config.json)."""
@@ -38,19 +57,11 @@ class TransformerConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        checks = [
+        check_config(self, [
             ("norm", self.norm in ("post", "pre"), "'post' or 'pre'"),
             ("pooling", self.pooling in ("cls", "mean"), "'cls' or 'mean'"),
-            ("d_model", self.d_model > 0 and self.d_model % self.n_heads == 0, f"a positive multiple of n_heads={self.n_heads}"),
-            ("n_layers", self.n_layers >= 1, "an int >= 1"),
-            ("n_heads", self.n_heads >= 1, "an int >= 1"),
-            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
-            ("vocab_size", self.vocab_size >= 1, "an int >= 1"),
-            ("max_len", self.max_len >= 2, "an int >= 2"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}; got {getattr(self, name)!r}.")
+            *size_checks(self),
+        ])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,20 +272,12 @@ class DecoderLMConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        checks = [
+        check_config(self, [
             ("head", self.head in HEADS, "'lm' or 'classifier'"),
             ("n_classes", self.head == "lm" or self.n_classes >= 2, "an int >= 2 with head='classifier'"),
             ("norm", self.norm in ("post", "pre"), "'post' or 'pre'"),
-            ("d_model", self.d_model > 0 and self.d_model % self.n_heads == 0, f"a positive multiple of n_heads={self.n_heads}"),
-            ("n_layers", self.n_layers >= 1, "an int >= 1"),
-            ("n_heads", self.n_heads >= 1, "an int >= 1"),
-            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
-            ("vocab_size", self.vocab_size >= 1, "an int >= 1"),
-            ("max_len", self.max_len >= 2, "an int >= 2"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}; got {getattr(self, name)!r}.")
+            *size_checks(self),
+        ])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,7 +20,8 @@ REPORTS = REPO / "reports"
 # report folder -> (its audit config under benchmarks/, the data file under ../shared/data it audits)
 REAL = {"sst2": ("report_sst2.toml", "sst2/dev.tsv"),
         "sst2-minilm": ("report_sst2_minilm.toml", "sst2/dev.tsv"),
-        "movies": ("report_movies.toml", "eraser_movies/test.jsonl")}
+        "movies": ("report_movies.toml", "eraser_movies/test.jsonl"),
+        "sst2-gpt2": ("report_sst2_gpt2.toml", "sst2/dev.tsv")}
 MAX_REPORT_BYTES = 6 * 2**20
 
 
