@@ -71,7 +71,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px so
 td,th{overflow-wrap:break-word}th{background:#f3f3f3;text-align:left}.ci{color:#666;font-size:.9em}
 .badge{font-size:.8em;padding:0 4px;border-radius:3px}.good{background:#c8e6c9}.bad{background:#ffcdd2}.fam{font-weight:700}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-#summary-figure{margin:.6em 0}#summary-figure img{max-width:100%;height:auto}
+#summary-figure{margin:.6em 0}#summary-figure img{max-width:100%;max-height:72vh;width:auto;height:auto}
 .sent td span{padding:1px 2px;border-radius:3px;white-space:pre-wrap;overflow-wrap:anywhere}.sent .s{color:#999}
 .sent .g{text-decoration:underline;text-decoration-thickness:2px;text-underline-offset:3px;text-decoration-color:#111}
 .p1{background:rgba(214,39,40,0.085)}.n1{background:rgba(31,119,180,0.085)}.p2{background:rgba(214,39,40,0.170)}.n2{background:rgba(31,119,180,0.170)}.p3{background:rgba(214,39,40,0.255)}.n3{background:rgba(31,119,180,0.255)}.p4{background:rgba(214,39,40,0.340)}.n4{background:rgba(31,119,180,0.340)}.p5{background:rgba(214,39,40,0.425)}.n5{background:rgba(31,119,180,0.425)}.p6{background:rgba(214,39,40,0.510)}.n6{background:rgba(31,119,180,0.510)}.p7{background:rgba(214,39,40,0.595)}.n7{background:rgba(31,119,180,0.595)}.p8{background:rgba(214,39,40,0.680)}.n8{background:rgba(31,119,180,0.680)}.p9{background:rgba(214,39,40,0.765)}.n9{background:rgba(31,119,180,0.765)}.p10{background:rgba(214,39,40,0.850)}.n10{background:rgba(31,119,180,0.850)}

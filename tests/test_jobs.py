@@ -172,4 +172,6 @@ def test_run_covers_the_seq2seq_task(tmp_path, capsys):
     results = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert results["tasks"] == ["reorder"] and results["verdicts"]["reorder"]["answer"] != "undetermined"
     metrics = pd.read_csv(tmp_path / "rep" / "metrics.csv.gz")
-    assert {"gold_auprc", "comprehensiveness"} <= set(metrics["metric"]) and metrics["example_id"].nunique() == 20
+    assert {"gold_auprc", "comprehensiveness"} <= set(metrics["metric"])
+    assert set(metrics["example_id"]) - {"(corpus)"} == {f"reorder-test-{i:06d}" for i in range(20)}   # + corpus rows
+    assert {"alignment_error_rate", "bleu", "exact_match"} <= set(metrics["metric"])

@@ -104,7 +104,9 @@ def test_the_committed_reports_load_cleanly(name, tmp_path):
     assert console == [] and requests == [], (console, requests)
     parsed = HtmlCollect(dom)
     images = [a for t, a in parsed.tags if t == "img"]
-    assert len(images) >= 8 and all(a.get("src", "").startswith("data:image/png;base64,") for a in images)
+    # summary, per-task metrics, curves, sanity, permutation, uniform, ...: the attention PNGs are left to
+    # figures/ and report.md where the interactive view shows attention
+    assert len(images) >= 7 and all(a.get("src", "").startswith("data:image/png;base64,") for a in images)
     text = "".join(parsed.text)
     assert "Verdict" in text and any(w in text for w in ("YES", "PARTLY", "NO", "UNDETERMINED"))
 
