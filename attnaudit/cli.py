@@ -244,9 +244,7 @@ def explain_cli(
 
     For a language model each example is explained step by step: one row per target token, one column per
     prompt token (the target is --target, or a greedy --generate N continuation, or the next token)."""
-    import json
 
-    from attnaudit.core.io import atomic_write_text
     from attnaudit.core.progress import progress_bar
     from attnaudit.data import parse_label_names, read_texts
     from attnaudit.explain.registry import REGISTRY
@@ -293,17 +291,13 @@ def explain_cli(
     if any(cut):
         typer.echo(f"note: {sum(cut)} text(s) had more words than the model's {m.max_len} positions and were cut "
                    "(\"truncated\": true in --jsonl); a model trained with a larger max_len takes them whole")
-    if jsonl is not None:
-        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        typer.echo(f"wrote {len(records)} records to {jsonl}")
+    _write_records(jsonl, records)
 
 
 def _explain_seq2seq(m, names, *, text, data, target, jsonl) -> None:
     """`explain` for an encoder-decoder: a [source token x target token] table per example and explainer."""
-    import json
 
     from attnaudit.analyses.seq2seq import EXPLAINERS, prepare, translator_scores
-    from attnaudit.core.io import atomic_write_text
     from attnaudit.data import Example
     from attnaudit.data.parallel import read_parallel
     chosen = list(EXPLAINERS) if names is None else names
@@ -312,9 +306,9 @@ def _explain_seq2seq(m, names, *, text, data, target, jsonl) -> None:
     else:
         if target is not None:
             raise ValueError("--target goes with --text; with --data give 'source ||| target' lines (or sources only).")
-        examples = read_parallel(data) if Path(data).read_text(encoding="utf-8").count("|||") else \
-            [Example(id=str(i), text=line.strip()) for i, line in enumerate(Path(data).read_text(encoding="utf-8")
-                                                                          .splitlines()) if line.strip()]
+        lines = Path(data).read_text(encoding="utf-8")
+        examples = read_parallel(data) if "|||" in lines else \
+            [Example(id=str(i), text=line.strip()) for i, line in enumerate(lines.splitlines()) if line.strip()]
     missing = [e for e in examples if e.target is None]
     if missing:                                       # no reference: explain the model's greedy translation
         said = m.translate([e.text for e in missing])
@@ -337,16 +331,12 @@ def _explain_seq2seq(m, names, *, text, data, target, jsonl) -> None:
                 typer.echo(f"{tok:<{width}} " + " ".join(f"{float(s[i, t, j]):>12.4f}" for t in steps))
             records.append({"id": ex.id, "text": ex.text, "target": ex.target, "explainer": name, "source_tokens": src,
                             "target_tokens": tgt, "scores": [[float(s[i, t, j]) for j in range(n_src)] for t in steps]})
-    if jsonl is not None:
-        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        typer.echo(f"wrote {len(records)} records to {jsonl}")
+    _write_records(jsonl, records)
 
 
 def _explain_lm(m, names, *, text, data, target, generate, jsonl, quiet) -> None:
     """`explain` for a language model: a [prompt token x target step] table per example and explainer."""
-    import json
 
-    from attnaudit.core.io import atomic_write_text
     from attnaudit.core.progress import progress_bar
     from attnaudit.data import Example
     from attnaudit.data.prompts import read_prompts
@@ -375,7 +365,7 @@ def _explain_lm(m, names, *, text, data, target, generate, jsonl, quiet) -> None
             batch = m.encode(chunk)
             attributions = explain_all(m, batch, names, target=batch.labels)
             for a in attributions.values():
-                records += [{**r, "example_id": chunk[r["example"]].id} if "example" in r else r for r in a.to_records()]
+                records += [{**r, "example_id": chunk[r["example"]].id} for r in a.to_records()]   # step rows
             per_method = {name: step_matrices(a, target_tokens=m.label_names) for name, a in attributions.items()}
             for e, ex in enumerate(chunk):
                 for name in names:
@@ -387,6 +377,14 @@ def _explain_lm(m, names, *, text, data, target, generate, jsonl, quiet) -> None
                     for j, tok in enumerate(mat.prompt_tokens):
                         typer.echo(f"{tok:<{width}} " + " ".join(f"{float(v):>15.4f}" for v in mat.scores[:, j]))
             bar.update(len(chunk))
+    _write_records(jsonl, records)
+
+
+def _write_records(jsonl: Path | None, records: list[dict]) -> None:
+    """`explain --jsonl`: one JSON object per line, written atomically (nothing without --jsonl)."""
+    import json
+
+    from attnaudit.core.io import atomic_write_text
     if jsonl is not None:
         atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         typer.echo(f"wrote {len(records)} records to {jsonl}")

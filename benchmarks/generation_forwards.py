@@ -19,7 +19,6 @@ import time
 import torch
 
 from attnaudit.data.examples import Example
-from attnaudit.explain import capture as capture_module
 from attnaudit.explain.run import explain_all
 from attnaudit.model import steps
 from attnaudit.model.lm import LanguageModel
@@ -68,7 +67,7 @@ def main() -> None:
         return rows, rows.clone()
 
     def run(shared: bool, name: str):
-        steps.carriers = capture_module.carriers = saved if shared else every_row_alone
+        steps.carriers = saved if shared else every_row_alone              # every sharing path calls it
         rows.clear()
         start = time.perf_counter()
         out = explain_all(model, batch, [name], target=batch.labels)[name]
@@ -88,7 +87,7 @@ def main() -> None:
         a, b = statistics.median(times[True]), statistics.median(times[False])
         print(f"{name:<18} {counts[True]:>11} {counts[False]:>10} {a:>9.3f} {b:>8.3f} {b / a:>5.1f}× {diff:>10.1e}")
         assert diff <= 1e-5, f"{name}: shared scores differ by {diff}"
-    steps.carriers = capture_module.carriers = saved
+    steps.carriers = saved
 
 
 if __name__ == "__main__":

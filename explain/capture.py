@@ -34,7 +34,7 @@ from torch import Tensor
 from attnaudit.explain.base import Explainer, short_repr
 from attnaudit.model.hooks import hooks, observing
 from attnaudit.model.interface import Batch, ExplainableModel
-from attnaudit.model.steps import carriers, readout_index
+from attnaudit.model.steps import readout_rows, reads_last, shared_carriers
 
 CAPTURE_DTYPES = (None, "float32", "float16", "bfloat16")
 _CAPTURE_DTYPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnaudit_capture_dtype", default=None)
@@ -223,7 +223,7 @@ def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: boo
     grad_layers = set(reads.grads) | {i for f in grad_folds for i in f.layers}
     want_grads = bool(grad_layers)
     mask = batch.attention_mask
-    if not want_grads and getattr(model, "readout", "first") == "last" and len(batch) > 1:
+    if not want_grads and reads_last(model):
         shared = _shared_prefixes(model, batch, reads, capture_dtype, start)
         if shared is not None:
             return shared
@@ -287,8 +287,7 @@ def capture(model: ExplainableModel, batch: Batch, target: Tensor, *, grads: boo
             kept_grads = backward(chosen.sum(), live, reads.grads, grad_folds, sites, keep, device_mask[0])
     return Capture(kept, kept_values, weights, kept_grads, {f.key: f.result() for f in reads.folds}, len(sites),
                    mask.to(embeds.device), (pattern_dtype or [embeds.dtype])[0], time.perf_counter() - start,
-                   capture_dtype, reads,
-                   readout_index(model, mask).to(embeds.device) if getattr(model, "readout", "first") == "last" else None)
+                   capture_dtype, reads, readout_rows(model, mask.to(embeds.device)))
 
 
 def _shared_prefixes(model: ExplainableModel, batch: Batch, reads: Reads, capture_dtype: str | None,
@@ -301,9 +300,10 @@ def _shared_prefixes(model: ExplainableModel, batch: Batch, reads: Reads, captur
     readout row is each row's last real token. None when no row is shared (nothing to save). No gradients: each
     step's target would need its own backward.
     """
-    chosen, owner = carriers(batch.input_ids.cpu(), batch.attention_mask.cpu())
-    if len(chosen) == len(batch):
+    shared = shared_carriers(batch.input_ids, batch.attention_mask)
+    if shared is None:
         return None
+    chosen, owner = shared
     sub = replace(batch, input_ids=batch.input_ids[chosen], attention_mask=batch.attention_mask[chosen],
                   special_mask=batch.special_mask[chosen], tokens=[batch.tokens[i] for i in chosen.tolist()],
                   texts=None, labels=None, rationale=None, ids=None, truncated=None, steps=None)
@@ -323,7 +323,8 @@ def _shared_prefixes(model: ExplainableModel, batch: Batch, reads: Reads, captur
              for f in reads.folds}
     return Capture({k: rows(v) for k, v in part.layer_patterns.items()}, values, part.layer_output_weights, {},
                    folds, part.n_layers, mask, part.dtype, time.perf_counter() - start, capture_dtype, reads,
-                   readout_index(model, mask))
+                   readout_rows(model, mask))
+
 
 
 def backward(total: Tensor, live: dict[int, Tensor], raw: frozenset[int], folds: list[Fold], sites: list[str],

@@ -211,14 +211,14 @@ def step_gradients(model: ExplainableModel, batch: Batch, target: Tensor) -> tup
     (a vector-Jacobian product per row) give every row's gradient. -> (embeds, grads), each [batch, seq, d_model];
     None when the model is not such an LM or no row is shared.
     """
-    from attnaudit.model.steps import carriers, last_index
+    from attnaudit.model.steps import last_index, reads_last, shared_carriers
 
-    if getattr(model, "readout", "first") != "last" or not hasattr(model, "sequence_logits_from_embeds") \
-            or len(batch) < 2:
+    if not (reads_last(model) and hasattr(model, "sequence_logits_from_embeds")):
         return None
-    chosen, owner = carriers(batch.input_ids.cpu(), batch.attention_mask.cpu())
-    if len(chosen) == len(batch):
+    shared = shared_carriers(batch.input_ids, batch.attention_mask)
+    if shared is None:
         return None
+    chosen, owner = shared
     dev = model.device
     embeds = model.embed(batch.input_ids[chosen]).detach().requires_grad_()      # [n, seq, d_model]
     with torch.enable_grad():

@@ -34,7 +34,7 @@ from attnaudit.data.examples import Example
 from attnaudit.model.hf import VERIFY_TEXTS, HFClassifier
 from attnaudit.model.hf_text import align_word_ids, text_inputs, tokenize_texts
 from attnaudit.model.interface import Batch
-from attnaudit.model.steps import gather_last, hooks_active, last_index, last_logits, step_batch
+from attnaudit.model.steps import gather_last, hooks_active, last_logits, step_batch
 
 DECODERS = ("gpt2", "llama", "qwen2", "mistral")
 TARGET_SEPARATOR = " "       # prompt + " " + target is tokenised, unless one side already has the whitespace
@@ -375,9 +375,10 @@ class HFLanguageModel(_Decoder, HFClassifier):
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids [rows, seq] and mask [rows, seq] (right padding) -> next-token logits [rows, vocab].
 
-        Rows that are prefixes of a longer row share its forward (`steps.last_logits`) unless a hook records or
-        edits the attention, a gradient is asked for, or a mask has holes. The head is applied to the gathered last hidden state,
-        which is the same as reading [rows, seq, vocab] at the last position (it acts position by position).
+        Rows that are prefixes of a longer row share its forward (`steps.last_logits`; a masked hole must be the
+        same hole) unless a hook records or edits the attention or a gradient is asked for. The head is applied to
+        the gathered last hidden state, which is the same as reading [rows, seq, vocab] at the last position (it
+        acts position by position).
         """
         self.check_ids(input_ids)
         dev = self.device
@@ -386,11 +387,7 @@ class HFLanguageModel(_Decoder, HFClassifier):
         def forward(i: Tensor, m: Tensor) -> Tensor:
             return self._hidden(m, input_ids=i)                                       # [n, seq, d_model]
 
-        # rows with holes in their mask (the "attention" perturbation policy) run as themselves: steps.carriers
-        # compares a row with its carrier only up to its number of real tokens, not up to its last one
-        holes = bool((mask.sum(1) != last_index(mask) + 1).any())
-        share = not holes and not hooks_active(self.hook_points())
-        hidden = last_logits(forward, ids, mask, share=share)                         # [rows, d_model]
+        hidden = last_logits(forward, ids, mask, share=not hooks_active(self.hook_points()))   # [rows, d_model]
         return self._head()(hidden)                                                    # [rows, vocab]
 
     def logits_from_embeds(self, embeds: Tensor, attention_mask: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ records or edits the attention and no gradient is asked for; otherwise every row
 
 Models whose explained token is the last real one (decoder-only LMs, decoder classifiers such as GPT-2's
 sequence classification head) set ``readout = "last"``; encoders keep ``readout = "first"`` ([CLS]).
-`readout_index` gives the row explainers read out.
+`readout_index` gives the row explainers read out (`readout_rows`: None for encoders).
 """
 from __future__ import annotations
 
@@ -23,16 +23,25 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from attnaudit.model.hooks import active_hook_count
 from attnaudit.model.interface import Batch
 
-READOUTS = ("first", "last")
+
+def reads_last(model) -> bool:
+    """Whether `model` reads its prediction at the last real token (a causal decoder, `readout = "last"`)."""
+    return getattr(model, "readout", "first") == "last"
 
 
 def readout_index(model, attention_mask: Tensor) -> Tensor:
     """The position each row's prediction is read from -> [batch] long: 0 ([CLS]) or the last real token."""
-    if getattr(model, "readout", "first") == "last":
+    if reads_last(model):
         return last_index(attention_mask)
     return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
+
+
+def readout_rows(model, attention_mask: Tensor) -> Tensor | None:
+    """`Capture.readout_rows`: the last real token per row for a decoder, None for an encoder (row 0, [CLS])."""
+    return last_index(attention_mask) if reads_last(model) else None
 
 
 def last_index(attention_mask: Tensor) -> Tensor:
@@ -149,6 +158,14 @@ def carriers(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]
     return torch.tensor(chosen, dtype=torch.long), owner
 
 
+def shared_carriers(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """`carriers` of a batch (on the CPU) when at least one row shares another's forward, else None."""
+    if len(input_ids) < 2:
+        return None
+    chosen, owner = carriers(input_ids.cpu(), attention_mask.cpu())
+    return None if len(chosen) == len(input_ids) else (chosen, owner)
+
+
 def last_logits(forward: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, attention_mask: Tensor, *,
                 share: bool = True) -> Tensor:
     """forward(ids, mask) -> [n, seq, vocab] (causal); -> logits [batch, vocab] at each row's last real token.
@@ -156,11 +173,10 @@ def last_logits(forward: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, 
     With `share` (and no gradient being recorded), rows that are prefixes of a longer row are read from that
     row's single forward (see `carriers`): a T-step continuation costs one forward, not T.
     """
-    if not share or torch.is_grad_enabled() or len(input_ids) < 2:
+    shared = shared_carriers(input_ids, attention_mask) if share and not torch.is_grad_enabled() else None
+    if shared is None:
         return gather_last(forward(input_ids, attention_mask), attention_mask)
-    chosen, owner = carriers(input_ids.cpu(), attention_mask.cpu())
-    if len(chosen) == len(input_ids):
-        return gather_last(forward(input_ids, attention_mask), attention_mask)
+    chosen, owner = shared
     dev = input_ids.device
     c = chosen.to(dev)
     full = forward(input_ids[c], attention_mask[c])                                 # [n, seq, vocab]
@@ -169,6 +185,5 @@ def last_logits(forward: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, 
 
 
 def hooks_active(sites: dict) -> bool:
-    """True when any HookPoint has a forward hook (attention recorded or edited): rows must then run as themselves."""
-    return any(len(getattr(p, "_forward_hooks", {})) or len(getattr(p, "_forward_pre_hooks", {}))
-               for p in sites.values())
+    """True when any hook is attached to a HookPoint (attention recorded or edited): rows must then run as themselves."""
+    return any(active_hook_count(p) for p in sites.values())
