@@ -30,12 +30,12 @@ from attnaudit.analyses import faithfulness as F
 from attnaudit.analyses.counterfactual import MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
-from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS
+from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS, step_means
 from attnaudit.analyses.tables import METRICS, faithfulness_table, summarize
 from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
 from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
-from attnaudit.explain.registry import REGISTRY, get_explainer
+from attnaudit.explain.registry import DEFAULT_EXPLAINERS, REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
@@ -74,7 +74,7 @@ class AuditSettings:
               "curve_steps": (4096, "forward passes per deletion or insertion curve"),
               "max_batch": (MAX_ROWS, "rows in one forward pass")}
 
-    explainers: tuple[str, ...] = tuple(REGISTRY)
+    explainers: tuple[str, ...] = DEFAULT_EXPLAINERS
     explainer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     analyses: tuple[str, ...] = ANALYSES
     max_examples: int | None = 100
@@ -236,7 +236,7 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
             bar.update(len(idx))
         bar.close()
         cf: dict[str, pd.DataFrame] = {}
-        sub = batch.select(range(min(len(batch), settings.counterfactual_examples)))
+        sub = _first(batch, settings.counterfactual_examples)
         if "counterfactual" in settings.analyses:
             bar = progress_bar(len(_counterfactual_plan(model, settings.counterfactual_tests)), enabled=progress, unit="tests",
                                desc=f"{progress_label}: counterfactual attention tests on {len(sub)} examples")
@@ -247,7 +247,7 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
         sanity = None
         if "sanity" in settings.analyses:
             start = time.perf_counter()
-            small = batch.select(range(min(len(batch), settings.sanity_examples)))
+            small = _first(batch, settings.sanity_examples)
             bar = progress_bar(len(explainers), enabled=progress, unit="explainers",
                                desc=f"{progress_label}: randomisation sanity check on {len(small)} examples")
             sanity = _sanity_items(model, small, explainers, settings, run, failures, done=bar.update)
@@ -256,13 +256,16 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
     if not parts:
         raise RuntimeError(f"every chunk of the audit failed: {failures}")
     metrics = pd.concat([p["metrics"] for p in parts] + ([sanity["metrics"]] if sanity else []), ignore_index=True)
+    if batch.steps is not None:                 # a continuation's steps are one example: one row per example
+        metrics = step_means(metrics, _example_of(batch))
     return AuditResult(
         metrics=metrics[COLUMNS], counterfactual=cf,
         curves=pd.concat([p["curves"] for p in parts], ignore_index=True),
         attributions=[r for p in parts for r in p["attributions"]],
         examples=[x for p in parts for x in p["examples"]],
         attention_example=parts[0]["attention_example"],
-        settings={**settings.to_dict(), "n_examples": len(batch), "n_truncated": sum(batch.truncated or [])},
+        settings={**settings.to_dict(), "n_examples": len({e for e, _ in batch.steps}) if batch.steps else len(batch),
+                  **({"n_steps": len(batch)} if batch.steps else {}), "n_truncated": sum(batch.truncated or [])},
         timings=timings, failures=failures)
 
 
@@ -346,14 +349,28 @@ def _as_batch(model: ExplainableModel, data, max_examples: int | None) -> Batch:
         if not data:
             raise ValueError("data must hold at least one example; got none.")
         batch = model.encode(data[:max_examples] if max_examples else data, truncate=True)
-    if max_examples is not None and len(batch) > max_examples:
-        batch = batch.select(range(max_examples))
+    if max_examples is not None:
+        batch = _first(batch, max_examples)
     if batch.ids is None:
         batch = replace(batch, ids=[str(i) for i in range(len(batch))])
     if len(set(batch.ids)) != len(batch.ids):
         dup = next(i for i in batch.ids if batch.ids.count(i) > 1)
         raise ValueError(f"example ids must be unique (rows of the tables are keyed by them); {dup!r} repeats.")
     return batch
+
+
+def _first(batch: Batch, n: int) -> Batch:
+    """The first n examples: n rows, or for generation rows (`batch.steps`) every step of the first n examples."""
+    if batch.steps is not None:
+        keep = [r for r, (e, _) in enumerate(batch.steps) if e < n]
+        return batch if len(keep) == len(batch) else batch.select(keep)
+    return batch if len(batch) <= n else batch.select(range(n))
+
+
+def _example_of(batch: Batch) -> dict[str, str]:
+    """Generation rows: row id ("id@s") -> its example's id (`model.steps.step_batch`)."""
+    assert batch.ids is not None and batch.steps is not None
+    return {i: i[: -len(f"@{s}")] if i.endswith(f"@{s}") else i for i, (_, s) in zip(batch.ids, batch.steps)}
 
 
 def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSettings) -> dict:

@@ -441,13 +441,31 @@ def generation_records(records: Sequence[dict]) -> tuple[str, dict[str, list[dic
     """
     steps = [r for r in records if "step" in r]
     if not steps:
-        return None
+        return matrix_records(records)
     first = str(steps[0]["id"]).rsplit("@", 1)[0]
     by_method: dict[str, list[dict]] = {}
     for r in steps:
         if str(r["id"]).rsplit("@", 1)[0] == first:
             by_method.setdefault(r["explainer"], []).append(r)
     return first, {m: sorted(rs, key=lambda r: int(r["step"])) for m, rs in by_method.items()}
+
+
+def matrix_records(records: Sequence[dict]) -> tuple[str, dict[str, list[dict]]] | None:
+    """The first encoder–decoder example among attribution records (`analyses.seq2seq.audit_translator`: a
+    "matrix" [target unit, source token] and its "target_tokens") -> (its id, explainer -> one record per target
+    unit, with "tokens" the source tokens, "scores" that unit's row and "target_token"). None when there is none."""
+    rows = [r for r in records if "matrix" in r]
+    if not rows:
+        return None
+    first = str(rows[0]["id"])
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        if str(r["id"]) == first:
+            n = len(r["matrix"][0]) if r["matrix"] else 0
+            by_method[r["explainer"]] = [{"tokens": r["tokens"][:n], "scores": row, "step": k,
+                                          "target_token": t} for k, (row, t) in enumerate(zip(r["matrix"],
+                                                                                         r["target_tokens"]))]
+    return first, by_method
 
 
 def generation_figure(by_method: dict[str, list[dict]], target_tokens: Sequence[str] | None = None) -> Figure:
@@ -462,7 +480,8 @@ def generation_figure(by_method: dict[str, list[dict]], target_tokens: Sequence[
     prompt = [_text(t, 10) for t in first[0]["tokens"]]
     last = first[-1]["tokens"]
     targets = list(target_tokens) if target_tokens is not None else \
-        [last[n_prompt + s] if n_prompt + s < len(last) else f"step {s}" for s in range(len(first))]
+        [str(r["target_token"]) if "target_token" in r else last[n_prompt + s] if n_prompt + s < len(last)
+         else f"step {s}" for s, r in enumerate(first)]
     n_steps = len(first)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
@@ -485,6 +504,6 @@ def generation_figure(by_method: dict[str, list[dict]], target_tokens: Sequence[
     return fig
 
 
-__all__ = ["generation_records", "generation_figure", "figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
+__all__ = ["generation_records", "matrix_records", "generation_figure", "figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
            "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
            "attention_grid_figure", "explainer_order", "explainer_colors", "check_attention"]

@@ -325,7 +325,8 @@ def _render_figures(data) -> dict[str, tuple[str, bytes]]:
             said = [str(names[r["target"]]) if isinstance(r.get("target"), int) and 0 <= r["target"] < len(names)
                     else None for r in steps]
             tokens = said if all(t is not None for t in said) else None
-            todo.append(("generation", f"Example {gen_id}: each target token (rows) attributed to the prompt's tokens "
+            side = "source" if "target_token" in steps[0] else "prompt"
+            todo.append(("generation", f"Example {gen_id}: each target token (rows) attributed to the {side}'s tokens "
                          "(columns), one panel per explainer; each row scaled by its largest |score|.",
                          lambda by_method=by_method, tokens=tokens: F.generation_figure(by_method, tokens)))
         att = next((a for a in data["attention"] if a["task"] == task), None)

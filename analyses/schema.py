@@ -54,4 +54,27 @@ def normalize_setting(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(setting=frame["setting"].fillna("").astype(str))
 
 
-__all__ = ["TIDY_COLUMNS", "COLUMNS", "CURVE_COLUMNS", "tidy_rows", "tidy_frame", "check_tidy", "normalize_setting"]
+def step_means(table: pd.DataFrame, example_of: dict[str, str]) -> pd.DataFrame:
+    """Generation rows -> one row per example: each (example, explainer, metric, setting)'s mean over its steps.
+
+    A continuation's steps are rows of one example, not independent examples: bootstrap intervals and paired
+    tests assume independent units, so a language model's per-step metrics are averaged per example (as the
+    encoder–decoder's per-token metrics are). example_of: row id ("id@s", `model.steps.step_batch`) -> example
+    id; ids not in it stay as they are. NaN steps are skipped; a mean of no finite step is NaN with the first
+    step's note. Row order: first appearance.
+    """
+    if table.empty:
+        return table
+    t = table.assign(example_id=table["example_id"].map(lambda i: example_of.get(i, i)))
+    keys = [c for c in TIDY_COLUMNS if c != "value"]
+    grouped = t.groupby(keys, sort=False, dropna=False)
+    out = grouped["value"].mean().reset_index()                        # NaN skipped; all NaN -> NaN
+    if "note" in t.columns:
+        notes = grouped["note"].agg(lambda n: next((x for x in n if isinstance(x, str) and x), "")).reset_index()
+        out = out.merge(notes, on=keys, how="left", sort=False)
+        out.loc[out["value"].notna(), "note"] = ""
+    return out[list(table.columns)].reset_index(drop=True)
+
+
+__all__ = ["TIDY_COLUMNS", "COLUMNS", "CURVE_COLUMNS", "tidy_rows", "tidy_frame", "check_tidy", "normalize_setting",
+           "step_means"]

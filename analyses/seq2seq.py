@@ -17,15 +17,10 @@ one token a word, so its units are the target words, [SEP] excluded). A target w
 gives one unit per token, each with its word's gold: the tokens of every source word Sure-linked to it. Per-unit
 scores are averaged over the example's units, so a table row is one example: examples, not the correlated words of
 one sentence, are the independent units that bootstrap intervals and paired tests assume.
-Explainers, scores [batch, tgt, src]:
-    attention         last decoder layer's cross-attention, mean over heads (alias "cross_attention")
-    attention_layers  cross-attention, mean over layers and heads
-    rollout           Chefer et al. (2021)'s encoder–decoder rules on head-averaged attention (alias "cross_rollout")
-    saliency          ‖∂ log p(y_t | y_<t, x) / ∂ e_s‖₂ per source embedding e_s (Simonyan et al. 2014)
-    input_x_gradient  Σ_d e_s · ∂ log p(y_t | y_<t, x) / ∂ e_s (Shrikumar et al. 2016)
-    occlusion         p(y_t | x) − p(y_t | x with token s → [MASK]), every s in one batched forward
-    random            seeded U(0, 1)
-"attention" and "rollout" keep the classifier's names, so the verdict counts them as the attention family.
+Explainers, scores [batch, tgt, src]: the 15 of `attnaudit.explain.seq2seq` (`EXPLAINERS`: the attention family
+on cross-attention, with Chefer et al.'s encoder–decoder rules; the gradient family on log p(y_t | y_<t, x); occlusion,
+LIME and KernelSHAP on the source; random). "attention" and "rollout" keep the classifier's names, so the verdict
+counts them, with grad_attention, attention_x_grad, attention_norm and attention_layers, as the attention family.
 Metrics (`analyses.tables` formats): comprehensiveness / sufficiency at k = 0.1, 0.2, 0.5 and "aopc", RISE
 deletion / insertion AUC (removed tokens → [MASK], the reference prefix kept), gold_auprc and gold_precision_at_k
 against the word alignment (Sure links). Alignment rows (`analyses.alignment`, Och & Ney 2003), after all the others:
@@ -37,16 +32,15 @@ every explainer and for every cross-attention head (explainer "cross_attention_L
 these rows). Gold: Sure S and Possible P ⊇ S (`GoldAlignment`), by default from each Example (`alignment` Sure,
 `possible_alignment` Possible; the reorder task's links are all Sure). Counterfactual tests at
 ``decoder.layers.{i}.cross_attn.pattern`` (each layer and "all"), as in `analyses.counterfactual`: permutation
-(Jain & Wallace 2019), uniform (Wiegreffe & Pinter 2019) and erasure of the most-attended vs a random source token
-(Serrano & Smith 2019).
+(Jain & Wallace 2019), adversarial attention (Jain & Wallace 2019; `analyses.seq2seq_counterfactual`), uniform
+(Wiegreffe & Pinter 2019), erasure of the most-attended vs a random source token (Serrano & Smith 2019), and the
+ablation of each cross-attention head.
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,10 +48,12 @@ import torch
 from torch import Tensor
 
 from attnaudit.analyses.alignment import RULES, alignment_counts, extract_links, merge_subwords
+from attnaudit.analyses.counterfactual import TESTS as COUNTERFACTUAL_TESTS
 from attnaudit.analyses.counterfactual import tvd
 from attnaudit.analyses.faithfulness import curve_auc
 from attnaudit.analyses.plausibility import auprc, precision_at_k
 from attnaudit.analyses.schema import tidy_frame, tidy_rows
+from attnaudit.analyses.seq2seq_counterfactual import adversarial_search, cross_head_table, head_rows
 from attnaudit.analyses.tables import bin_setting
 from attnaudit.core.ranking import spearman
 from attnaudit.data.examples import Example
@@ -67,25 +63,26 @@ from attnaudit.explain.perturb import (
     deletion_path,
     insertion_path,
     keep_top_k,
-    leave_one_out_path,
-    materialize,
     remove_top_k,
 )
+from attnaudit.explain.seq2seq import (  # noqa: F401  (ALIASES, EXPLAINERS, cross_rollout: re-exported)
+    ALIASES,
+    EXPLAINERS,
+    Seq2SeqModel,
+    TeacherForcedEngine,
+    cross_rollout,
+    teacher_forced,
+    translator_scores,
+)
 from attnaudit.model.hooks import hooks, record
-from attnaudit.model.interface import Batch
 from attnaudit.model.interventions import permute, uniform, zero_key
-from attnaudit.model.seq2seq import PairBatch, Translator
+from attnaudit.model.seq2seq import PairBatch
 from attnaudit.model.vocab import words
 
-EXPLAINERS = ("attention", "attention_layers", "rollout", "saliency", "input_x_gradient", "occlusion", "random")
-ALIASES = {"cross_attention": "attention", "cross_rollout": "rollout"}
 BINS = (0.1, 0.2, 0.5)
 ALIGNMENT_METRICS = ("alignment_error_rate", "alignment_precision", "alignment_recall")
 CORPUS_ID = "(corpus)"      # example_id of the corpus-level alignment rows
 ALIGNMENT_RULES = tuple(r for r in RULES if r != "threshold")   # the rules that need no threshold
-
-
-Seq2SeqModel = Translator | Any   # the built-in `Translator` or `attnaudit.model.hf_seq2seq.HFTranslator`
 
 
 @dataclass(frozen=True)
@@ -132,163 +129,6 @@ def prepare(model: Seq2SeqModel, examples: Sequence[Example],
                 if w == t:
                     gold_t[i, j, tokens_of.get(s, [])] = True                        # built-in: word s is token s + 1
     return pairs, Units(src, tgt, gold_t[src, tgt], src_words, tgt_words)
-
-
-def _pairs(pairs: PairBatch, rows: Tensor, src_ids: Tensor | None = None) -> PairBatch:
-    """Examples `rows` of `pairs` (no trimming), their source ids replaced by src_ids [n, src] if given."""
-    s = pairs.src
-    ids = s.input_ids[rows] if src_ids is None else src_ids
-    src = Batch(ids, s.attention_mask[rows], s.special_mask[rows], tokens=[])
-    return PairBatch(src, pairs.tgt_in[rows], pairs.tgt_out[rows], pairs.tgt_mask[rows])
-
-
-@contextlib.contextmanager
-def _eval(model: Seq2SeqModel):
-    was = model.net.training
-    try:
-        yield model.net.eval()
-    finally:
-        model.net.train(was)
-
-
-def _forward(model: Seq2SeqModel, pairs: PairBatch, rows: Tensor, *, src_ids: Tensor | None = None,
-             edits: Mapping | Callable[[slice], Mapping] | None = None, max_batch: int = 256,
-             reduce: Callable[[Tensor, slice], Tensor] | None = None) -> Tensor:
-    """Teacher-forced next-token probabilities of examples `rows` [n] -> [n, tgt, vocab], `max_batch` rows a forward.
-    src_ids [n, src] replaces their source ids; edits (or edits(slice of rows)) go to `hooks`; reduce(probs, slice)
-    shrinks each chunk before it is kept."""
-    out = []
-    with _eval(model), torch.inference_mode():
-        for lo in range(0, len(rows), max_batch):
-            sl = slice(lo, lo + max_batch)
-            chunk = _pairs(pairs, rows[sl], None if src_ids is None else src_ids[sl])
-            with hooks(model, (edits(sl) if callable(edits) else edits) or {}):
-                logits = model(chunk)                                                       # [chunk, tgt, vocab]
-            probs = logits.float().softmax(-1).cpu()
-            out.append(reduce(probs, sl) if reduce else probs)
-    return torch.cat(out)
-
-
-class TeacherForcedEngine:
-    """De-duplicated, cached forwards of [MASK]-perturbed sources -> p(reference y_t) at every target position."""
-
-    def __init__(self, model: Seq2SeqModel, pairs: PairBatch, *, max_batch: int = 256):
-        self.model, self.pairs, self.max_batch = model, pairs, max_batch
-        self.mask = pairs.src.attention_mask.cpu()                                  # [batch, src]
-        self.special = pairs.src.special_mask.cpu() & self.mask                     # [batch, src]
-        self.slot: dict[tuple[int, bytes], int] = {}
-        self.table = torch.zeros(0, pairs.tgt_out.shape[1])                         # [n_cached, tgt]
-        self.forwards = 0
-
-    def probs(self, rows: Tensor, keep: Tensor) -> Tensor:
-        """Example indices [n] and keep-masks [n, src] (specials always kept) -> p(y_t) [n, tgt]."""
-        keep = (keep.cpu().bool() | self.special[rows]) & self.mask[rows]           # [n, src]
-        keys = list(zip(rows.tolist(), (b.tobytes() for b in np.packbits(keep.numpy(), axis=1))))
-        new: dict[tuple[int, bytes], int] = {}       # key -> where it first appears
-        for i, k in enumerate(keys):
-            if k not in self.slot:
-                new.setdefault(k, i)
-        if new:
-            pick = torch.tensor(list(new.values()))                                 # [n_new]
-            r = rows[pick]
-            ids, _ = materialize(self.pairs.src.input_ids[r], self.mask[r], keep[pick], policy="mask",
-                                 pad_id=self.model.pad_id, mask_id=self.model.mask_id)
-            ref = self.pairs.tgt_out[r]                                             # [n_new, tgt]
-            p = _forward(self.model, self.pairs, r, src_ids=ids, max_batch=self.max_batch,
-                         reduce=lambda probs, sl: probs.gather(-1, ref[sl, :, None])[..., 0])  # [n_new, tgt]
-            self.slot.update((k, len(self.table) + j) for j, k in enumerate(new))
-            self.table = torch.cat([self.table, p])
-            self.forwards += len(new)
-        return self.table[torch.tensor([self.slot[k] for k in keys], dtype=torch.long)]
-
-    def unit_probs(self, units: Units, keep: Tensor, valid: Tensor | None = None) -> Tensor:
-        """keep-masks [unit, ..., src] -> p(y_t) of each unit [unit, ...], NaN where not valid."""
-        middle = keep.shape[1:-1]
-        rows = units.src.view(-1, *[1] * len(middle)).expand(-1, *middle).reshape(-1)   # [n]
-        at = units.tgt.view(-1, *[1] * len(middle)).expand(-1, *middle).reshape(-1)     # [n]
-        ok = torch.ones(len(rows), dtype=torch.bool) if valid is None else valid.reshape(-1)
-        out = torch.full((len(rows),), float("nan"))
-        if ok.any():
-            out[ok] = self.probs(rows[ok], keep.reshape(len(rows), -1)[ok]).gather(1, at[ok, None])[:, 0]
-        return out.view(keep.shape[:-1])
-
-
-# -- explainers: [batch, tgt, src] ----------------------------------------------------------------
-def cross_rollout(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
-    """Chefer et al. (2021) rules 6–10 with head-averaged attention, rows = queries.
-
-    Args:
-        enc [layer, batch, src, src], dec_self [layer, batch, tgt, tgt], cross [layer, batch, tgt, src].
-    Returns:
-        [batch, tgt, src]: R_ts after the last decoder layer (R_ss ← R_ss + A·R_ss per encoder layer; per decoder
-        layer R_tt ← R_tt + A·R_tt, R_ts ← R_ts + A·R_ts, then R_ts ← R_ts + R̄_tt·A_cross·R̄_ss, R̄ = I + rownorm(R − I)).
-    """
-    def bar(r: Tensor) -> Tensor:
-        eye = torch.eye(r.shape[-1], dtype=r.dtype)
-        rest = r - eye                                                               # [batch, n, n]
-        return eye + rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
-
-    b, s, t = enc.shape[1], enc.shape[-1], dec_self.shape[-1]
-    r_ss = torch.eye(s, dtype=enc.dtype).expand(b, s, s)                            # [batch, src, src]
-    for a in enc:
-        r_ss = r_ss + a @ r_ss
-    r_tt = torch.eye(t, dtype=enc.dtype).expand(b, t, t)                            # [batch, tgt, tgt]
-    r_ts = torch.zeros(b, t, s, dtype=enc.dtype)                                     # [batch, tgt, src]
-    for a_self, a_cross in zip(dec_self, cross):
-        r_tt, r_ts = r_tt + a_self @ r_tt, r_ts + a_self @ r_ts
-        r_ts = r_ts + bar(r_tt) @ a_cross @ bar(r_ss)
-    return r_ts
-
-
-def _gradients(model: Seq2SeqModel, pairs: PairBatch, max_batch: int) -> tuple[Tensor, Tensor]:
-    """Saliency and input×gradient of log p(y_t | y_<t, x) w.r.t. the source embeddings -> each [batch, tgt, src]."""
-    dev, s = model.device, pairs.src
-    sal, ixg = [], []
-    with _eval(model), torch.enable_grad():
-        for lo in range(0, len(s), max_batch):
-            sl = slice(lo, lo + max_batch)
-            chunk = _pairs(pairs, torch.arange(len(s))[sl])
-            emb = model.encoder_embeds(chunk.src.input_ids).detach().requires_grad_(True)  # [batch, src, d_model]
-            logits = model.logits_from_src_embeds(emb, chunk)                        # [batch, tgt, vocab]
-            logp = logits.float().log_softmax(-1).gather(-1, pairs.tgt_out[sl, :, None].to(dev))[..., 0]  # [batch, tgt]
-            # one backward per target position; examples are independent, so the batch sum separates them
-            g = torch.stack([torch.autograd.grad(logp[:, t].sum(), emb, retain_graph=True)[0]
-                             for t in range(logp.shape[1])], 1)                     # [batch, tgt, src, d_model]
-            sal.append(g.norm(dim=-1).cpu())
-            ixg.append((g * emb[:, None]).sum(-1).detach().cpu())
-    return torch.cat(sal), torch.cat(ixg)
-
-
-def translator_scores(model: Seq2SeqModel, pairs: PairBatch, explainers: Sequence[str] = EXPLAINERS, *,
-                      engine: TeacherForcedEngine | None = None, seed: int = 0, max_batch: int = 256) -> dict[str, Tensor]:
-    """Each explainer's scores -> {name: [batch, tgt, src]} (names after resolving ALIASES)."""
-    names = [ALIASES.get(n, n) for n in explainers]
-    unknown = [n for n in names if n not in EXPLAINERS]
-    if unknown or not names:
-        raise ValueError(f"Unknown explainer {(unknown or [None])[0]!r}. Available: {', '.join(EXPLAINERS + tuple(ALIASES))}.")
-    engine = engine or TeacherForcedEngine(model, pairs, max_batch=max_batch)
-    b, t = pairs.tgt_out.shape
-    out: dict[str, Tensor] = {}
-    if {"attention", "attention_layers", "rollout"} & set(names):
-        enc, dec, crs = model.attention_sites, model.decoder_self_attention_sites, model.cross_attention_sites
-        with _eval(model):
-            _, cache = record(model, pairs, names=[*enc, *dec, *crs])
-        avg = lambda names: torch.stack([cache[n] for n in names]).float().cpu().mean(2)  # noqa: E731 [layer, batch, q, k]
-        cross = avg(crs)                                                             # [layer, batch, tgt, src]
-        out.update(attention=cross[-1], attention_layers=cross.mean(0),
-                   rollout=cross_rollout(avg(enc), avg(dec), cross))
-    if {"saliency", "input_x_gradient"} & set(names):
-        out["saliency"], out["input_x_gradient"] = _gradients(model, pairs, max_batch)
-    if "occlusion" in names:
-        keep, valid = leave_one_out_path(engine.mask, engine.special)                # [batch, pos, src], [batch, pos]
-        rows = torch.arange(b)[:, None].expand_as(valid)                             # [batch, pos]
-        p = torch.zeros(*valid.shape, t)                                             # [batch, pos, tgt]
-        p[valid] = engine.probs(rows[valid], keep[valid])
-        full = engine.probs(torch.arange(b), engine.mask)                            # [batch, tgt]
-        out["occlusion"] = (full[:, :, None] - p.transpose(1, 2)) * valid[:, None, :]  # [batch, tgt, src]
-    if "random" in names:
-        out["random"] = torch.rand(b, t, engine.mask.shape[1], generator=torch.Generator().manual_seed(seed))
-    return {n: out[n] for n in names}
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -397,7 +237,7 @@ def _golds(examples: Sequence[Example], gold: Sequence[GoldAlignment] | None) ->
 def _cross_attention(model: Seq2SeqModel, pairs: PairBatch) -> Tensor:
     """Every decoder layer's cross-attention -> [layer, batch, head, tgt, src]."""
     sites = model.cross_attention_sites
-    with _eval(model):
+    with model.evaluating():
         cache = record(model, pairs, names=sites)[1]
     return torch.stack([cache[n] for n in sites]).float().cpu()
 
@@ -435,8 +275,17 @@ def alignment_rows(ids: Sequence[str], name: str, scores: Tensor, maps: Sequence
 
 # -- counterfactual tests ---------------------------------------------------------------------------
 def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], *, n_permutations: int = 20,
-                              seed: int = 0, max_batch: int = 256) -> dict[str, pd.DataFrame]:
-    """Permutation, uniform and erasure tests on cross-attention -> {"summary", "permutation"} (see module doc).
+                              seed: int = 0, max_batch: int = 256, tests: Sequence[str] = COUNTERFACTUAL_TESTS,
+                              adversarial_steps: int = 40, epsilon: float = 0.01) -> dict[str, pd.DataFrame]:
+    """The counterfactual tests on cross-attention -> {"summary", "permutation", "adversarial", "head_ablation"}.
+
+    tests: a subset of COUNTERFACTUAL_TESTS (the classifier's `analyses.counterfactual.TESTS`): permutation,
+    adversarial (`seq2seq_counterfactual.adversarial_search`: per unit, its query row of the cross-attention
+    at the layer, as far as possible in JSD while the next-token distribution moves at most `epsilon` in TVD,
+    `adversarial_steps` Adam steps), uniform and erasure at every decoder layer and "all"; head_ablation once
+    (`seq2seq_counterfactual.cross_head_table`: each cross-attention head zeroed in turn). Frames hold only the
+    tests run ("permutation": per example and layer; "adversarial": per example and layer; "head_ablation": per
+    layer and head).
 
     Per example, max_attention and median_tvd are means over its units (target tokens, see the module doc) of each
     unit's max cross-attention weight and of its median TVD over `n_permutations`; uniform and erasure statistics
@@ -445,11 +294,14 @@ def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], 
     """
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be an int >= 1; got {n_permutations!r}.")
+    unknown = [t for t in tests if t not in COUNTERFACTUAL_TESTS]
+    if unknown or isinstance(tests, str):
+        raise ValueError(f"tests must be a list of {', '.join(COUNTERFACTUAL_TESTS)}; got {tests!r}.")
     pairs, units = prepare(model, examples)
     n, ids, sites = len(examples), [e.id for e in examples], model.cross_attention_sites
     rows = torch.arange(n)
     at = lambda probs: probs[units.src, units.tgt]                                   # noqa: E731 [batch, tgt, v] -> [unit, v]
-    base = at(_forward(model, pairs, rows, max_batch=max_batch))                     # [unit, vocab]
+    base = at(teacher_forced(model, pairs, rows, max_batch=max_batch))                     # [unit, vocab]
     ref = pairs.tgt_out[units.src, units.tgt]                                        # [unit]
     cross = _cross_attention(model, pairs).transpose(2, 3)[:, units.src, units.tgt]  # [layer, unit, head, src]
     scored = (pairs.src.attention_mask & ~pairs.src.special_mask)[units.src]        # [unit, src]
@@ -460,43 +312,60 @@ def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], 
     def add(test, layer, statistic, value):
         summary.append((test, str(layer), "all", statistic, float(value)))
 
-    exact_original = exact()
+    exact_original = exact() if "uniform" in tests else float("nan")
+    adversarial_frames = []
     for layer in [*range(len(sites)), "all"]:
         edit_sites = sites if layer == "all" else [sites[layer]]
         att = cross.mean(0) if layer == "all" else cross[layer]                     # [unit, head, src]
-        gen = torch.Generator().manual_seed(seed)
-        tiled = rows.repeat(n_permutations)                                          # copy c = rows c·n … c·n + n − 1
-        probs = _forward(model, pairs, tiled, edits={s: permute(gen) for s in edit_sites}, max_batch=max_batch)
-        probs = probs.view(n_permutations, n, *probs.shape[1:])                       # [perm, batch, tgt, vocab]
-        dist = tvd(probs[:, units.src, units.tgt], base[None])                       # [perm, unit]
-        med = _per_example(units, dist.median(0).values, n).float()                  # [batch]
-        top = _per_example(units, att.amax((1, 2)), n).float()                       # [batch]
-        add("permutation", layer, "median_tvd", med.median())
-        add("permutation", layer, "mean_tvd", med.mean())
-        add("permutation", layer, "max_attention_tvd_spearman", spearman(top.numpy(), med.numpy()))
-        perm_frames.append(pd.DataFrame({"example_id": ids, "layer": str(layer), "max_attention": top.numpy(),
-                                         "median_tvd": med.numpy()}))
-        edits = {s: uniform() for s in edit_sites}
-        probs = at(_forward(model, pairs, rows, edits=edits, max_batch=max_batch))  # [unit, vocab]
-        d = _per_example(units, tvd(probs, base), n)
-        add("uniform", layer, "median_tvd", d.median())
-        add("uniform", layer, "mean_tvd", d.mean())
-        add("uniform", layer, "flip_rate", (probs.argmax(-1) != base.argmax(-1)).float().mean())
-        add("uniform", layer, "accuracy", (probs.argmax(-1) == ref).float().mean())
-        add("uniform", layer, "accuracy_original", (base.argmax(-1) == ref).float().mean())
-        with hooks(model, edits):
-            add("uniform", layer, "exact_match", exact())
-        add("uniform", layer, "exact_match_original", exact_original)
-        key_max = att.mean(1).masked_fill(~scored, float("-inf")).argmax(1)          # [unit]
-        rand = torch.rand(scored.shape, generator=torch.Generator().manual_seed(seed))
-        key_random = rand.masked_fill(~scored, -1.0).argmax(1)                       # [unit]
-        for name, key in (("max", key_max), ("random", key_random)):
-            p = _forward(model, pairs, units.src, edits=lambda sl, key=key: {s: zero_key(key[sl]) for s in edit_sites},  # noqa: B023
-                         max_batch=max_batch, reduce=lambda pr, sl: pr[torch.arange(pr.shape[0]), units.tgt[sl]])
-            add("erasure", layer, f"flip_rate_{name}", (p.argmax(-1) != base.argmax(-1)).float().mean())
-            add("erasure", layer, f"median_tvd_{name}", tvd(p, base).median())
-    return {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"]),
-            "permutation": pd.concat(perm_frames, ignore_index=True)}
+        if "adversarial" in tests:
+            found = adversarial_search(model, pairs, units, layer=layer, epsilon=epsilon, n_steps=adversarial_steps,
+                                       seed=seed, max_batch=max_batch)
+            summary.extend(found.rows(n))
+            adversarial_frames.append(found.frame(ids))
+        if "permutation" in tests:
+            gen = torch.Generator().manual_seed(seed)
+            tiled = rows.repeat(n_permutations)                                          # copy c = rows c·n … c·n + n − 1
+            probs = teacher_forced(model, pairs, tiled, edits={s: permute(gen) for s in edit_sites}, max_batch=max_batch)
+            probs = probs.view(n_permutations, n, *probs.shape[1:])                       # [perm, batch, tgt, vocab]
+            dist = tvd(probs[:, units.src, units.tgt], base[None])                       # [perm, unit]
+            med = _per_example(units, dist.median(0).values, n).float()                  # [batch]
+            top = _per_example(units, att.amax((1, 2)), n).float()                       # [batch]
+            add("permutation", layer, "median_tvd", med.median())
+            add("permutation", layer, "mean_tvd", med.mean())
+            add("permutation", layer, "max_attention_tvd_spearman", spearman(top.numpy(), med.numpy()))
+            perm_frames.append(pd.DataFrame({"example_id": ids, "layer": str(layer), "max_attention": top.numpy(),
+                                             "median_tvd": med.numpy()}))
+        if "uniform" in tests:
+            edits = {s: uniform() for s in edit_sites}
+            probs = at(teacher_forced(model, pairs, rows, edits=edits, max_batch=max_batch))  # [unit, vocab]
+            d = _per_example(units, tvd(probs, base), n)
+            add("uniform", layer, "median_tvd", d.median())
+            add("uniform", layer, "mean_tvd", d.mean())
+            add("uniform", layer, "flip_rate", (probs.argmax(-1) != base.argmax(-1)).float().mean())
+            add("uniform", layer, "accuracy", (probs.argmax(-1) == ref).float().mean())
+            add("uniform", layer, "accuracy_original", (base.argmax(-1) == ref).float().mean())
+            with hooks(model, edits):
+                add("uniform", layer, "exact_match", exact())
+            add("uniform", layer, "exact_match_original", exact_original)
+        if "erasure" in tests:
+            key_max = att.mean(1).masked_fill(~scored, float("-inf")).argmax(1)          # [unit]
+            rand = torch.rand(scored.shape, generator=torch.Generator().manual_seed(seed))
+            key_random = rand.masked_fill(~scored, -1.0).argmax(1)                       # [unit]
+            for name, key in (("max", key_max), ("random", key_random)):
+                p = teacher_forced(model, pairs, units.src, edits=lambda sl, key=key: {s: zero_key(key[sl]) for s in edit_sites},  # noqa: B023
+                             max_batch=max_batch, reduce=lambda pr, sl: pr[torch.arange(pr.shape[0]), units.tgt[sl]])
+                add("erasure", layer, f"flip_rate_{name}", (p.argmax(-1) != base.argmax(-1)).float().mean())
+                add("erasure", layer, f"median_tvd_{name}", tvd(p, base).median())
+    if "head_ablation" in tests:
+        heads = cross_head_table(model, pairs, units, max_batch=max_batch)
+        summary.extend(head_rows(heads))
+    frames = {"permutation": perm_frames, "adversarial": adversarial_frames}
+    out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
+    out.update({k: pd.concat(v, ignore_index=True) for k, v in frames.items() if v})
+    if "head_ablation" in tests:
+        out["head_ablation"] = heads
+    return out
+
 
 
 # -- the entry point --------------------------------------------------------------------------------
@@ -520,15 +389,21 @@ def translation_rows(model: Seq2SeqModel, examples: Sequence[Example]) -> pd.Dat
 
 def audit_translator(model: Seq2SeqModel, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
                      seed: int = 0, max_batch: int = 256, n_permutations: int = 20,
-                     gold: Sequence[GoldAlignment] | None = None) -> dict:
+                     gold: Sequence[GoldAlignment] | None = None, tests: Sequence[str] = COUNTERFACTUAL_TESTS,
+                     adversarial_steps: int = 40, sanity_examples: int = 32) -> dict:
     """Every issue-4 analysis on a Translator or HFTranslator -> {"metrics", "counterfactual", "attributions",
     "examples", "timings"}.
+
+    sanity_examples: the randomisation check (`analyses.seq2seq_sanity`) on this many first examples, every
+    explainer (0: none); its rows ("randomization_spearman") join the metrics, as an audit's do.
 
     metrics: tidy example_id, explainer, metric, setting, value, note (one row per example, see the module doc;
     the alignment metrics add a corpus row per explainer, example_id CORPUS_ID). gold: as `translator_metrics`.
     counterfactual: {"summary": test, layer, head, statistic, value; "permutation": example_id, layer,
     max_attention, median_tvd}. attributions: `Attribution.to_records()` dicts, one per example and explainer,
-    explaining the example's FIRST unit (its first target word's first token; id = the example id); examples: id,
+    explaining the example's FIRST unit (its first target word's first token; id = the example id), with "matrix"
+    (every unit's scores over the real source tokens, [unit, src], 6 significant digits) and "target_tokens" (the
+    units' reference tokens) for the report's target × source heatmap; examples: id,
     gold (per source token, that unit's Sure alignment), label (the reference token) and prediction (teacher-forced
     argmax there) for `write_report`.
     """
@@ -537,20 +412,33 @@ def audit_translator(model: Seq2SeqModel, examples: Sequence[Example], *, explai
                                         gold=gold)
     metrics = pd.concat([metrics, translation_rows(model, examples)], ignore_index=True).__finalize__(metrics)
     t1 = time.perf_counter()
-    cf = translator_counterfactual(model, examples, n_permutations=n_permutations, seed=seed, max_batch=max_batch)
+    cf = translator_counterfactual(model, examples, n_permutations=n_permutations, seed=seed, max_batch=max_batch,
+                                   tests=tests, adversarial_steps=adversarial_steps)
     t2 = time.perf_counter()
     pairs, units = prepare(model, examples, gold)
+    if sanity_examples:                           # the randomisation check on the first examples, every explainer
+        from attnaudit.analyses.seq2seq_sanity import translator_randomization
+        few = list(examples)[:sanity_examples]
+        few_pairs, few_units = prepare(model, few, None if gold is None else list(gold)[: len(few)])
+        sanity = tidy_frame(translator_randomization(model, few_pairs, few_units, [ALIASES.get(n, n) for n in explainers],
+                                                     ids=[e.id for e in few], seed=seed, max_batch=max_batch))
+        metrics = pd.concat([metrics, sanity], ignore_index=True).__finalize__(metrics)
+    t3 = time.perf_counter()
     n = len(examples)
     first = torch.full((n,), len(units.src), dtype=torch.long).scatter_reduce(
         0, units.src, torch.arange(len(units.src)), "amin")                          # [example] its first unit
     at = units.tgt[first]                                                            # [example] its target position
-    records = [{**r, "id": examples[int(units.src[u])].id} for a in attrs.values()
-               for u, r in zip(first.tolist(), a.select(first.tolist()).to_records())]
-    pred = _forward(model, pairs, torch.arange(n), max_batch=max_batch)[torch.arange(n), at].argmax(-1)  # [batch]
+    n_real = pairs.src.attention_mask.sum(1).tolist()                                # [batch]
+    own = [(units.src == i).nonzero()[:, 0] for i in range(n)]                       # per example: its units
+    said = [model.target_tokens(pairs.tgt_out[i, units.tgt[u]].tolist()) for i, u in enumerate(own)]
+    records = [{**r, "id": examples[i].id, "target_tokens": said[i],
+                "matrix": [[float(f"{x:.6g}") for x in row] for row in a.scores[own[i], : n_real[i]].tolist()]}
+               for a in attrs.values() for i, r in zip(range(n), a.select(first.tolist()).to_records())]
+    pred = teacher_forced(model, pairs, torch.arange(n), max_batch=max_batch)[torch.arange(n), at].argmax(-1)  # [batch]
     labels = model.target_tokens(pairs.tgt_out[torch.arange(n), at].tolist())
     predictions = model.target_tokens(pred.tolist())
-    n_real = pairs.src.attention_mask.sum(1).tolist()                                # [batch]
     info = [{"id": e.id, "gold": units.gold[u, : n_real[i]].int().tolist(), "label": labels[i],
              "prediction": predictions[i]} for i, (e, u) in enumerate(zip(examples, first.tolist()))]
     return {"metrics": metrics, "counterfactual": cf, "attributions": records, "examples": info,
-            "timings": {"metrics_seconds": round(t1 - t0, 3), "counterfactual_seconds": round(t2 - t1, 3)}}
+            "timings": {"metrics_seconds": round(t1 - t0, 3), "counterfactual_seconds": round(t2 - t1, 3),
+                        "sanity_seconds": round(t3 - t2, 3)}}

@@ -229,8 +229,7 @@ def explain_cli(
     text_col: str = typer.Option("text", "--text-col", help="Column of --data holding the text."),
     explainer: str = typer.Option(EXPLAIN_DEFAULT, "--explainer",
                                   help="Comma-separated registry names ('all' for every one). An encoder-decoder "
-                                       "takes attention, attention_layers, rollout, saliency, input_x_gradient, "
-                                       "occlusion, random (default: all of them)."),
+                                       "takes every one but flow, plus attention_layers (default: all of them)."),
     jsonl: Path = typer.Option(None, "--jsonl", help="Also write one JSON object per (example, explainer) here."),
     target: str = typer.Option(None, "--target", help="Classifier: the class to explain, a label name or index "
                                "(default: the predicted one). Language model: the continuation to explain."),
@@ -265,11 +264,17 @@ def explain_cli(
         raise ValueError(f"--jsonl must be a file path; {str(jsonl)!r} is a folder.")
     given_names = parse_label_names(label_names)
     m = name_classes(load_model(_model_folder(model), device=resolve_device(device)), given_names)
+    if explainer.strip() == "all" and getattr(m, "kind", None) != "seq2seq":
+        names = [n for n in names if _applies(n, m)]            # "all": every registry explainer this model takes
     if getattr(m, "kind", None) == "lm":
         return _explain_lm(m, names, text=text, data=data, target=target, generate=generate, jsonl=jsonl, quiet=quiet)
     if getattr(m, "kind", None) == "seq2seq":
-        default = explainer == EXPLAIN_DEFAULT
-        return _explain_seq2seq(m, None if default else names, text=text, data=data, target=target, jsonl=jsonl)
+        every = explainer == EXPLAIN_DEFAULT or explainer.strip() == "all"
+        undefined = [n for n in names if n not in SEQ2SEQ_EXPLAINERS and n not in ALIASES]
+        if undefined and not every:
+            raise ValueError(f"--explainer {undefined[0]!r} is not defined for an encoder-decoder; it takes "
+                             f"{', '.join(SEQ2SEQ_EXPLAINERS)} (or all).")
+        return _explain_seq2seq(m, None if every else names, text=text, data=data, target=target, jsonl=jsonl)
     if generate is not None:
         raise ValueError(f"--generate goes with a language model; {str(model)!r} is a {getattr(m, 'kind', 'model')}.")
     inputs = [text] if text is not None else read_texts(data, text_col=text_col)
@@ -292,6 +297,16 @@ def explain_cli(
         typer.echo(f"note: {sum(cut)} text(s) had more words than the model's {m.max_len} positions and were cut "
                    "(\"truncated\": true in --jsonl); a model trained with a larger max_len takes them whole")
     _write_records(jsonl, records)
+
+
+def _applies(name: str, model) -> bool:
+    """Whether registry explainer `name` (default parameters) takes this model: its `validate` passes."""
+    from attnaudit.explain.registry import get_explainer
+    try:
+        get_explainer(name).validate(model)
+    except ValueError:
+        return False
+    return True
 
 
 def _explain_seq2seq(m, names, *, text, data, target, jsonl) -> None:
@@ -478,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     """The `attnaudit` entry point: runs `app`, turning user errors into `error: ...` and exit status 2
     and warnings into one `warning: ...` line each."""
     import warnings
+
+    from attnaudit.jobs.sharding import exit_process
     command = typer.main.get_command(app)
     try:
         with warnings.catch_warnings():                # restores the caller's warning display afterwards
@@ -495,20 +512,20 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        exit_process(2)
     except RuntimeError as e:
         from attnaudit.distributed import RankFailed
         from attnaudit.jobs import ItemsFailed
         if isinstance(e, RankFailed):              # a sharded run's rank died, hung or refused
             typer.echo(f"error: {e}", err=True)
-            sys.exit(4)
+            exit_process(4)
         if not isinstance(e, ItemsFailed):
             raise
         typer.echo(f"error: {len(e.failures)} item(s) failed; the others are saved:", err=True)
         for item, reason in e.failures.items():
             typer.echo(f"  {item}: {reason}", err=True)
         typer.echo("fix the cause and run the same command with --resume to compute only the failed items.", err=True)
-        sys.exit(3)
+        exit_process(3)
     if code == 130:                                # typer turns KeyboardInterrupt into exit code 130 itself
         args = sys.argv[1:] if argv is None else list(argv)
         if any(a in ("train", "finetune") for a in args[:1]):

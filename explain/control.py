@@ -76,13 +76,14 @@ class RandomScores(Explainer):
 
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:
         out = torch.zeros(batch.input_ids.shape)                                 # [batch, seq]
-        scored = batch.attention_mask & ~batch.special_mask                      # [batch, seq]
+        mask, ids = batch.attention_mask.cpu(), batch.input_ids.cpu()            # a Batch may be on the device
+        scored = mask & ~batch.special_mask.cpu()                                # [batch, seq]
         salt = weights_fingerprint(model)
         for i in range(len(batch)):
-            real = batch.input_ids[i][batch.attention_mask[i]].tolist()          # padding excluded
+            real = ids[i][mask[i]].tolist()                                      # padding excluded
             gen = torch.Generator().manual_seed(example_seed(self.seed, real, salt))
             draws = torch.rand(len(real), generator=gen)                         # one per real token
-            out[i, batch.attention_mask[i]] = draws
+            out[i, mask[i]] = draws
         return out * scored
 
 

@@ -28,9 +28,20 @@ REGISTRY: dict[str, str] = {
     "lime": "attnaudit.explain.perturbation:Lime",
     "kernel_shap": "attnaudit.explain.perturbation:KernelShap",
     "random": "attnaudit.explain.control:RandomScores",
+    # context mixing beyond attention weights (issue 16): registered, not yet in the default audit
+    "alti": "attnaudit.explain.alti:ALTI",
+    "globenc": "attnaudit.explain.globenc:GlobEnc",
+    "value_zeroing": "attnaudit.explain.value_zeroing:ValueZeroing",
 }
 
-ATTENTION_FAMILY = ("attention", "rollout", "flow", "grad_attention", "attention_x_grad", "attention_norm")
+# What an audit runs by default (`AuditSettings.explainers`): the registry less the explainers still opt-in.
+OPT_IN = ("alti", "globenc", "value_zeroing")
+DEFAULT_EXPLAINERS = tuple(n for n in REGISTRY if n not in OPT_IN)
+
+# The attention family, by name: the registry's attention explainers, and "attention_layers", the encoder–decoder's
+# cross-attention averaged over layers (`explain.seq2seq`, which reuses the other names for its own versions).
+ATTENTION_FAMILY = ("attention", "rollout", "flow", "grad_attention", "attention_x_grad", "attention_norm",
+                    "attention_layers", "alti", "globenc", "value_zeroing")
 
 
 class UnknownExplainerError(ValueError):

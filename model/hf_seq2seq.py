@@ -381,6 +381,26 @@ class HFTranslator(ModelBase[PairBatch]):
             points[f"{prefix}.pattern"], points[f"{prefix}.values"] = s.pattern, s.values
         return points
 
+    def cascading_layers(self) -> list[tuple[str, list[nn.Module]]]:
+        """Randomisation order for `analyses.sanity`, output first: "head" (lm_head and the decoder's final
+        LayerNorm), "decoder.layers.{L-1}" … "decoder.layers.0", "encoder.layers.{L-1}" … "encoder.layers.0"
+        (the encoder's final LayerNorm with its top layer), "embeddings" (token tables, learned positions and
+        embedding LayerNorms of both sides; a tied lm_head shares the token table)."""
+        enc, dec = self.net.get_encoder(), self.net.get_decoder()
+        top = ("final_layer_norm", "layer_norm")                     # T5 / BART, Marian (pre-LN variants)
+        bottom = ("embed_tokens", "embed_positions", "layernorm_embedding")
+        pick = lambda part, names: [m for n in names if isinstance(m := getattr(part, n, None), nn.Module)]  # noqa: E731
+        head = [self.net.get_output_embeddings(), *pick(dec, top)]
+        d_layers = dec.block if self._is_t5 else dec.layers
+        e_layers = enc.block if self._is_t5 else enc.layers
+        steps = [(f"decoder.layers.{i}", [d_layers[i]]) for i in reversed(range(len(d_layers)))]
+        e_steps = [(f"encoder.layers.{i}", [e_layers[i]]) for i in reversed(range(len(e_layers)))]
+        e_steps[0] = (e_steps[0][0], [*pick(enc, top), *e_steps[0][1]])
+        embeddings = [*pick(self.net.get_encoder(), bottom), *pick(dec, bottom)]
+        shared = getattr(self.net, "shared", None) or getattr(getattr(self.net, "model", None), "shared", None)
+        embeddings += [shared] if isinstance(shared, nn.Module) and all(shared is not m for m in embeddings) else []
+        return [("head", head), *steps, *e_steps, ("embeddings", embeddings)]
+
     @property
     def decoder_self_attention_sites(self) -> list[str]:
         return [f"decoder.layers.{i}.self_attn.pattern" for i in range(self.n_decoder_layers)]
@@ -391,11 +411,18 @@ class HFTranslator(ModelBase[PairBatch]):
 
     def output_weight(self, layer: int) -> Tensor:
         """W^O of encoder layer `layer`'s self-attention, split by head -> [d_model, head, d_head]."""
-        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
-            raise ValueError(f"layer must be an int in [0, {self.n_layers - 1}]; got {layer!r}.")
-        module = self._attention_modules()["encoder"][layer]
+        return self._output_weight("encoder", layer, self.n_layers, self.n_heads, "")
+
+    def cross_output_weight(self, layer: int) -> Tensor:
+        """W^O of decoder layer `layer`'s cross-attention, split by head -> [d_model, head, d_head]."""
+        return self._output_weight("cross", layer, self.n_decoder_layers, self.n_decoder_heads, " (a decoder layer)")
+
+    def _output_weight(self, role: str, layer: int, n_layers: int, n_heads: int, what: str) -> Tensor:
+        if not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < n_layers):
+            raise ValueError(f"layer must be an int in [0, {n_layers - 1}]{what}; got {layer!r}.")
+        module = self._attention_modules()[role][layer]
         linear = getattr(module, "o" if self._is_t5 else "out_proj")                   # T5's o, BART/Marian's out_proj
-        return linear.weight.view(linear.weight.shape[0], self.n_heads, -1)
+        return linear.weight.view(linear.weight.shape[0], n_heads, -1)
 
     def _use_our_attention(self) -> None:
         use_attention(self.net, SEQ2SEQ_ATTENTION, self.config)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnaudit.data.examples import Example
 from attnaudit.model.interface import Batch, BuiltinSizes, ModelBase, encode_words
@@ -26,6 +27,15 @@ class PairBatch:
     tgt_in: Tensor | None = None       # [batch, tgt] long
     tgt_out: Tensor | None = None      # [batch, tgt] long, [PAD] where there is nothing to predict
     tgt_mask: Tensor | None = None     # [batch, tgt] bool
+
+    def rows(self, index: Tensor | slice | list[int], src_ids: Tensor | None = None) -> PairBatch:
+        """Examples `index` (no trimming: every part keeps its full src and tgt widths), their source ids replaced
+        by src_ids [n, src] if given (a perturbed source)."""
+        s = self.src
+        ids = s.input_ids[index] if src_ids is None else src_ids
+        src = Batch(ids, s.attention_mask[index], s.special_mask[index], tokens=[])
+        tgt_in, tgt_out, tgt_mask = self.targets()
+        return PairBatch(src, tgt_in[index], tgt_out[index], tgt_mask[index])
 
     def targets(self) -> tuple[Tensor, Tensor, Tensor]:
         """(tgt_in, tgt_out, tgt_mask); a ValueError when the examples had no target text."""
@@ -144,6 +154,23 @@ class Translator(BuiltinSizes, ModelBase[PairBatch]):
         """Each reference as `translate` would write it (lower-cased words joined by single spaces)."""
         return [" ".join(words(t)) for t in targets]
 
+    def cascading_layers(self) -> list[tuple[str, list[nn.Module]]]:
+        """Randomisation order for `analyses.sanity`, output first: "head" (the generator, and the final LayerNorm
+        of a pre-LN model), "decoder.layers.{L-1}" … "decoder.layers.0" (with the target embedding at the end),
+        "encoder.layers.{L-1}" … "encoder.layers.0", "embeddings" (the source embedding table)."""
+        net = self.net
+        head: list[nn.Module] = [net.generator] + ([net.final_norm] if any(True for _ in net.final_norm.parameters())
+                                                    else [])
+        d_layers = cast(nn.ModuleList, net.decoder.layers)                           # set on a plain nn.Module
+        dec: list[tuple[str, list[nn.Module]]] = [(f"decoder.layers.{i}", [d_layers[i]])
+                                                 for i in reversed(range(len(d_layers)))]
+        dec[-1] = (dec[-1][0], [*dec[-1][1], net.tgt_embed])
+        enc_final = [net.encoder.final_norm] if any(True for _ in net.encoder.final_norm.parameters()) else []
+        enc: list[tuple[str, list[nn.Module]]] = [(f"encoder.layers.{i}", [net.encoder.layers[i]])
+                                                 for i in reversed(range(len(net.encoder.layers)))]
+        enc[0] = (enc[0][0], [*enc_final, *enc[0][1]])
+        return [("head", head), *dec, *enc, ("embeddings", [net.encoder.embed])]
+
     @property
     def decoder_self_attention_sites(self) -> list[str]:
         return [f"decoder.layers.{i}.self_attn.pattern" for i in range(self.n_layers)]
@@ -151,3 +178,11 @@ class Translator(BuiltinSizes, ModelBase[PairBatch]):
     @property
     def cross_attention_sites(self) -> list[str]:
         return [f"decoder.layers.{i}.cross_attn.pattern" for i in range(self.n_layers)]
+
+    def cross_output_weight(self, layer: int) -> Tensor:
+        """W^O of decoder layer `layer`'s cross-attention, split by head -> [d_model, head, d_head]: head h's value v
+        maps to W^O[:, h] @ v (as `MultiHeadAttention.output_weight`)."""
+        if not (isinstance(layer, int) and 0 <= layer < self.n_decoder_layers):
+            raise ValueError(f"layer must be an int in [0, {self.n_decoder_layers - 1}] (a decoder layer); got {layer!r}.")
+        weight = self.net.get_parameter(f"decoder.layers.{layer}.cross_attn.w_o.weight")   # [d_model, head·d_head]
+        return weight.view(weight.shape[0], self.n_heads, -1)                               # [d_model, head, d_head]

@@ -230,3 +230,50 @@ def test_explain_all_runs_one_capture_for_the_attention_family(tiny_model, tiny_
 def test_explain_all_rejects_repeated_names(tiny_model, tiny_batch):
     with pytest.raises(ValueError, match="explainers must have distinct names; 'rollout' appears 2 times"):
         explain_all(tiny_model, tiny_batch, ["rollout", get_explainer("rollout", head_fusion="max")])
+
+
+# -- rollout's readouts and vit-explain's discard ratio (issue 16, item 4) ------------------------------------
+def _vit_explain_rollout(patterns: torch.Tensor, discard_ratio: float, head_fusion: str = "mean") -> torch.Tensor:
+    """Gildenblat's vit-explain `rollout` (one example, no padding), written out: fuse heads, zero the smallest
+    int(n² · ratio) weights except flat index 0, add I and halve, renormalise rows, multiply bottom-up."""
+    n = patterns.shape[-1]
+    result = torch.eye(n, dtype=torch.float64)
+    for att in patterns.double():                                      # [head, n, n] per layer
+        fused = {"mean": att.mean(0), "max": att.amax(0), "min": att.amin(0)}[head_fusion]
+        flat = fused.reshape(-1).clone()
+        _, idx = flat.topk(int(flat.numel() * discard_ratio), largest=False)
+        idx = idx[idx != 0]
+        flat[idx] = 0
+        a = (flat.view(n, n) + torch.eye(n, dtype=torch.float64)) / 2
+        a = a / a.sum(-1, keepdim=True)
+        result = a @ result
+    return result
+
+
+@pytest.mark.parametrize("ratio, fusion", [(0.0, "mean"), (0.5, "mean"), (0.9, "max"), (0.3, "min")])
+def test_rollout_discard_ratio_equals_vit_explain(ratio, fusion):
+
+    gen = torch.Generator().manual_seed(7)
+    patterns = torch.rand(3, 1, 2, 6, 6, generator=gen, dtype=torch.float64).softmax(-1)  # [layer, 1, head, q, k]
+    ours = rollout(patterns, head_fusion=fusion, discard_ratio=ratio)[-1, 0]
+    assert torch.allclose(ours, _vit_explain_rollout(patterns[:, 0], ratio, fusion), atol=1e-12)
+
+
+def test_rollout_discard_ignores_padding_and_readout_max_is_the_max_over_query_rows(tiny_model, tiny_batch):
+
+    gen = torch.Generator().manual_seed(3)
+    patterns = torch.rand(2, 2, 2, 5, 5, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    real = (mask[:, None, :, None] & mask[:, None, None, :])[None]                 # [1, batch, 1, q, k]
+    patterns = (patterns * real).div((patterns * real).sum(-1, keepdim=True).clamp_min(1e-30))
+    both = rollout(patterns, attention_mask=mask, discard_ratio=0.4)[-1]
+    alone = rollout(patterns[:, 1:, :, :3, :3], attention_mask=mask[1:, :3], discard_ratio=0.4)[-1, 0]
+    assert torch.allclose(both[1, :3, :3], alone) and both[1, 3:].abs().sum() == 0 and both[1, :, 3:].abs().sum() == 0
+    joint = get_explainer("rollout", readout="max").explain(tiny_model, tiny_batch)
+    full = rollout(record(tiny_model, tiny_batch)[1].stack("*self_attn.pattern"),
+                   attention_mask=tiny_batch.attention_mask)[-1]                  # [batch, q, k]
+    m = tiny_batch.attention_mask
+    want = full.masked_fill(~m[:, :, None], float("-inf")).amax(1).masked_fill(~m, 0.0)
+    assert torch.allclose(joint.scores, want.float(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"discard_ratio must be a number in \[0, 1\)"):
+        get_explainer("rollout", discard_ratio=1.0).explain(tiny_model, tiny_batch)

@@ -70,10 +70,10 @@ CASES = [
     ("n_samples = 0", lambda m, p: get_explainer("gradient_shap", n_samples=0).explain(m, "the film"), ValueError,
      "n_samples must be an int >= 1; got 0."),
     ("unknown explainer", lambda m, p: get_explainer("rolout"), ValueError,
-     "Unknown explainer 'rolout'. Available: attention, attention_norm,"),
+     "Unknown explainer 'rolout'. Available: alti, attention, attention_norm,"),
     ("unknown explainer option", lambda m, p: get_explainer("rollout", n_step=3), ValueError,
      "explainer 'rollout' got invalid parameters ['n_step']; valid: ['add_residual', 'head_fusion', 'start_layer', "
-     "'readout']."),
+     "'readout', 'discard_ratio']."),
     ("unknown layer (attention)", lambda m, p: get_explainer("attention", layer=5).explain(m, "the film"), ValueError,
      "layer must be"),
     ("unknown layer (rollout start)", lambda m, p: get_explainer("rollout", start_layer=2).explain(m, "the film"),

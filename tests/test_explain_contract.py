@@ -67,7 +67,7 @@ def test_explicit_target_and_errors(tiny_model, tiny_batch):
 
 
 def test_unknown_explainer_lists_valid_names():
-    with pytest.raises(UnknownExplainerError, match="Available: attention, attention_norm"):
+    with pytest.raises(UnknownExplainerError, match="Available: alti, attention, attention_norm"):
         get_explainer("rolout")
 
 

@@ -121,6 +121,8 @@ def test_explain_seq2seq_per_target_token(capsys, s2s_folder, tmp_path):
     assert att.shape == (4, 7) and torch.allclose(att.sum(1), torch.ones(4), atol=1e-5)   # cross-attention rows
     code, text, err = cli_run(capsys, "explain", "--model", s2s_folder, "--text", "red cat sees the dog")
     assert code == 0, err                                                           # its own greedy translation
+    assert_user_error(cli_run(capsys, "explain", "--model", s2s_folder, "--text", "red cat", "--explainer", "flow"),
+                      "--explainer 'flow' is not defined for an encoder-decoder", "grad_attention")
 
 
 @pytest.mark.slow
@@ -178,7 +180,8 @@ def test_analyze_parallel_refuses_a_classifier_and_bad_gold(capsys, lm_folder, s
                                           ("seq2seq", "marian")])
 def test_every_hf_generative_family_is_explained_from_the_command_line(capsys, tmp_path, family, arch):
     """A tiny random folder of each architecture loads (its logits checked against plain HF at load) and
-    `attnaudit explain` runs every explainer that applies: all 15 for an LM, the 7 encoder-decoder ones."""
+    `attnaudit explain` runs every explainer that applies: all 15 for an LM, the 15 of `explain.seq2seq` (flow
+    excepted, attention_layers added) for an encoder-decoder."""
     pytest.importorskip("transformers")
     if family == "decoder":
         from test_hf_decoder import write_folder
@@ -187,7 +190,9 @@ def test_every_hf_generative_family_is_explained_from_the_command_line(capsys, t
     else:
         from test_hf_seq2seq import write_folder
         folder = write_folder(tmp_path / arch, arch)
-        args, tables, per_step = ["--text", "the cat sat", "--target", "die katze sass"], 7, False
+        from attnaudit.explain.seq2seq import EXPLAINERS
+        args, tables, per_step = ["--text", "the cat sat", "--target", "die katze sass", "--explainer", "all"], \
+            len(EXPLAINERS), False
     code, out, err = cli_run(capsys, "explain", "--model", folder, *args, "--jsonl", tmp_path / "x.jsonl")
     assert code == 0, err
     header = "prompt tokens (rows)" if per_step else "source tokens (rows)"

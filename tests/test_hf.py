@@ -51,6 +51,12 @@ def byte_bpe_tokenizer():
     return transformers.RobertaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
 
 
+def tiny_classifier(arch: str) -> HFClassifier:
+    """A tiny random HF classifier of `arch` behind the adapter, with the tokenizer its family uses."""
+    tok = byte_bpe_tokenizer() if arch == "roberta" else wordpiece_tokenizer()
+    return HFClassifier(tiny_net(arch, len(tok)).eval(), tok)
+
+
 def tiny_net(arch: str, vocab_size: int, *, n_labels: int = 2, layers: int = 2):
     """A seeded random classifier: hidden 32, 2 heads, `layers` layers."""
     t = transformers

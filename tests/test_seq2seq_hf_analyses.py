@@ -10,6 +10,7 @@ from dataclasses import replace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,8 +112,12 @@ def test_audit_runs_on_marian_with_gold_from_the_examples(models, corpus):
     out = _check_audit(models["marian"], examples, None)
     given, _ = translator_metrics(models["marian"], examples, gold=gold, explainers=("attention",), heads=False)
     mine = out["metrics"]
-    mine = mine[mine.explainer == "attention"].reset_index(drop=True)
-    assert mine.equals(given.reset_index(drop=True))                            # same gold, same rows
+    mine = mine[(mine.explainer == "attention") & (mine.metric != "randomization_spearman")].reset_index(drop=True)
+    given = given.reset_index(drop=True)
+    # same gold, same rows; the values to float rounding only: the audit's engine batches the perturbed inputs of
+    # all seven explainers together, and a different batch composition moves a CPU kernel's sums in the last bits
+    assert mine.drop(columns="value").equals(given.drop(columns="value"))
+    assert np.allclose(mine["value"], given["value"], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def _oracle(model, pairs, units, picks: dict[tuple[int, int], dict[int, float]]) -> torch.Tensor:

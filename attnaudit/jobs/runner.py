@@ -193,7 +193,11 @@ def _audit_translator(model: Translator, examples, settings: AuditSettings, run,
     start = time.perf_counter()
     with progress_bar(len(examples), desc=f"{label}: seq2seq analyses", enabled=progress) as bar:
         out = run("seq2seq", lambda: audit_translator(model, examples, seed=settings.seed, max_batch=settings.max_batch,
-                                                      n_permutations=settings.n_permutations))
+                                                      n_permutations=settings.n_permutations,
+                                                      tests=settings.counterfactual_tests,
+                                                      adversarial_steps=settings.adversarial_steps,
+                                                      sanity_examples=settings.sanity_examples
+                                                      if "sanity" in settings.analyses else 0))
         bar.update(len(examples))
     seconds = time.perf_counter() - start
     if out is None:

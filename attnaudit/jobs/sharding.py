@@ -148,11 +148,28 @@ def session(ranks: Ranks | None = None):
     _CURRENT = Session(ranks=ranks, backend=backend, group=group)
     try:
         yield _CURRENT
-    finally:
+    except BaseException:
+        # A failed job leaves its group to the process's exit (the CLI exits at once, `exit_process`): destroying
+        # it while a peer is tearing down its own sockets can make gloo abort this rank (SIGABRT), and torchrun
+        # would then report that abort instead of the rank's real error and exit status.
         _CURRENT = None
-        if owned:
-            with contextlib.suppress(Exception):          # a peer already gone must not hide the real error
-                dist.destroy_process_group()
+        raise
+    _CURRENT = None
+    if owned:
+        with contextlib.suppress(Exception):          # a peer already gone must not hide the job's result
+            dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. Inside a process group that is still up (a failed sharded job), leave at once, past
+    every C++ destructor (os._exit), so gloo cannot abort this rank while the others close their sockets."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def sharded(job: Callable) -> Callable:
