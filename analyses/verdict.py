@@ -37,6 +37,7 @@ HEADLINE_METRICS: tuple[tuple[str, str | None], ...] = (
     ("tau_loo", None), ("decision_flip_fraction", None), ("gold_auprc", None))
 PERTURBATION_METRICS = ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "tau_loo",
                         "decision_flip_fraction")
+GOLD_KINDS = ("causal", "human")   # gold tokens that decide the label by construction, or annotators' rationales
 ALPHA = 0.05                 # significance level on Holm-adjusted p-values
 NEAR_BEST_SHARE = 0.5        # near the best on at least this share of measured headline metrics ...
 YES_RANDOM_SHARE = 0.75      # ... and better than random on at least this share -> the method "qualifies"
@@ -49,7 +50,9 @@ FEW_EXAMPLES = 30            # fewer examples than this per (explainer, metric):
 
 RULE = (
     f"Per task, each attention-family explainer is scored on the headline metrics it has "
-    f"({', '.join(m if s is None else f'{m} ({s})' for m, s in HEADLINE_METRICS)}). It is 'near the best' on a "
+    f"({', '.join(m if s is None else f'{m} ({s})' for m, s in HEADLINE_METRICS)}; gold_auprc only where the gold "
+    f"tokens cause the label by construction, as in the built-in tasks: agreement with human rationales is "
+    f"plausibility, not faithfulness). It is 'near the best' on a "
     f"metric when it ranks first or a paired Wilcoxon test against the best explainer is not significant "
     f"(Holm-adjusted p >= {ALPHA}); it is 'better than random' when its mean is on the better side of "
     f"random's and the test against random is significant (Holm-adjusted p < {ALPHA}). A method qualifies "
@@ -273,6 +276,13 @@ def _ranked_summary(ranks_att: pd.DataFrame, name: str) -> str:
     return ", ".join(parts)
 
 
+def is_synthetic(task: str, card: Mapping | None) -> bool:
+    """A built-in task (or a model card that says "synthetic"): its gold tokens cause the label by construction."""
+    card = card or {}
+    named = {str(v) for k, v in card.items() if k in ("task", "data", "dataset") and isinstance(v, str)}
+    return task in TASK_NAMES or bool(named & set(TASK_NAMES)) or card.get("synthetic") is True
+
+
 def _card_caveats(task: str, card: Mapping | None) -> list[str]:
     out = []
     card = card or {}
@@ -281,8 +291,7 @@ def _card_caveats(task: str, card: Mapping | None) -> list[str]:
     if isinstance(n_layers, int) and isinstance(d_model, int) and n_layers <= SMALL_MODEL[0] and d_model <= SMALL_MODEL[1]:
         out.append(f"The model is small ({n_layers} layers, d_model {d_model}); conclusions may not carry over to "
                    f"large pretrained Transformers.")
-    named = {str(v) for k, v in card.items() if k in ("task", "data", "dataset") and isinstance(v, str)}
-    if task in TASK_NAMES or named & set(TASK_NAMES) or card.get("synthetic") is True:
+    if is_synthetic(task, card):
         out.append("The task is a built-in synthetic task whose decisive tokens are known by construction; real text "
                    "is less clear-cut.")
     return out
@@ -290,7 +299,7 @@ def _card_caveats(task: str, card: Mapping | None) -> list[str]:
 
 def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactual: pd.DataFrame | None = None,
                    comparisons: pd.DataFrame | None = None, model_card: Mapping | None = None,
-                   summary: pd.DataFrame | None = None) -> Verdict:
+                   summary: pd.DataFrame | None = None, gold: str | None = None) -> Verdict:
     """The verdict for one task from its tidy metrics (and optional counterfactual summary and comparisons).
 
     Args:
@@ -298,13 +307,23 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
         counterfactual: rows test, layer, head, statistic, value (`counterfactual_table(...)["summary"]`).
         comparisons: explainer, metric, setting, vs, p_holm (...); None -> paired Wilcoxon + Holm computed here.
         model_card: architecture etc., for the caveats; summary: `tables.summarize(metrics)` if already computed.
+        gold: what the gold tokens behind gold_auprc are: "causal" (they decide the label by construction, as in
+            the built-in tasks: evidence of faithfulness, a headline measure) or "human" (annotators' rationales:
+            plausibility, reported but kept out of the verdict). None: "causal" for a built-in or synthetic task
+            (`is_synthetic`), else "human".
     Returns:
         A `Verdict` whose answer follows `RULE`.
     """
     check_tidy(metrics, name="metrics")
+    if gold not in (None, *GOLD_KINDS):
+        raise ValueError(f"gold must be one of {', '.join(GOLD_KINDS)} or None (inferred from the task); got {gold!r}.")
+    gold = gold or ("causal" if is_synthetic(task, model_card) else "human")
     metrics = normalize_setting(metrics)
     summary = summarize(metrics) if summary is None else normalize_setting(summary)
     ranks = rank_table(summary)
+    plausibility = gold == "human" and bool((ranks["metric"] == "gold_auprc").any())
+    if plausibility:                           # agreement with annotators is not evidence of faithfulness
+        ranks = ranks[ranks["metric"] != "gold_auprc"].reset_index(drop=True)
     given = comparisons is not None
     comps = normalize_comparisons(comparisons) if given else compute_comparisons(metrics, summary)
     att = attention_ranks(ranks, comps)
@@ -350,7 +369,11 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
         answer = "no"
 
     measured = set(ranks["metric"])
-    absent = [m for m, _ in HEADLINE_METRICS if m not in measured]
+    if plausibility:
+        caveats.append("gold_auprc here is agreement with human rationales (plausibility, ERASER's average "
+                       "precision against the annotators' tokens), not evidence that the model uses those tokens; "
+                       "it is reported in the tables but not counted in the verdict.")
+    absent = [m for m, _ in HEADLINE_METRICS if m not in measured and not (plausibility and m == "gold_auprc")]
     if absent:
         caveats.append(f"Not measured, so not part of the verdict: {', '.join(absent)}.")
     if measured & set(PERTURBATION_METRICS):
@@ -419,5 +442,5 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return [jsonable(r) for r in df.to_dict("records")]
 
 
-__all__ = ["Verdict", "RULE", "ANSWERS", "derive_verdict", "rank_table", "headline_settings", "counterfactual_findings",
+__all__ = ["Verdict", "RULE", "ANSWERS", "GOLD_KINDS", "is_synthetic", "derive_verdict", "rank_table", "headline_settings", "counterfactual_findings",
            "randomization_results", "normalize_comparisons", "compute_comparisons", "attention_ranks"]
