@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.counterfactual import MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
+from attnaudit.analyses.counterfactual import ALL_TESTS, MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS, step_means
@@ -101,7 +101,7 @@ class AuditSettings:
         _subset("explainers", self.explainers, tuple(REGISTRY))
         _subset("analyses", self.analyses, ANALYSES)
         _subset("metrics", self.metrics, METRICS)
-        _subset("counterfactual_tests", self.counterfactual_tests, TESTS)
+        _subset("counterfactual_tests", self.counterfactual_tests, ALL_TESTS)
         if not self.explainers:
             raise ValueError("explainers must name at least one explainer; got an empty list.")
         extra = sorted(set(self.explainer_params) - set(self.explainers))
@@ -297,7 +297,8 @@ def _counterfactual_items(model: ExplainableModel, sub: Batch, settings: AuditSe
 def _counterfactual_plan(model: ExplainableModel, tests: Sequence[str]) -> list[tuple[str, Any]]:
     """The counterfactual items: each test at each layer and at "all", head ablation once (layer None)."""
     layers = [*range(model.n_layers), "all"]
-    plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers]
+    plan = [(t, layer) for t in tests if t != "head_ablation" for layer in layers
+            if not (t == "attention_zeroing" and layer == "all")]
     return plan + ([("head_ablation", None)] if "head_ablation" in tests else [])
 
 
@@ -305,7 +306,7 @@ def merge_counterfactual(pieces: Mapping[tuple[str, Any], Mapping | None], tests
                          layers: Sequence[Any]) -> dict:
     """One counterfactual_table per (test, layer) -> the tables of one call over all of them, rows in its order
     (per layer the tests in TESTS order, then head ablation); pieces that are None (failed) are left out."""
-    per_layer = [t for t in TESTS if t in tests and t != "head_ablation"]
+    per_layer = [t for t in ALL_TESTS if t in tests and t != "head_ablation"]
     keys = [(t, layer) for layer in layers for t in per_layer] + [("head_ablation", None)]
     summaries = [pieces[k]["summary"] for k in keys if pieces.get(k)]
     if not summaries:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from attnaudit.model.interface import ExplainableModel
 
 TESTS = ("permutation", "adversarial", "uniform", "erasure", "head_ablation")
+# Serrano & Smith (2019)'s own test (`analyses.attention_zeroing`): opt-in, not yet in the default audit
+OPT_IN_TESTS = ("attention_zeroing",)
+ALL_TESTS = TESTS + OPT_IN_TESTS
 Layer = int | str  # a layer index, or "all"
 
 
@@ -324,12 +327,14 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
     summary columns: test, layer, head, statistic, value (layer and head are strings: "0", "1", …, "all").
     Per-example frames: permutation (example_id, layer, max_attention, median_tvd), adversarial (example_id,
     layer, jsd, tvd, satisfied), uniform (example_id, layer, tvd, flipped), erasure (example_id, layer,
-    key_max, key_random, jsd_max, jsd_random, flip_max, flip_random) and head_ablation (one row per head).
+    key_max, key_random, jsd_max, jsd_random, flip_max, flip_random), head_ablation (one row per head) and,
+    when asked for (opt-in, `OPT_IN_TESTS`), attention_zeroing (Serrano & Smith's weights zeroed in ranked order
+    until the decision flips: example_id, layer, ranking, fraction, n_zeroed, n_keys, flipped; int layers only).
     `layers` defaults to every layer and "all".
     """
-    unknown = [t for t in tests if t not in TESTS]
+    unknown = [t for t in tests if t not in ALL_TESTS]
     if isinstance(tests, str) or unknown:
-        raise ValueError(f"tests must be a tuple drawn from {TESTS}; got {tests!r}.")
+        raise ValueError(f"tests must be a tuple drawn from {ALL_TESTS}; got {tests!r}.")
     layers = [*range(model.n_layers), "all"] if layers is None else list(layers)
     for layer in layers:
         layer_sites(model, layer)
@@ -380,6 +385,11 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
             add("erasure", layer, "jsd_max_exceeds_random_fraction", (er.jsd_max > er.jsd_random).float().mean())
             frames["erasure"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), **{
                 f.name: getattr(er, f.name).numpy() for f in fields(er)}}))
+        if "attention_zeroing" in tests and layer != "all":       # one layer's prediction row at a time
+            from attnaudit.analyses.attention_zeroing import attention_zeroing, attention_zeroing_summary
+            zeroed = attention_zeroing(model, batch, layer=int(layer), seed=seed)
+            summary.extend(attention_zeroing_summary(zeroed))
+            frames["attention_zeroing"].append(zeroed)
     if "head_ablation" in tests:
         heads = head_ablation(model, batch, cls_rows=rows)
         for r in heads.itertuples(index=False):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
+from attnaudit.analyses.counterfactual import TESTS
 from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS
 from attnaudit.analyses.seq2seq import audit_translator
 from attnaudit.jobs import sharding
@@ -194,7 +195,8 @@ def _audit_translator(model: Translator, examples, settings: AuditSettings, run,
     with progress_bar(len(examples), desc=f"{label}: seq2seq analyses", enabled=progress) as bar:
         out = run("seq2seq", lambda: audit_translator(model, examples, seed=settings.seed, max_batch=settings.max_batch,
                                                       n_permutations=settings.n_permutations,
-                                                      tests=settings.counterfactual_tests,
+                                                      tests=tuple(t for t in settings.counterfactual_tests
+                                                                  if t in TESTS),   # the opt-in ones are encoders
                                                       adversarial_steps=settings.adversarial_steps,
                                                       sanity_examples=settings.sanity_examples
                                                       if "sanity" in settings.analyses else 0))
