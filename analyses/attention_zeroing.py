@@ -27,7 +27,6 @@ example, k) as one edited row: Σ_rankings Σ_examples (n_keys − 1) rows, in �
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,19 +49,6 @@ COLUMNS = ["example_id", "layer", "ranking", "fraction", "n_zeroed", "n_keys", "
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-def take(batch: Batch, index: Tensor | list[int]) -> Batch:
-    """Rows `index` of the batch (repeats allowed), keeping its sequence length so key positions stay aligned."""
-    idx = torch.as_tensor(index, dtype=torch.long)
-    out = {}
-    for f in fields(batch):
-        v = getattr(batch, f.name)
-        if isinstance(v, Tensor):
-            out[f.name] = v[idx.to(v.device)]
-        elif isinstance(v, list):
-            out[f.name] = [v[i] for i in idx.tolist()]
-    return replace(batch, **out)
-
-
 def zero_row_keys(rows: Tensor, zeroed: Tensor) -> Edit:
     """Zero keys `zeroed` [batch, key] (bool) in every head of query row `rows` [batch], renormalised per head.
 
@@ -187,7 +173,7 @@ def attention_zeroing(model: ExplainableModel, batch: Batch, *, layer: int,
             for i, (ri, e, k) in enumerate(chunk):
                 zeroed[i, orders[rankings[ri]][e, :k]] = True
             with hooks(model, {s: zero_row_keys(rows[ex], zeroed) for s in sites}):
-                out = model(take(batch, ex)).argmax(-1).cpu()
+                out = model(batch.select(ex.tolist(), trim=False)).argmax(-1).cpu()
             flips[start:start + len(chunk)] = out != pred[ex]
     first: dict[tuple[int, int], int] = {}
     for (ri, e, k), flip in zip(jobs, flips.tolist()):

@@ -53,7 +53,7 @@ from attnaudit.analyses.counterfactual import tvd
 from attnaudit.analyses.faithfulness import curve_auc
 from attnaudit.analyses.plausibility import auprc, precision_at_k
 from attnaudit.analyses.schema import tidy_frame, tidy_rows
-from attnaudit.analyses.seq2seq_counterfactual import adversarial_search, cross_head_table, head_rows
+from attnaudit.analyses.seq2seq_counterfactual import adversarial_search, cross_head_table, example_means, head_rows
 from attnaudit.analyses.tables import bin_setting
 from attnaudit.core.ranking import spearman
 from attnaudit.data.examples import Example
@@ -134,11 +134,7 @@ def prepare(model: Seq2SeqModel, examples: Sequence[Example],
 # -- metrics ----------------------------------------------------------------------------------------
 def _per_example(units: Units, values: Tensor, n: int) -> Tensor:
     """[unit] -> [example]: the mean over each example's target words, NaN ignored (NaN if none)."""
-    v = values.double()
-    ok = ~torch.isnan(v)
-    total = torch.zeros(n, dtype=torch.float64).index_add_(0, units.src, torch.where(ok, v, 0.0))
-    count = torch.zeros(n, dtype=torch.float64).index_add_(0, units.src, ok.double())
-    return torch.where(count > 0, total / count.clamp_min(1), torch.nan)
+    return example_means(units.src, values, n)
 
 
 def _unit_name(units: Units) -> str:
@@ -356,14 +352,13 @@ def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], 
                              max_batch=max_batch, reduce=lambda pr, sl: pr[torch.arange(pr.shape[0]), units.tgt[sl]])
                 add("erasure", layer, f"flip_rate_{name}", (p.argmax(-1) != base.argmax(-1)).float().mean())
                 add("erasure", layer, f"median_tvd_{name}", tvd(p, base).median())
+    frames = {"permutation": perm_frames, "adversarial": adversarial_frames}
     if "head_ablation" in tests:
         heads = cross_head_table(model, pairs, units, max_batch=max_batch)
         summary.extend(head_rows(heads))
-    frames = {"permutation": perm_frames, "adversarial": adversarial_frames}
+        frames["head_ablation"] = [heads]
     out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
     out.update({k: pd.concat(v, ignore_index=True) for k, v in frames.items() if v})
-    if "head_ablation" in tests:
-        out["head_ablation"] = heads
     return out
 
 

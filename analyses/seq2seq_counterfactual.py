@@ -51,6 +51,7 @@ from torch import Tensor
 
 from attnaudit.analyses.counterfactual import MAX_STEPS, _softmax_allowed, jsd, tvd
 from attnaudit.core.ranking import spearman
+from attnaudit.explain.gradients import check_positive_int
 from attnaudit.model.hooks import Edit, hooks
 from attnaudit.model.interventions import zero_head
 
@@ -81,13 +82,9 @@ def _check_units(pairs: Any, units: Any) -> None:
                          "with analyses.seq2seq.prepare.")
 
 
-def _check_batch(max_batch: int) -> None:
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}.")
-
-
-def _example_mean(src: Tensor, values: Tensor, n: int) -> Tensor:
-    """[unit] -> [example]: the mean over each example's units, NaN ignored (NaN where none)."""
+def example_means(src: Tensor, values: Tensor, n: int) -> Tensor:
+    """[unit] values, src [unit] each unit's example -> [example] float64: the mean over each example's units, NaN
+    ignored (NaN where none). Examples, not the correlated tokens of one sentence, are the statistical units."""
     v = values.double().cpu()
     ok = ~torch.isnan(v)
     total = torch.zeros(n, dtype=torch.float64).index_add_(0, src, torch.where(ok, v, 0.0))
@@ -190,8 +187,8 @@ class CrossAdversarialResult:
     def rows(self, n_examples: int | None = None) -> list[tuple]:
         """Summary rows ("adversarial", layer, "all", statistic, value) with the classifier's statistic names."""
         n = int(self.src.max()) + 1 if n_examples is None else n_examples
-        per = _example_mean(self.src, self.jsd, n)
-        sat = _example_mean(self.src, self.satisfied.double(), n)
+        per = example_means(self.src, self.jsd, n)
+        sat = example_means(self.src, self.satisfied.double(), n)
         return [("adversarial", self.layer, "all", "jsd_reached", _nanmean(per)),
                 ("adversarial", self.layer, "all", "median_jsd_reached", _nanmedian(per)),
                 ("adversarial", self.layer, "all", "constraint_satisfied_fraction", _nanmean(sat))]
@@ -202,9 +199,9 @@ class CrossAdversarialResult:
         n = len(ids)
         count = torch.zeros(n).index_add_(0, self.src, torch.ones(len(self.src)))
         return pd.DataFrame({"example_id": list(ids), "layer": self.layer,
-                             "jsd": _example_mean(self.src, self.jsd, n).numpy(),
-                             "tvd": _example_mean(self.src, self.tvd, n).numpy(),
-                             "satisfied": _example_mean(self.src, self.satisfied.double(), n).numpy(),
+                             "jsd": example_means(self.src, self.jsd, n).numpy(),
+                             "tvd": example_means(self.src, self.tvd, n).numpy(),
+                             "satisfied": example_means(self.src, self.satisfied.double(), n).numpy(),
                              "n_units": count.long().numpy()})
 
 
@@ -244,7 +241,7 @@ def adversarial_search(model: Any, pairs: Any, units: Any, *, layer: Layer, epsi
     """
     sites = cross_sites(model, layer)
     _check_adversarial(epsilon, n_steps, lr, penalty, init_noise, seed)
-    _check_batch(max_batch)
+    check_positive_int("max_batch", max_batch)
     _check_units(pairs, units)
     base, original, allowed = _unit_forward(model, pairs, units, sites=sites, max_batch=max_batch)
     assert original is not None
@@ -312,7 +309,7 @@ def ablated_probs(model: Any, pairs: Any, units: Any, *, layer: int, heads: int 
     if layer == "all":
         raise ValueError(f"layer must be an int (one decoder layer) for head ablation; got {layer!r}.")
     site = cross_sites(model, layer)[0]
-    _check_batch(max_batch)
+    check_positive_int("max_batch", max_batch)
     _check_units(pairs, units)
     heads = [heads] if isinstance(heads, int) else list(heads)
     return _unit_forward(model, pairs, units, edits={site: zero_head(heads)}, max_batch=max_batch)[0]
@@ -321,7 +318,7 @@ def ablated_probs(model: Any, pairs: Any, units: Any, *, layer: int, heads: int 
 def cross_head_table(model: Any, pairs: Any, units: Any, *, max_batch: int = 256) -> pd.DataFrame:
     """One row per (decoder layer, cross-attention head): layer, head, importance_tvd, importance_prob_drop,
     decisive_mass (the classifier's `head_ablation` frame; per unit, then per example, then over examples)."""
-    _check_batch(max_batch)
+    check_positive_int("max_batch", max_batch)
     _check_units(pairs, units)
     sites = cross_sites(model, "all")
     base, att, _ = _unit_forward(model, pairs, units, sites=sites, max_batch=max_batch)   # att [layer, unit, head, src]
@@ -336,7 +333,7 @@ def cross_head_table(model: Any, pairs: Any, units: Any, *, max_batch: int = 256
             probs = ablated_probs(model, pairs, units, layer=layer, heads=head, max_batch=max_batch)
             drop = base.gather(1, pred[:, None])[:, 0] - probs.gather(1, pred[:, None])[:, 0]
             mass = torch.where(has_gold, (att[layer, :, head] * gold).sum(-1), torch.nan)
-            out.append((layer, head, *(_nanmean(_example_mean(units.src, v, n)) for v in (tvd(probs, base), drop, mass))))
+            out.append((layer, head, *(_nanmean(example_means(units.src, v, n)) for v in (tvd(probs, base), drop, mass))))
     return pd.DataFrame(out, columns=["layer", "head", *HEAD_STATISTICS])
 
 

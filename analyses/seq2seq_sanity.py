@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from attnaudit.analyses.sanity import METRIC, cascading_randomization
+from attnaudit.analyses.seq2seq_counterfactual import example_means
 from attnaudit.core.ranking import spearman
 from attnaudit.explain.seq2seq import translator_scores
 from attnaudit.model.seq2seq import PairBatch
@@ -59,10 +60,7 @@ def translator_randomization(model: Any, pairs: PairBatch, units: Any, explainer
         for name, sc in scores.items():
             reference.setdefault(name, sc)
             sim = unit_similarity(reference[name], sc, units.src, units.tgt, scored)      # [unit]
-            ok = ~torch.isnan(sim)
-            total = torch.zeros(n, dtype=torch.float64).index_add_(0, units.src, torch.where(ok, sim, 0.0))
-            count = torch.zeros(n, dtype=torch.float64).index_add_(0, units.src, ok.double())
-            per_example = torch.where(count > 0, total / count.clamp_min(1), torch.nan)   # [example]
+            per_example = example_means(units.src, sim, n)                                # [example]
             rows += [(i, name, METRIC, step, float(v), "" if np.isfinite(v) else "fewer than 2 scored source tokens")
                      for i, v in zip(ids, per_example.tolist())]
     return rows

@@ -63,10 +63,10 @@ from attnaudit.explain.capture import values_site
 from attnaudit.explain.mixing import joint_product, require_value_sites
 from attnaudit.explain.value_zeroing import (
     AGGREGATIONS,
+    check_supported,
     hf_model_type,
     layer_modules,
     normalize_rows,
-    unsupported,
 )
 from attnaudit.model.hooks import recording
 from attnaudit.model.interface import Batch, ExplainableModel
@@ -256,9 +256,7 @@ class GlobEnc(Explainer):
                              f"got {self.normalize!r}.")
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("readout", self.readout, READOUTS)
-        message = unsupported(self.name, model)
-        if message:
-            raise ValueError(message)
+        check_supported(self.name, model)
         require_value_sites(model, self.name)
 
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:

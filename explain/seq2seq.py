@@ -38,11 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnaudit.explain import seq2seq_attention as A
-from attnaudit.explain import seq2seq_gradients as G
-from attnaudit.explain import seq2seq_sampled as S
 from attnaudit.explain.perturb import leave_one_out_path, materialize
-from attnaudit.explain.seq2seq_attention import relevance_rules
 from attnaudit.model.hooks import hooks, record
 from attnaudit.model.seq2seq import PairBatch, Translator
 
@@ -52,6 +48,60 @@ EXPLAINERS = ("attention", "attention_layers", "rollout", "grad_attention", "att
 ALIASES = {"cross_attention": "attention", "cross_rollout": "rollout"}
 
 Seq2SeqModel = Translator | Any   # the built-in `Translator` or `attnaudit.model.hf_seq2seq.HFTranslator`
+
+
+# -- what every encoder–decoder explainer shares ----------------------------------------------------
+def check_pairs(pairs: PairBatch) -> None:
+    """Refuse anything but a PairBatch with targets (ValueError): every explainer here explains a teacher-forced target."""
+    if not isinstance(pairs, PairBatch):
+        raise ValueError(f"pairs must be a PairBatch (model.encode(examples) with targets); got {type(pairs).__name__}.")
+    pairs.targets()                                                                  # raises without targets
+
+
+def reference_log_probs(logits: Tensor, tgt_out: Tensor) -> Tensor:
+    """logits [n, tgt, vocab], reference ids [n, tgt] -> log p(y_t | y_<t, x) [n, tgt] (float32)."""
+    return logits.float().log_softmax(-1).gather(-1, tgt_out[..., None].to(logits.device))[..., 0]
+
+
+def on_cells(scores: Tensor, pairs: PairBatch) -> Tensor:
+    """[batch, tgt, src] -> float32 CPU, 0 on source padding and on each example's target padding."""
+    _, _, tgt_mask = pairs.targets()
+    keep = tgt_mask.cpu()[:, :, None] & pairs.src.attention_mask.cpu().bool()[:, None, :]   # [batch, tgt, src]
+    return torch.where(keep, scores.detach().float().cpu(), 0.0)
+
+
+def _bar(r: Tensor) -> Tensor:
+    """R̄ = I + rownorm(R − I) (Chefer et al.'s eqs. 8–9); a row with nothing beyond I stays I."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    rest = r - eye                                                               # [n, k, k]
+    return eye + rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def relevance_rules(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
+    """Chefer et al. (2021) rules 6–10 for an encoder–decoder, rows = queries (the rules of `cross_rollout`).
+
+    Args:
+        enc [layer, n, src, src], dec_self [layer, n, tgt, tgt], cross [layer, n, tgt, src]: one map per layer and
+        item (head-averaged attention for rollout, Ē for grad_attention).
+    Returns:
+        [n, tgt, src]: R_ts after the last decoder layer. R_ss ← R_ss + A·R_ss per encoder layer from I; per decoder
+        layer R_tt ← R_tt + A·R_tt, R_ts ← R_ts + A·R_ts (self-attention, rules 6–7), then
+        R_ts ← R_ts + R̄_tt·A_cross·R̄_ss (rule 10), R̄ = I + rownorm(R − I); R_tt from I, R_ts from 0.
+        Chefer's reference code (Transformer-MM-Explainability, DETR/modules/ExplanationGenerator.py,
+        `apply_mm_attention_rules`) multiplies by R̄_tt transposed; with rows = queries and a causal decoder the
+        untransposed R̄_tt is the one that composes (target t reads only t' <= t), as `cross_rollout` does.
+    """
+    n, s, t = enc.shape[1], enc.shape[-1], dec_self.shape[-1]
+    dt, dev = enc.dtype, enc.device
+    r_ss = torch.eye(s, dtype=dt, device=dev).expand(n, s, s)                    # [n, src, src]
+    for a in enc:
+        r_ss = r_ss + a @ r_ss
+    r_tt = torch.eye(t, dtype=dt, device=dev).expand(n, t, t)                    # [n, tgt, tgt]
+    r_ts = torch.zeros(n, t, s, dtype=dt, device=dev)                            # [n, tgt, src]
+    for a_self, a_cross in zip(dec_self, cross):
+        r_tt, r_ts = r_tt + a_self @ r_tt, r_ts + a_self @ r_ts
+        r_ts = r_ts + _bar(r_tt) @ a_cross @ _bar(r_ss)
+    return r_ts
 
 
 class UnitIndex(Protocol):
@@ -125,7 +175,7 @@ class TeacherForcedEngine:
 
 # -- explainers: [batch, tgt, src] ----------------------------------------------------------------
 def cross_rollout(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
-    """Chefer et al. (2021) rules 6–10 on head-averaged attention (`seq2seq_attention.relevance_rules`), rows = queries.
+    """Chefer et al. (2021) rules 6–10 on head-averaged attention (`relevance_rules`), rows = queries.
 
     Args:
         enc [layer, batch, src, src], dec_self [layer, batch, tgt, tgt], cross [layer, batch, tgt, src].
@@ -138,7 +188,7 @@ def cross_rollout(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
 
 def _gradients(model: Seq2SeqModel, pairs: PairBatch, max_batch: int) -> tuple[Tensor, Tensor]:
     """Saliency and input×gradient of log p(y_t | y_<t, x) w.r.t. the source embeddings -> each [batch, tgt, src]."""
-    dev, s = model.device, pairs.src
+    s = pairs.src
     sal, ixg = [], []
     with model.evaluating(), torch.enable_grad():
         for lo in range(0, len(s), max_batch):
@@ -146,7 +196,7 @@ def _gradients(model: Seq2SeqModel, pairs: PairBatch, max_batch: int) -> tuple[T
             chunk = pairs.rows(torch.arange(len(s))[sl])
             emb = model.encoder_embeds(chunk.src.input_ids).detach().requires_grad_(True)  # [batch, src, d_model]
             logits = model.logits_from_src_embeds(emb, chunk)                        # [batch, tgt, vocab]
-            logp = logits.float().log_softmax(-1).gather(-1, pairs.targets()[1][sl, :, None].to(dev))[..., 0]  # [batch, tgt]
+            logp = reference_log_probs(logits, pairs.targets()[1][sl])               # [batch, tgt]
             # one backward per target position; examples are independent, so the batch sum separates them
             g = torch.stack([torch.autograd.grad(logp[:, t].sum(), emb, retain_graph=True)[0]
                              for t in range(logp.shape[1])], 1)                     # [batch, tgt, src, d_model]
@@ -173,6 +223,10 @@ def translator_scores(model: Seq2SeqModel, pairs: PairBatch, explainers: Sequenc
     stray = [k for k in options if k not in names]
     if stray:
         raise ValueError(f"params names explainer {stray[0]!r}, which is not among the chosen ones ({', '.join(names)}).")
+    # imported here: the family modules import this module's shared helpers
+    from attnaudit.explain import seq2seq_attention as A
+    from attnaudit.explain import seq2seq_gradients as G
+    from attnaudit.explain import seq2seq_sampled as S
     engine = engine or TeacherForcedEngine(model, pairs, max_batch=max_batch)
     b, t = pairs.targets()[1].shape
     out: dict[str, Tensor] = {}

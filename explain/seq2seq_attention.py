@@ -22,17 +22,17 @@ attention_norm runs one forward without gradients. Scores are 0 on source paddin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnaudit.explain.attention import check_index, layer_index, norm_matrix
 from attnaudit.explain.capture import values_site
+from attnaudit.explain.gradients import check_positive_int
+from attnaudit.explain.seq2seq import Seq2SeqModel, check_pairs, on_cells, reference_log_probs, relevance_rules
 from attnaudit.model.hooks import observing, record
 from attnaudit.model.seq2seq import PairBatch
 
-Seq2SeqModel = Any     # the built-in `Translator` or `attnaudit.model.hf_seq2seq.HFTranslator`
 HeadMap = Callable[[Tensor, Tensor], Tensor]        # (A, ∇A) [batch, head, query, key] -> [batch, query, key]
 Fold = Callable[[list[Tensor], list[Tensor], int], Tensor]   # (patterns, gradients of unit t, t) -> [batch, ...]
 
@@ -51,56 +51,7 @@ def head_mean(pattern: Tensor, grad: Tensor) -> Tensor:
     return pattern.mean(1)
 
 
-def _bar(r: Tensor) -> Tensor:
-    """R̄ = I + rownorm(R − I) (Chefer et al.'s eqs. 8–9); a row with nothing beyond I stays I."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    rest = r - eye                                                               # [n, k, k]
-    return eye + rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def relevance_rules(enc: Tensor, dec_self: Tensor, cross: Tensor) -> Tensor:
-    """Chefer et al. (2021) rules 6–10 for an encoder–decoder, rows = queries (the rules of `cross_rollout`).
-
-    Args:
-        enc [layer, n, src, src], dec_self [layer, n, tgt, tgt], cross [layer, n, tgt, src]: one map per layer and
-        item (head-averaged attention for rollout, Ē for grad_attention).
-    Returns:
-        [n, tgt, src]: R_ts after the last decoder layer. R_ss ← R_ss + A·R_ss per encoder layer from I; per decoder
-        layer R_tt ← R_tt + A·R_tt, R_ts ← R_ts + A·R_ts (self-attention, rules 6–7), then
-        R_ts ← R_ts + R̄_tt·A_cross·R̄_ss (rule 10), R̄ = I + rownorm(R − I); R_tt from I, R_ts from 0.
-        Chefer's reference code (Transformer-MM-Explainability, DETR/modules/ExplanationGenerator.py,
-        `apply_mm_attention_rules`) multiplies by R̄_tt transposed; with rows = queries and a causal decoder the
-        untransposed R̄_tt is the one that composes (target t reads only t' <= t), as `cross_rollout` does.
-    """
-    n, s, t = enc.shape[1], enc.shape[-1], dec_self.shape[-1]
-    dt, dev = enc.dtype, enc.device
-    r_ss = torch.eye(s, dtype=dt, device=dev).expand(n, s, s)                    # [n, src, src]
-    for a in enc:
-        r_ss = r_ss + a @ r_ss
-    r_tt = torch.eye(t, dtype=dt, device=dev).expand(n, t, t)                    # [n, tgt, tgt]
-    r_ts = torch.zeros(n, t, s, dtype=dt, device=dev)                            # [n, tgt, src]
-    for a_self, a_cross in zip(dec_self, cross):
-        r_tt, r_ts = r_tt + a_self @ r_tt, r_ts + a_self @ r_ts
-        r_ts = r_ts + _bar(r_tt) @ a_cross @ _bar(r_ss)
-    return r_ts
-
-
 # -- one forward, one backward per target position -----------------------------------------------------
-def _check_pairs(pairs: PairBatch, max_batch: int) -> None:
-    if not isinstance(pairs, PairBatch):
-        raise ValueError(f"pairs must be a PairBatch (model.encode(examples with targets)); got {type(pairs).__name__}.")
-    pairs.targets()                                                              # a ValueError without targets
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}.")
-
-
-def _masked(scores: Tensor, pairs: PairBatch) -> Tensor:
-    """[batch, tgt, src] -> 0 on source padding and on padded target positions, float32 on the CPU."""
-    _, _, tgt_mask = pairs.targets()
-    keep = tgt_mask.cpu()[:, :, None] & pairs.src.attention_mask.cpu().bool()[:, None, :]   # [batch, tgt, src]
-    return (scores.float().cpu() * keep).contiguous()
-
-
 def _keeper(store: dict[str, Tensor], name: str) -> Callable[[Tensor], None]:
     """A watcher that keeps a site's output in the graph (no retain_grad: the gradients come from autograd.grad)."""
     def keep(out: Tensor) -> None:
@@ -118,7 +69,8 @@ def per_target(model: Seq2SeqModel, pairs: PairBatch, names: Sequence[str], fold
     fold(patterns, grads, t) gets the detached float A and ∇A of every site in `names` order and returns
     [chunk, ...]; positions no example of the chunk has get ∇A = 0 without a backward.
     """
-    _check_pairs(pairs, max_batch)
+    check_pairs(pairs)
+    check_positive_int("max_batch", max_batch)
     names = list(names)
     _, tgt_out, tgt_mask = pairs.targets()
     dev, n, n_tgt = model.device, len(tgt_out), tgt_out.shape[1]
@@ -135,7 +87,7 @@ def per_target(model: Seq2SeqModel, pairs: PairBatch, names: Sequence[str], fold
                 raise RuntimeError("the attention probabilities are not in the autograd graph; was the model frozen "
                                    "with requires_grad_(False) everywhere?")
             mask = tgt_mask[sl].to(dev)                                          # [chunk, tgt]
-            logp = logits.float().log_softmax(-1).gather(-1, tgt_out[sl, :, None].to(dev))[..., 0]  # [chunk, tgt]
+            logp = reference_log_probs(logits, tgt_out[sl])                      # [chunk, tgt]
             logp = logp * mask
             plain = [p.detach().float() for p in patterns]
             last = max((t for t in range(n_tgt) if bool(mask[:, t].any())), default=-1)
@@ -172,7 +124,7 @@ def per_target_relevance(model: Seq2SeqModel, pairs: PairBatch, head_map: HeadMa
                                torch.stack(maps[n_enc + n_dec:]))                # [chunk, tgt, src]
         return r_ts[:, t]                                                        # [chunk, src]
 
-    return _masked(per_target(model, pairs, [*enc, *dec, *crs], fold, max_batch=max_batch), pairs)
+    return on_cells(per_target(model, pairs, [*enc, *dec, *crs], fold, max_batch=max_batch), pairs)
 
 
 # -- the explainers ---------------------------------------------------------------------------------------
@@ -207,7 +159,7 @@ def attention_x_grad(model: Seq2SeqModel, pairs: PairBatch, *, layer: int | str 
         per_layer = torch.stack([(p * g).mean(1)[:, t] for p, g in zip(patterns, grads)])   # [layer, chunk, src]
         return per_layer.mean(0)                                                 # [chunk, src]
 
-    return _masked(per_target(model, pairs, names, fold, max_batch=max_batch), pairs)
+    return on_cells(per_target(model, pairs, names, fold, max_batch=max_batch), pairs)
 
 
 def attention_norm(model: Seq2SeqModel, pairs: PairBatch, *, layer: int | str = "last", head: int | str = "sum",
@@ -220,7 +172,8 @@ def attention_norm(model: Seq2SeqModel, pairs: PairBatch, *, layer: int | str = 
     or one head's index; layer: a decoder layer's index, "last" (default) or "mean" (the mean of the layers' norms).
     W^O from `model.cross_output_weight(layer)`. One forward per chunk, no gradients.
     """
-    _check_pairs(pairs, max_batch)
+    check_pairs(pairs)
+    check_positive_int("max_batch", max_batch)
     layers = _cross_layers(model, layer)
     n_heads = int(getattr(model, "n_decoder_heads", model.n_heads))
     check_index("head", head, n_heads, ("sum", "mean"), "heads")
@@ -242,4 +195,4 @@ def attention_norm(model: Seq2SeqModel, pairs: PairBatch, *, layer: int | str = 
             per_layer = torch.stack([norm_matrix(cache[p].float(), cache[values_site(p)].float(), w, head)
                                      for p, w in zip(pattern_sites, w_o)])       # [layer, chunk, tgt, src]
             out.append(per_layer.mean(0).cpu())
-    return _masked(torch.cat(out), pairs)
+    return on_cells(torch.cat(out), pairs)

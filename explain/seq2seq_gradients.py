@@ -34,7 +34,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import captum.attr
 import torch
@@ -45,15 +44,13 @@ from torch import Tensor, nn
 from attnaudit.explain.base import MAX_ROWS, check_choice
 from attnaudit.explain.control import check_seed, example_seed, seeded
 from attnaudit.explain.gradients import BASELINES, check_positive_int
+from attnaudit.explain.seq2seq import Seq2SeqModel, check_pairs, on_cells, reference_log_probs
 from attnaudit.model.interface import Batch
-from attnaudit.model.seq2seq import PairBatch, Translator
+from attnaudit.model.seq2seq import PairBatch
 
 __all__ = ["BASELINES", "IGResult", "LogProbForward", "deeplift", "explained_positions", "forward_args",
            "gauss_legendre", "gradient_shap", "integrated_gradients", "integrated_gradients_with_gap",
            "source_baseline", "trimmed_example"]
-
-Seq2SeqModel = Translator | Any   # the built-in `Translator` or `attnaudit.model.hf_seq2seq.HFTranslator`
-
 
 # -- building blocks ------------------------------------------------------------------------------
 def source_baseline(model: Seq2SeqModel, src: Batch, embeds: Tensor, kind: str) -> Tensor:
@@ -81,11 +78,6 @@ def explained_positions(pairs: PairBatch) -> list[int]:
     return tgt_mask.any(0).nonzero()[:, 0].tolist()
 
 
-def _log_probs(logits: Tensor, tgt_out: Tensor) -> Tensor:
-    """logits [n, tgt, vocab], reference ids [n, tgt] -> log p(y_t | y_<t, x) [n, tgt] (float32)."""
-    return logits.float().log_softmax(-1).gather(-1, tgt_out[..., None].to(logits.device))[..., 0]
-
-
 class LogProbForward(nn.Module):
     """source embeds [n, src, d_model] + the teacher-forcing tensors -> log p(y_t | y_<t, x) [n, tgt].
 
@@ -102,7 +94,7 @@ class LogProbForward(nn.Module):
     def forward(self, embeds: Tensor, src_mask: Tensor, tgt_in: Tensor, tgt_out: Tensor, tgt_mask: Tensor) -> Tensor:
         src = Batch(src_mask.long(), src_mask.bool(), torch.zeros_like(src_mask, dtype=torch.bool), tokens=[])
         pairs = PairBatch(src, tgt_in, tgt_out, tgt_mask.bool())
-        return _log_probs(self.model.logits_from_src_embeds(embeds, pairs), tgt_out)   # [n, tgt]
+        return reference_log_probs(self.model.logits_from_src_embeds(embeds, pairs), tgt_out)   # [n, tgt]
 
 
 def forward_args(pairs: PairBatch, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -112,18 +104,9 @@ def forward_args(pairs: PairBatch, device) -> tuple[Tensor, Tensor, Tensor, Tens
 
 
 def _check_common(pairs: PairBatch, baselines: Sequence[str]) -> None:
-    if not isinstance(pairs, PairBatch):
-        raise ValueError(f"pairs must be a PairBatch (model.encode(examples) with targets); got {type(pairs).__name__}.")
-    pairs.targets()                                                                  # raises without targets
+    check_pairs(pairs)
     for kind in baselines:
         check_choice("baseline", kind, BASELINES, " Pick the reference that replaces the source words.")
-
-
-def _finish(scores: Tensor, pairs: PairBatch) -> Tensor:
-    """[batch, tgt, src] -> float32 CPU, 0 on source padding and on each example's target padding."""
-    _, _, tgt_mask = pairs.targets()
-    keep = tgt_mask.cpu()[:, :, None] & pairs.src.attention_mask.cpu()[:, None, :]  # [batch, tgt, src]
-    return torch.where(keep, scores.detach().float().cpu(), 0.0)
 
 
 # -- integrated gradients -------------------------------------------------------------------------
@@ -185,7 +168,7 @@ def integrated_gradients_with_gap(model: Seq2SeqModel, pairs: PairBatch, *, n_st
             z = (base[ex] + a * diff[ex]).detach().requires_grad_(True)                # [rows, src, d_model]
             chunk = pairs.rows(ex)
             with torch.enable_grad():
-                logp = _log_probs(model.logits_from_src_embeds(z, chunk), tgt_out[ex])    # [rows, tgt]
+                logp = reference_log_probs(model.logits_from_src_embeds(z, chunk), tgt_out[ex])    # [rows, tgt]
                 for j, t in enumerate(positions):
                     g = torch.autograd.grad(logp[:, t].sum(), z, retain_graph=j < len(positions) - 1)[0]
                     part = (g.float() * diff[ex]).sum(-1) * weight[st.to(dev)][:, None]   # [rows, src]
@@ -195,10 +178,10 @@ def integrated_gradients_with_gap(model: Seq2SeqModel, pairs: PairBatch, *, n_st
             for lo in range(0, n, max_batch):
                 sl = slice(lo, lo + max_batch)
                 chunk = pairs.rows(sl)
-                f_x = _log_probs(model.logits_from_src_embeds(x[sl], chunk), tgt_out[sl])     # [chunk, tgt]
-                f_b = _log_probs(model.logits_from_src_embeds(base[sl], chunk), tgt_out[sl])  # [chunk, tgt]
+                f_x = reference_log_probs(model.logits_from_src_embeds(x[sl], chunk), tgt_out[sl])     # [chunk, tgt]
+                f_b = reference_log_probs(model.logits_from_src_embeds(base[sl], chunk), tgt_out[sl])  # [chunk, tgt]
                 change[lo : lo + max_batch] = (f_x - f_b).cpu()                        # [chunk, tgt]
-    scores = _finish(scores, pairs)
+    scores = on_cells(scores, pairs)
     on = tgt_mask.cpu()                                                                # [batch, tgt]
     change = torch.where(on, change, 0.0)
     return IGResult(scores=scores, change=change, gap=torch.where(on, scores.sum(-1) - change, 0.0))
@@ -237,7 +220,7 @@ def deeplift(model: Seq2SeqModel, pairs: PairBatch, *, baseline: str = "pad") ->
                 attr = method.attribute(x.clone().requires_grad_(True), baselines=base, target=t,
                                         additional_forward_args=args)                  # [batch, src, d_model]
                 out[:, t] = attr.detach().sum(-1).float().cpu()
-    return _finish(out, pairs)
+    return on_cells(out, pairs)
 
 
 # -- GradientSHAP ---------------------------------------------------------------------------------
@@ -292,4 +275,4 @@ def gradient_shap(model: Seq2SeqModel, pairs: PairBatch, *, baselines: tuple[str
                                             n_samples=n_samples, stdevs=float(stdevs),
                                             additional_forward_args=args)              # [1, src_i, d_model]
                 out[i, t, :s] = attr[0].detach().sum(-1).float().cpu()
-    return _finish(out, pairs)
+    return on_cells(out, pairs)

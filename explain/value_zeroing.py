@@ -63,15 +63,15 @@ def hf_model_type(model: ExplainableModel) -> str | None:
     return None if config is None else str(getattr(config, "model_type", ""))
 
 
-def unsupported(name: str, model: ExplainableModel) -> str | None:
-    """None when `name` can read `model`'s layers, else the refusal (naming what is supported)."""
+def check_supported(name: str, model: ExplainableModel) -> None:
+    """Refuse (ValueError, naming what is supported) a model whose layers `name` cannot read."""
     kind = hf_model_type(model)
     if kind is None and isinstance(getattr(model, "net", None), (TransformerClassifier, TransformerDecoderLM)):
-        return None
+        return
     if kind in HF_ENCODERS:
-        return None
+        return
     what = f"a HuggingFace {kind!r} model" if kind is not None else f"a {type(model).__name__}"
-    return f"{name} supports {SUPPORTED_TEXT}; got {what}."
+    raise ValueError(f"{name} supports {SUPPORTED_TEXT}; got {what}.")
 
 
 def layer_modules(model: ExplainableModel) -> list[nn.Module]:
@@ -81,9 +81,7 @@ def layer_modules(model: ExplainableModel) -> list[nn.Module]:
     whose first item is the tensor): built-in `EncoderLayer` / `CausalLayer`, BERT/RoBERTa/ELECTRA `...Layer`, DistilBERT
     `TransformerBlock`, ALBERT `AlbertLayer`.
     """
-    message = unsupported("this explainer", model)
-    if message:
-        raise ValueError(message)
+    check_supported("this explainer", model)
     net: Any = model.net
     kind = hf_model_type(model)
     if kind is None:                                   # built-in: EncoderLayer, or a decoder's CausalLayer
@@ -243,9 +241,7 @@ class ValueZeroing(Explainer):
             raise ValueError(f"max_batch must be an int in [1, {MAX_ROWS:,}] (tiled rows per forward pass); "
                              f"got {short_repr(self.max_batch)}.")
         check_max_cost(self.max_cost)
-        message = unsupported(self.name, model)
-        if message:
-            raise ValueError(message)
+        check_supported(self.name, model)
         require_value_sites(model, self.name)
 
     def costs(self, model: ExplainableModel, batch: Batch) -> list[Cost]:

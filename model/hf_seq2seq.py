@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -116,11 +116,15 @@ class HFTranslator(ModelBase[PairBatch]):
     @property
     def n_layers(self) -> int:
         """Encoder layers (`attention_sites`)."""
-        return len(self.net.get_encoder().block if self._is_t5 else self.net.get_encoder().layers)
+        return len(self._blocks(self.net.get_encoder()))
 
     @property
     def n_decoder_layers(self) -> int:
-        return len(self.net.get_decoder().block if self._is_t5 else self.net.get_decoder().layers)
+        return len(self._blocks(self.net.get_decoder()))
+
+    def _blocks(self, stack: nn.Module) -> nn.ModuleList:
+        """An encoder's or decoder's layers: T5's `block`, BART/Marian's `layers`."""
+        return cast(nn.ModuleList, stack.block if self._is_t5 else stack.layers)
 
     @property
     def n_heads(self) -> int:
@@ -391,12 +395,11 @@ class HFTranslator(ModelBase[PairBatch]):
         bottom = ("embed_tokens", "embed_positions", "layernorm_embedding")
         pick = lambda part, names: [m for n in names if isinstance(m := getattr(part, n, None), nn.Module)]  # noqa: E731
         head = [self.net.get_output_embeddings(), *pick(dec, top)]
-        d_layers = dec.block if self._is_t5 else dec.layers
-        e_layers = enc.block if self._is_t5 else enc.layers
+        d_layers, e_layers = self._blocks(dec), self._blocks(enc)
         steps = [(f"decoder.layers.{i}", [d_layers[i]]) for i in reversed(range(len(d_layers)))]
         e_steps = [(f"encoder.layers.{i}", [e_layers[i]]) for i in reversed(range(len(e_layers)))]
         e_steps[0] = (e_steps[0][0], [*pick(enc, top), *e_steps[0][1]])
-        embeddings = [*pick(self.net.get_encoder(), bottom), *pick(dec, bottom)]
+        embeddings = [*pick(enc, bottom), *pick(dec, bottom)]
         shared = getattr(self.net, "shared", None) or getattr(getattr(self.net, "model", None), "shared", None)
         embeddings += [shared] if isinstance(shared, nn.Module) and all(shared is not m for m in embeddings) else []
         return [("head", head), *steps, *e_steps, ("embeddings", embeddings)]

@@ -98,10 +98,11 @@ class Batch:
         tensors: dict[str, Any] = {k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)}
         return replace(self, **tensors)
 
-    def select(self, index: Sequence[int] | slice) -> Batch:
-        """A sub-batch (examples `index`), trimmed to its longest sequence."""
+    def select(self, index: Sequence[int] | slice, *, trim: bool = True) -> Batch:
+        """A sub-batch (examples `index`, repeats allowed), trimmed to its longest sequence (trim=False: the full
+        width, so positions stay aligned with tensors of this batch)."""
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
-        seq = int(self.attention_mask[idx].sum(1).max()) if idx else 0
+        seq = (int(self.attention_mask[idx].sum(1).max()) if idx else 0) if trim else self.input_ids.shape[1]
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)

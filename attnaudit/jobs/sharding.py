@@ -148,13 +148,11 @@ def session(ranks: Ranks | None = None):
     _CURRENT = Session(ranks=ranks, backend=backend, group=group)
     try:
         yield _CURRENT
-    except BaseException:
-        # A failed job leaves its group to the process's exit (the CLI exits at once, `exit_process`): destroying
-        # it while a peer is tearing down its own sockets can make gloo abort this rank (SIGABRT), and torchrun
-        # would then report that abort instead of the rank's real error and exit status.
+    finally:
         _CURRENT = None
-        raise
-    _CURRENT = None
+    # Only a job that ended well gets here. A failed one leaves its group to the process's exit (the CLI exits at
+    # once, `exit_process`): destroying it while a peer is tearing down its own sockets can make gloo abort this
+    # rank (SIGABRT), and torchrun would then report that abort instead of the rank's real error and exit status.
     if owned:
         with contextlib.suppress(Exception):          # a peer already gone must not hide the job's result
             dist.destroy_process_group()
