@@ -32,16 +32,17 @@ REGISTRY: dict[str, str] = {
     "alti": "attnaudit.explain.alti:ALTI",
     "globenc": "attnaudit.explain.globenc:GlobEnc",
     "value_zeroing": "attnaudit.explain.value_zeroing:ValueZeroing",
+    "attnlrp": "attnaudit.explain.attnlrp:AttnLRP",
 }
 
 # What an audit runs by default (`AuditSettings.explainers`): the registry less the explainers still opt-in.
-OPT_IN = ("alti", "globenc", "value_zeroing")
+OPT_IN = ("alti", "globenc", "value_zeroing", "attnlrp")
 DEFAULT_EXPLAINERS = tuple(n for n in REGISTRY if n not in OPT_IN)
 
 # The attention family, by name: the registry's attention explainers, and "attention_layers", the encoder–decoder's
 # cross-attention averaged over layers (`explain.seq2seq`, which reuses the other names for its own versions).
 ATTENTION_FAMILY = ("attention", "rollout", "flow", "grad_attention", "attention_x_grad", "attention_norm",
-                    "attention_layers", "alti", "globenc", "value_zeroing")
+                    "attention_layers", "alti", "globenc", "value_zeroing", "attnlrp")
 
 
 class UnknownExplainerError(ValueError):

@@ -136,9 +136,14 @@ def lm_pair():
     return cpu, on_device(cpu), cpu.encode(examples)      # step rows: prefixes share one forward
 
 
+ENCODER_ONLY = {"attnlrp"}          # explain/attnlrp.py: the LRP rules are written for encoders
+
+
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registry_explainer_on_the_decoder_lm_matches_the_cpu(lm_pair, name):
     cpu, gpu, batch = lm_pair
+    if name in ENCODER_ONLY:
+        pytest.skip(f"{name} supports encoder classifiers only: it refuses a language model with a clear error")
     assert batch.steps is not None and batch.labels is not None
     want = get_explainer(name, **FAST.get(name, {})).explain(cpu, batch, target=batch.labels)   # as the audit does
     got = get_explainer(name, **FAST.get(name, {})).explain(gpu, batch, target=batch.labels)
