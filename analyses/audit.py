@@ -35,7 +35,7 @@ from attnaudit.analyses.tables import METRICS, faithfulness_table, summarize
 from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
 from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
-from attnaudit.explain.registry import DEFAULT_EXPLAINERS, REGISTRY, get_explainer
+from attnaudit.explain.registry import CONTEXT_MIXING, DEFAULT_EXPLAINERS, REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
 from attnaudit.model.hooks import record
@@ -53,7 +53,9 @@ CHEAP_METRICS = METRICS[:6]                              # the engine's; infidel
 class AuditSettings:
     """What an audit runs. Every field is recorded in the report's settings.
 
-    explainers: registry names; explainer_params: name -> keyword options for that explainer.
+    explainers: registry names (default: all of them; a context-mixing one the model's architecture does not
+        take is left out and listed in the result's settings["left_out"]); explainer_params: name -> keyword
+        options for that explainer.
     analyses: a subset of ANALYSES. max_examples: the first N examples (None: all).
     chunk_size: examples explained and perturbed together. policy: "mask", "attention" or "delete".
     metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset.
@@ -213,9 +215,8 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
     settings = (settings or AuditSettings()).with_(**changes) if changes else (settings or AuditSettings())
     batch = _as_batch(model, data, settings.max_examples)
     run = runner or _direct
-    explainers = [get_explainer(n, **dict(settings.explainer_params.get(n, {}))) for n in settings.explainers]
+    explainers, left_out = applicable_explainers(model, settings)
     for e in explainers:                       # before the first chunk: a refusal costs nothing
-        e.validate(model)
         e.check_limits(model, batch)
     chunks = [list(range(s, min(s + settings.chunk_size, len(batch)))) for s in range(0, len(batch), settings.chunk_size)]
     timings: dict[str, float] = {}
@@ -264,9 +265,30 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
         attributions=[r for p in parts for r in p["attributions"]],
         examples=[x for p in parts for x in p["examples"]],
         attention_example=parts[0]["attention_example"],
-        settings={**settings.to_dict(), "n_examples": len({e for e, _ in batch.steps}) if batch.steps else len(batch),
+        settings={**settings.to_dict(), **({"left_out": left_out} if left_out else {}),
+                  "n_examples": len({e for e, _ in batch.steps}) if batch.steps else len(batch),
                   **({"n_steps": len(batch)} if batch.steps else {}), "n_truncated": sum(batch.truncated or [])},
         timings=timings, failures=failures)
+
+
+def applicable_explainers(model: ExplainableModel, settings: AuditSettings) -> tuple[list, dict[str, str]]:
+    """settings.explainers built and checked against the model -> (explainers, {left-out name: why}).
+
+    A context-mixing explainer (`registry.CONTEXT_MIXING`) the model's architecture does not take is left out,
+    with its refusal as the reason (ALTI, say, on GPT-2); any other refusal stops the audit before any work.
+    """
+    explainers, left_out = [], {}
+    for name in settings.explainers:
+        e = get_explainer(name, **dict(settings.explainer_params.get(name, {})))
+        try:
+            e.validate(model)
+        except ValueError as err:
+            if name not in CONTEXT_MIXING:
+                raise
+            left_out[name] = str(err)
+            continue
+        explainers.append(e)
+    return explainers, left_out
 
 
 # -- the counterfactual and sanity items ----------------------------------------------------------

@@ -22,8 +22,9 @@ natural log (∈ [0, ln 2]). Every function runs the model in eval mode and rest
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -131,7 +132,7 @@ def max_attention(model: ExplainableModel, batch: Batch, *, layer: Layer) -> Ten
 
 PERMUTE_CELLS = 2**28       # one layer's stacked attention [rows, head, query, key]: 1 GiB in float32
 MAX_PERMUTATIONS = 10_000   # permutations per example and layer (each one forward pass); AuditSettings.LIMITS agrees
-MAX_STEPS = 10_000          # adversarial steps per example and layer (each one forward + backward pass)
+MAX_STEPS = 10_000          # adversarial steps × adversaries per example and layer (each one forward + backward pass)
 
 
 def permutation_tvd(model: ExplainableModel, batch: Batch, *, layer: Layer, n_permutations: int = 100, seed: int = 0,
@@ -165,13 +166,69 @@ def permutation_tvd(model: ExplainableModel, batch: Batch, *, layer: Layer, n_pe
 
 
 # -- adversarial attention (Jain & Wallace 2019) --------------------------------------------------
+MAX_ADVERSARIES = 100       # adversaries per example (each one more row in every forward and backward pass)
+
+# The search's strength. "default" is the search the audit has always run; "jain_wallace" is AdversaryMulti of
+# github.com/successar/AttentionExplanation, model/Binary_Classification.py at commit 425a89a49a8b (lines 23-61):
+# K = 5 adversaries, 500 Adam steps (lr 0.01, amsgrad), loss Σ_k [−JSD_k + 500·relu(TVD_k − 0.01)] − mean over the
+# K×K pairs of JSD(a_i, a_j). Divided by K that is our objective with penalty 500 and diversity (K − 1)/K²
+# (`jain_wallace_diversity`). Their start is log(uniform) + 3·N(0, 1); ours is log(original) + init_noise·N(0, 1),
+# so init_noise 3 there (at that scale the noise, not the start, decides where a search begins). "converged" is
+# the cheapest grid point of `benchmarks/adversary_strength.py` (steps 10-500 × K 1, 3, 5, 10, layer "all", 32
+# examples of keywords, needle, majority) within 2% of the largest mean JSD on all three tasks: 0.580 / 0.585 /
+# 0.591 against 0.587 / 0.590 / 0.594 at 500 steps and K = 10, where "default" reaches 0.396 / 0.434 / 0.408 and
+# "jain_wallace" 0.553 / 0.559 / 0.559; J&W's diversity term lowered the JSD found there, so it is off. 25× the
+# default's passes.
+ADVERSARY_PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(n_adversaries=1, n_steps=40, lr=0.1, penalty=10.0, init_noise=1.0, diversity=0.0, amsgrad=False),
+    "jain_wallace": dict(n_adversaries=5, n_steps=500, lr=0.01, penalty=500.0, init_noise=3.0, diversity=0.16,
+                         amsgrad=True),
+    "converged": dict(n_adversaries=5, n_steps=200, lr=0.1, penalty=10.0, init_noise=1.0, diversity=0.0, amsgrad=False),
+}
+
+
+def jain_wallace_diversity(k: int) -> float:
+    """Jain & Wallace's diversity weight for K adversaries, (K − 1)/K², in this module's objective (see above).
+
+    Their loss subtracts the mean over all K×K ordered pairs (the K zero diagonal ones included) of the
+    adversaries' JSD, next to a sum over the K adversaries; per adversary that is (K − 1)/K² × the mean over the
+    K(K − 1)/2 distinct pairs.
+
+        >>> jain_wallace_diversity(5)
+        0.16
+    """
+    _check_adversaries(k)
+    return (k - 1) / k**2
+
+
+def adversary_options(preset: str = "default", **overrides: Any) -> dict[str, Any]:
+    """A preset's search settings with some replaced -> keyword arguments of `adversarial_attention`.
+
+        adversary_options("jain_wallace", n_steps=200)   # K=5, lr 0.01, amsgrad, ... but 200 steps
+
+    For "jain_wallace", overriding n_adversaries alone also sets diversity to `jain_wallace_diversity(K)`.
+    """
+    if preset not in ADVERSARY_PRESETS:
+        raise ValueError(f"Unknown adversary preset {preset!r}. Available: {', '.join(ADVERSARY_PRESETS)}.")
+    unknown = sorted(set(overrides) - set(ADVERSARY_PRESETS[preset]))
+    if unknown:
+        raise ValueError(f"Unknown adversary option(s) {', '.join(map(repr, unknown))}. "
+                         f"Available: {', '.join(ADVERSARY_PRESETS[preset])}.")
+    out = {**ADVERSARY_PRESETS[preset], **overrides}
+    if preset == "jain_wallace" and "n_adversaries" in overrides and "diversity" not in overrides:
+        out["diversity"] = jain_wallace_diversity(out["n_adversaries"])
+    return out
+
+
 @dataclass(frozen=True)
 class AdversarialResult:
     """Per example: the attention JSD reached, the output TVD there, and whether TVD ≤ ε held there."""
 
     jsd: Tensor          # [batch] mean JSD(new, original) over heads, real query rows (and layers)
     tvd: Tensor          # [batch] output TVD at the reported attention
-    satisfied: Tensor    # [batch] bool: some step met TVD ≤ ε (then jsd is the best such step's)
+    satisfied: Tensor    # [batch] bool: some adversary at some step met TVD ≤ ε (then jsd is the best such one's)
+    adversary: Tensor    # [batch] long: which adversary (0 … K − 1) the reported attention is
+    n_feasible: Tensor   # [batch] long: how many adversaries met TVD ≤ ε at some step
 
 
 def _softmax_allowed(theta: Tensor, allowed: Tensor) -> Tensor:
@@ -181,25 +238,91 @@ def _softmax_allowed(theta: Tensor, allowed: Tensor) -> Tensor:
     return z.softmax(-1) * allowed
 
 
-def adversarial_attention(model: ExplainableModel, batch: Batch, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
-                          lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0,
-                          seed: int = 0) -> AdversarialResult:
-    """Search attention maximally different from the original with almost the same output.
+def _check_adversaries(n_adversaries: int) -> None:
+    if isinstance(n_adversaries, bool) or not isinstance(n_adversaries, int) or not 1 <= n_adversaries <= MAX_ADVERSARIES:
+        raise ValueError(f"n_adversaries must be an int in [1, {MAX_ADVERSARIES}] (MAX_ADVERSARIES; adversaries per "
+                         f"example, searched together); got {n_adversaries!r}: use 1 for a single search.")
 
-    New attention = softmax over allowed keys of free logits (one per layer, head, query, key), started
-    at log(original) + `init_noise`·N(0, 1) (seeded; JSD has zero gradient at the original) and moved by
-    Adam (`lr`, `n_steps`) to maximise, per example, mean JSD(new, original) − penalty·relu(TVD(output) − ε).
-    Examples are independent (the objective is a sum over examples). The reported JSD is the best one
-    among the steps where TVD ≤ ε held; where none did, the last step's, with `satisfied` False.
-    """
-    sites = layer_sites(model, layer)
+
+def _check_search(*, epsilon: float, steps: list[int], n_adversaries: int, diversity: float, amsgrad: bool) -> None:
+    """Refuse bad settings before any forward; cost (forward + backward passes per example and layer) is steps × K."""
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be a float >= 0 (a TVD bound); got {epsilon!r}.")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be an int >= 1; got {n_steps!r}.")
-    if n_steps > MAX_STEPS:
-        raise ValueError(f"n_steps={n_steps:,} would need {n_steps:.1e} forward + backward passes per example and "
-                         f"layer; the limit is MAX_STEPS={MAX_STEPS:,}: lower n_steps (adversarial_steps).")
+    _check_adversaries(n_adversaries)
+    if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0 <= diversity < float("inf"):
+        raise ValueError(f"diversity must be a finite float >= 0 (the weight of the adversaries' mean pairwise JSD); "
+                         f"got {diversity!r}: use 0 for independent adversaries or jain_wallace_diversity(K).")
+    if not isinstance(amsgrad, bool):
+        raise ValueError(f"amsgrad must be a bool (Adam's AMSGrad variant); got {amsgrad!r}.")
+    n_steps = max(steps)
+    if n_steps * n_adversaries > MAX_STEPS:
+        times = "" if n_adversaries == 1 else f" × n_adversaries={n_adversaries}"
+        raise ValueError(f"n_steps={n_steps:,}{times} would need {n_steps * n_adversaries:.1e} forward + backward passes "
+                         f"per example and layer; the limit is MAX_STEPS={MAX_STEPS:,}: lower n_steps "
+                         f"(adversarial_steps){'' if n_adversaries == 1 else ' or n_adversaries'}.")
+
+
+def _check_steps(name: str, steps: list[Any]) -> None:
+    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if bad or not steps:
+        raise ValueError(f"{name} must be {'an int' if name == 'n_steps' else 'a non-empty sequence of ints'} >= 1; "
+                         f"got {(steps[0] if name == 'n_steps' else steps)!r}.")
+
+
+def adversarial_attention(model: ExplainableModel, batch: Batch, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
+                          lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0, seed: int = 0,
+                          n_adversaries: int = 1, diversity: float = 0.0, amsgrad: bool = False) -> AdversarialResult:
+    """Search attention maximally different from the original with almost the same output.
+
+    New attention = softmax over allowed keys of free logits (one per adversary, layer, head, query, key), started
+    at log(original) + `init_noise`·N(0, 1) (seeded; JSD has zero gradient at the original) and moved by
+    Adam (`lr`, `n_steps`, `amsgrad`) to maximise, per example,
+
+        mean over the K adversaries of [JSD(new_k, original) − penalty·relu(TVD_k(output) − ε)]
+        + diversity · mean over adversary pairs of JSD(new_i, new_j)
+
+    (Jain & Wallace's AdversaryMulti; K = `n_adversaries`, searched together in one batch K times as tall).
+    Adversary 0 starts exactly where the single search does, so K = 1 is that search. Examples are independent
+    (the objective is a sum over examples). The reported JSD is the best one over adversaries and steps where
+    TVD ≤ ε held; where none did, the last step's of the adversary with the smallest TVD, with `satisfied` False.
+    Cost: n_steps × K forward + backward passes per example (bounded by MAX_STEPS). `ADVERSARY_PRESETS` holds
+    settings: `adversarial_attention(model, batch, layer="all", **adversary_options("jain_wallace"))`.
+    """
+    _check_steps("n_steps", [n_steps])
+    return _search(model, batch, layer=layer, epsilon=epsilon, checkpoints=[n_steps], lr=lr, penalty=penalty,
+                   init_noise=init_noise, seed=seed, n_adversaries=n_adversaries, diversity=diversity,
+                   amsgrad=amsgrad)[n_steps]
+
+
+def adversarial_curve(model: ExplainableModel, batch: Batch, *, layer: Layer, steps: Sequence[int], epsilon: float = 0.01,
+                      lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0, seed: int = 0,
+                      n_adversaries: int = 1, diversity: float = 0.0, amsgrad: bool = False) -> pd.DataFrame:
+    """`adversarial_attention` at several step counts from one search of max(steps) steps -> one row per (steps, example).
+
+    Adam has no schedule, so the first s steps of a longer search are the s-step search: the row at s holds
+    exactly `adversarial_attention(..., n_steps=s)`'s values. Columns: steps, example_id, jsd, tvd, satisfied,
+    adversary, n_feasible.
+
+        curve = adversarial_curve(model, batch, layer="all", steps=[10, 40, 200], n_adversaries=3)
+        curve.groupby("steps").agg(mean_jsd=("jsd", "mean"), feasible=("satisfied", "mean"))
+    """
+    steps = list(steps)
+    _check_steps("steps", steps)
+    found = _search(model, batch, layer=layer, epsilon=epsilon, checkpoints=sorted(set(steps)), lr=lr, penalty=penalty,
+                    init_noise=init_noise, seed=seed, n_adversaries=n_adversaries, diversity=diversity, amsgrad=amsgrad)
+    ids = example_ids(batch)
+    return pd.concat([pd.DataFrame({"steps": s, "example_id": ids, **{f.name: getattr(found[s], f.name).numpy()
+                                                                      for f in fields(AdversarialResult)}})
+                      for s in sorted(set(steps))], ignore_index=True)
+
+
+def _search(model: ExplainableModel, batch: Batch, *, layer: Layer, epsilon: float, checkpoints: list[int], lr: float,
+            penalty: float, init_noise: float, seed: int, n_adversaries: int, diversity: float,
+            amsgrad: bool) -> dict[int, AdversarialResult]:
+    """One search of max(checkpoints) steps -> {s: the s-step search's result} (see adversarial_attention)."""
+    sites = layer_sites(model, layer)
+    _check_search(epsilon=epsilon, steps=checkpoints, n_adversaries=n_adversaries, diversity=diversity, amsgrad=amsgrad)
+    k, b, n_steps = n_adversaries, len(batch), max(checkpoints)
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def keep(site: str) -> Edit:
@@ -208,43 +331,73 @@ def adversarial_attention(model: ExplainableModel, batch: Batch, *, layer: Layer
             return pattern
         return edit
 
+    out: dict[int, AdversarialResult] = {}
     with model.evaluating():
         with torch.no_grad(), hooks(model, {s: keep(s) for s in sites}):
             base = model(batch).float().softmax(-1)                               # [batch, n_classes]
         gen = torch.Generator().manual_seed(seed)
+        # adversary 0 draws first, site by site, exactly as a single search does; then adversaries 1 … K − 1
+        noises = [[torch.randn(seen[s][0].shape, generator=gen) for s in sites] for _ in range(k)]
         thetas, originals, alloweds = [], [], []
-        for s in sites:
+        for i, s in enumerate(sites):
             orig, allowed = seen[s]                                               # [batch, head, query, key], [batch, 1, query, key]
-            noise = torch.randn(orig.shape, generator=gen).to(orig.device)
-            thetas.append((orig.clamp_min(1e-6).log() + init_noise * noise).requires_grad_(True))
-            originals.append(orig)
-            alloweds.append(allowed)
-        opt = torch.optim.Adam(thetas, lr=lr)
-        b = len(batch)
-        best_jsd = torch.full((b,), -1.0)
-        best_tvd = torch.full((b,), float("nan"))
-        last_jsd = last_tvd = None
+            noise = torch.cat([n[i] for n in noises]).to(orig.device)            # [K·batch, head, query, key]
+            thetas.append((orig.clamp_min(1e-6).log().repeat(k, 1, 1, 1) + init_noise * noise).requires_grad_(True))
+            originals.append(orig.repeat(k, 1, 1, 1))                             # [K·batch, head, query, key]
+            alloweds.append(allowed.repeat(k, 1, 1, 1))                           # [K·batch, 1, query, key]
+        tiled, base_k = tile(batch, k), base.repeat(k, 1)                        # copy c = adversary c
+        opt = torch.optim.Adam(thetas, lr=lr, amsgrad=amsgrad)
+        best_jsd = torch.full((k, b), -1.0)                                       # [K, batch]; −1: not yet feasible
+        best_tvd = torch.full((k, b), float("nan"))
         for step in range(n_steps + 1):                                           # the last pass only evaluates
             with torch.enable_grad():
                 news = [_softmax_allowed(t, a) for t, a in zip(thetas, alloweds)]
                 with hooks(model, {s: _fixed(p) for s, p in zip(sites, news)}):
-                    probs = model(batch).float().softmax(-1)                      # [batch, n_classes]
-                out_tvd = tvd(probs, base)                                        # [batch]
+                    probs = model(tiled).float().softmax(-1)                      # [K·batch, n_classes]
+                out_tvd = tvd(probs, base_k)                                      # [K·batch]
                 att_jsd = torch.stack([_row_mean(jsd(n, o), a) for n, o, a in zip(news, originals, alloweds)]).mean(0)
-                objective = att_jsd - penalty * torch.relu(out_tvd - epsilon)     # [batch]
-            last_jsd, last_tvd = att_jsd.detach().cpu(), out_tvd.detach().cpu()
+                objective = (att_jsd - penalty * torch.relu(out_tvd - epsilon)).view(k, b).mean(0)   # [batch]
+                if diversity > 0 and k > 1:
+                    objective = objective + diversity * _pairwise_jsd(news, alloweds, k)
+            last_jsd, last_tvd = att_jsd.detach().cpu().view(k, b), out_tvd.detach().cpu().view(k, b)   # [K, batch]
             better = (last_tvd <= epsilon) & (last_jsd > best_jsd)
             best_jsd = torch.where(better, last_jsd, best_jsd)
             best_tvd = torch.where(better, last_tvd, best_tvd)
+            if step in checkpoints:
+                out[step] = _pick(best_jsd, best_tvd, last_jsd, last_tvd)
             if step == n_steps:
                 break
             grads = torch.autograd.grad(-objective.sum(), thetas)                 # only the free logits, never the weights
             for t, g in zip(thetas, grads):
                 t.grad = g
             opt.step()
-    satisfied = best_jsd >= 0
-    return AdversarialResult(jsd=torch.where(satisfied, best_jsd, last_jsd),
-                             tvd=torch.where(satisfied, best_tvd, last_tvd), satisfied=satisfied)
+    return out
+
+
+def _pick(best_jsd: Tensor, best_tvd: Tensor, last_jsd: Tensor, last_tvd: Tensor) -> AdversarialResult:
+    """[K, batch] per adversary -> per example: the best feasible adversary, else the one closest to feasible."""
+    feasible = best_jsd >= 0                                                      # [K, batch]
+    satisfied = feasible.any(0)                                                   # [batch]
+    adversary = torch.where(satisfied, best_jsd.argmax(0), last_tvd.argmin(0))    # [batch]; ties: the lowest index
+    at = adversary[None]                                                          # [1, batch]
+    return AdversarialResult(jsd=torch.where(satisfied, best_jsd.gather(0, at)[0], last_jsd.gather(0, at)[0]),
+                             tvd=torch.where(satisfied, best_tvd.gather(0, at)[0], last_tvd.gather(0, at)[0]),
+                             satisfied=satisfied, adversary=adversary, n_feasible=feasible.sum(0))
+
+
+def _pairwise_jsd(news: list[Tensor], alloweds: list[Tensor], k: int) -> Tensor:
+    """Mean over adversary pairs i < j (and sites) of JSD(new_i, new_j), as `att_jsd` averages -> [batch].
+
+    One adversary against all later ones at a time: at most K − 1 copies of a site's attention at once.
+    """
+    per_site = []
+    for new, allowed in zip(news, alloweds):
+        new = new.view(k, -1, *new.shape[1:])                                     # [K, batch, head, query, key]
+        allowed = allowed.view(k, -1, *allowed.shape[1:])[0]                      # [batch, 1, query, key]
+        pairs = [_row_mean(jsd(new[i][None], new[i + 1:]).flatten(0, 1), allowed.repeat(k - 1 - i, 1, 1, 1))
+                 for i in range(k - 1)]                                           # each [(K − 1 − i)·batch]
+        per_site.append(torch.cat([p.view(-1, new.shape[1]) for p in pairs]).mean(0))   # [batch]
+    return torch.stack(per_site).mean(0)
 
 
 def _fixed(new: Tensor) -> Edit:
@@ -320,8 +473,9 @@ def head_ablation(model: ExplainableModel, batch: Batch, *, cls_rows: Tensor | N
 
 # -- the table ------------------------------------------------------------------------------------
 def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[str, ...] = TESTS, layers: list[Layer] | None = None,
-                         n_permutations: int = 100, epsilon: float = 0.01, adversarial_steps: int = 40,
-                         adversarial_lr: float = 0.1, penalty: float = 10.0, seed: int = 0) -> dict[str, pd.DataFrame]:
+                         n_permutations: int = 100, epsilon: float = 0.01, adversarial_steps: int | None = None,
+                         adversarial_lr: float | None = None, penalty: float | None = None, seed: int = 0,
+                         adversary: str | Mapping[str, Any] = "default") -> dict[str, pd.DataFrame]:
     """Run the chosen tests at each layer and at all layers at once -> {"summary": ..., test: per-example frame}.
 
     summary columns: test, layer, head, statistic, value (layer and head are strings: "0", "1", …, "all").
@@ -331,6 +485,11 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
     when asked for (opt-in, `OPT_IN_TESTS`), attention_zeroing (Serrano & Smith's weights zeroed in ranked order
     until the decision flips: example_id, layer, ranking, fraction, n_zeroed, n_keys, flipped; int layers only).
     `layers` defaults to every layer and "all".
+
+    The adversarial search's settings: `adversary`, a preset name of ADVERSARY_PRESETS or an
+    `adversary_options(...)` dict, with adversarial_steps, adversarial_lr and penalty (when given) replacing its
+    n_steps, lr and penalty. With more than one adversary the adversarial frame also has adversary and
+    n_feasible (adversaries that met TVD ≤ ε), and the summary feasible_adversaries_mean (their mean count).
     """
     unknown = [t for t in tests if t not in ALL_TESTS]
     if isinstance(tests, str) or unknown:
@@ -338,6 +497,11 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
     layers = [*range(model.n_layers), "all"] if layers is None else list(layers)
     for layer in layers:
         layer_sites(model, layer)
+    search = _table_adversary(adversary, n_steps=adversarial_steps, lr=adversarial_lr, penalty=penalty)
+    if "adversarial" in tests:
+        _check_steps("n_steps", [search["n_steps"]])
+        _check_search(epsilon=epsilon, steps=[search["n_steps"]], n_adversaries=search["n_adversaries"],
+                      diversity=search["diversity"], amsgrad=search["amsgrad"])
     ids = example_ids(batch)
     rows = cls_attention(model, batch)                                            # [layer, batch, head, key]
     base = output_probs(model, batch)
@@ -357,13 +521,17 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
             frames["permutation"].append(pd.DataFrame({"example_id": ids, "layer": str(layer),
                                                        "max_attention": top.numpy(), "median_tvd": med.numpy()}))
         if "adversarial" in tests:
-            adv = adversarial_attention(model, batch, layer=layer, epsilon=epsilon, n_steps=adversarial_steps,
-                                        lr=adversarial_lr, penalty=penalty, seed=seed)
+            adv = adversarial_attention(model, batch, layer=layer, epsilon=epsilon, seed=seed, **search)
             add("adversarial", layer, "jsd_reached", adv.jsd.mean())
             add("adversarial", layer, "median_jsd_reached", adv.jsd.median())
             add("adversarial", layer, "constraint_satisfied_fraction", adv.satisfied.float().mean())
+            several = {} if search["n_adversaries"] == 1 else {"adversary": adv.adversary.numpy(),
+                                                              "n_feasible": adv.n_feasible.numpy()}
+            if several:                                          # the default table keeps its layout
+                add("adversarial", layer, "feasible_adversaries_mean", adv.n_feasible.float().mean())
             frames["adversarial"].append(pd.DataFrame({"example_id": ids, "layer": str(layer), "jsd": adv.jsd.numpy(),
-                                                       "tvd": adv.tvd.numpy(), "satisfied": adv.satisfied.numpy()}))
+                                                       "tvd": adv.tvd.numpy(), "satisfied": adv.satisfied.numpy(),
+                                                       **several}))
         if "uniform" in tests:
             probs = output_probs(model, batch, {s: uniform() for s in layer_sites(model, layer)})
             dist, flipped = tvd(probs, base), probs.argmax(-1) != base.argmax(-1)
@@ -401,3 +569,15 @@ def counterfactual_table(model: ExplainableModel, batch: Batch, *, tests: tuple[
     out = {"summary": pd.DataFrame(summary, columns=["test", "layer", "head", "statistic", "value"])}
     out.update({t: pd.concat(f, ignore_index=True) for t, f in frames.items() if f})
     return out
+
+
+def _table_adversary(adversary: str | Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """counterfactual_table's `adversary` (a preset name or an options dict) with the given (non-None) settings on top."""
+    if isinstance(adversary, str):
+        options = adversary_options(adversary)
+    elif isinstance(adversary, Mapping):
+        options = adversary_options("default", **adversary)
+    else:
+        raise ValueError(f"adversary must be a preset name ({', '.join(ADVERSARY_PRESETS)}) or an "
+                         f"adversary_options(...) dict; got {adversary!r}.")
+    return {**options, **{k: v for k, v in given.items() if v is not None}}

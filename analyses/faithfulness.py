@@ -245,7 +245,13 @@ def kendall_tau_b(x: Tensor, y: Tensor, mask: Tensor, *, rows_per_step: int = 64
 
 def tau_loo(engine_or_model: EngineOrModel, batch: Batch, attribution: Attribution, *, policy: str | None = None,
             max_batch: int | None = None) -> Tensor:
-    """Kendall τ_b between the scores and leave-one-out importance over scored tokens -> [batch] (higher is better)."""
+    """Kendall τ_b between the scores and leave-one-out importance over scored tokens -> [batch] (higher is better).
+
+    Leave-one-out importance of token j: p(target | x) − p(target | x with j replaced by the policy): "delete"
+    removes it (the τ-LOO of ferret, `taucorr_loo`, and of the literature), "mask" puts [MASK] in its place (the
+    audit's default), "attention" hides it from attention. The values differ by policy (by up to about 1 on a
+    model that reads position), so tables name it in the setting (`tables.tau_loo_setting`: "policy=mask").
+    """
     engine = as_engine(engine_or_model, batch, policy=policy, max_batch=max_batch)
     check_attribution(batch, attribution)
     loo = leave_one_out(engine, batch, target=attribution.target, policy=policy)    # [batch, seq]

@@ -186,59 +186,28 @@ def gold_figure(summary: pd.DataFrame) -> Figure:
     return _interval_panels(summary, metrics, "ground-truth recovery")
 
 
-def agreement_matrix(records: Sequence[dict]) -> pd.DataFrame:
-    """Kendall τ-b between explainers' token scores, per example, then averaged -> square DataFrame.
-
-    Special tokens are left out; a pair counts only on examples where both explainers scored the same
-    tokens. With s_a = sign(a_i − a_j) over token pairs, τ-b = Σ s_a·s_b / √(Σ s_a² · Σ s_b²).
-    """
-    by_example: dict = {}
-    for r in records:
-        by_example.setdefault((r.get("task"), r["id"]), {})[r["explainer"]] = r
-    names = explainer_order({r["explainer"] for r in records})
-    idx = {n: i for i, n in enumerate(names)}
-    total = np.zeros((len(names), len(names)))
-    count = np.zeros_like(total)
-    for recs in by_example.values():
-        n_tok = {len(r["scores"]) for r in recs.values()}
-        if len(n_tok) != 1 or len(recs) < 2:
-            continue
-        first = next(iter(recs.values()))
-        keep = ~np.asarray(first.get("special") or [False] * len(first["scores"]), dtype=bool)
-        if keep.sum() < 2:
-            continue
-        present = [n for n in names if n in recs]
-        x = np.array([np.asarray(recs[n]["scores"], dtype=float)[keep] for n in present])     # [explainer, token]
-        i, j = np.triu_indices(x.shape[1], k=1)
-        s = np.sign(x[:, i] - x[:, j])                                                     # [explainer, pair]
-        norm = np.sqrt((s ** 2).sum(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tau = (s @ s.T) / np.outer(norm, norm)                                         # [explainer, explainer]
-        ok = np.isfinite(tau)
-        pos = np.array([idx[n] for n in present])
-        total[np.ix_(pos, pos)] += np.where(ok, tau, 0.0)
-        count[np.ix_(pos, pos)] += ok
-    with np.errstate(invalid="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return pd.DataFrame(mean, index=names, columns=names)
-
-
-def agreement_figure(matrix: pd.DataFrame) -> Figure:
-    """Heatmap of the mean Kendall τ between explainers (`agreement_matrix`, or its tidy form explainer, other, tau)."""
-    if matrix is not None and {"explainer", "other", "tau"} <= set(matrix.columns):
-        order = explainer_order(matrix["explainer"].unique())
-        matrix = matrix.pivot(index="explainer", columns="other", values="tau").reindex(index=order, columns=order)
-    if matrix is None or matrix.empty:
+def agreement_figure(table: pd.DataFrame) -> Figure:
+    """Heatmap of the agreement between explainers (`analyses.agreement.agreement_table` rows of one task):
+    Spearman ρ (Abnar & Zuidema's measure; Kendall τ_b where only that is known), each cell the mean over
+    examples and, where known, ± half the 95% interval's width. Both measures are in agreement.csv."""
+    if table is None or table.empty:
         return _empty("no attributions to compare")
-    n = len(matrix)
-    fig = _figure(0.42 * n + 2.6, 0.36 * n + 1.6)
+    measure = "spearman" if "spearman" in set(table["measure"]) else "kendall_tau"
+    t = table[table["measure"] == measure]
+    order = explainer_order(t["explainer"].unique())
+    n = len(order)
+    grid = lambda col: t.pivot(index="explainer", columns="other", values=col).reindex(index=order, columns=order)  # noqa: E731
+    mean, half = grid("mean").to_numpy(float), ((grid("ci_high") - grid("ci_low")) / 2).to_numpy(float)
+    annot = np.array([[("" if np.isnan(m) else f"{m:.2f}" + ("" if np.isnan(h) else f"\n±{h:.2f}"))
+                       for m, h in zip(rm, rh)] for rm, rh in zip(mean, half)]) if n <= 20 else False
+    name = {"kendall_tau": "Kendall τ_b", "spearman": "Spearman ρ"}[measure]
+    fig = _figure(0.44 * n + 2.6, 0.38 * n + 1.6)
     ax = fig.subplots()
-    labels = [_text(s) for s in matrix.index]
-    sns.heatmap(matrix.to_numpy(), ax=ax, vmin=-1, vmax=1, cmap="RdBu_r", annot=n <= 16, fmt=".2f",
-                annot_kws={"fontsize": 6}, xticklabels=labels, yticklabels=labels, square=True,
-                cbar_kws={"label": "mean Kendall τ"})
+    labels = [_text(s) for s in order]
+    sns.heatmap(mean, ax=ax, vmin=-1, vmax=1, cmap="RdBu_r", annot=annot, fmt="", annot_kws={"fontsize": 5},
+                xticklabels=labels, yticklabels=labels, square=True, cbar_kws={"label": f"mean {name}"})
     ax.tick_params(labelsize=7)
-    ax.set_title("agreement between explainers (Kendall τ per example, averaged)", fontsize=9)
+    ax.set_title(f"agreement between explainers ({name} per example, mean ± 95% half-width)", fontsize=9)
     return fig
 
 
@@ -504,6 +473,6 @@ def generation_figure(by_method: dict[str, list[dict]], target_tokens: Sequence[
     return fig
 
 
-__all__ = ["generation_records", "matrix_records", "generation_figure", "figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure", "agreement_matrix",
+__all__ = ["generation_records", "matrix_records", "generation_figure", "figure_png", "curve_means", "rank_summary_figure", "curves_figure", "metric_summary_figure", "gold_figure",
            "agreement_figure", "sanity_figure", "permutation_figure", "uniform_figure", "attention_lines_figure",
            "attention_grid_figure", "explainer_order", "explainer_colors", "check_attention"]

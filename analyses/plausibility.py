@@ -2,16 +2,20 @@
 
 Two settings, one score per example, always over the scored tokens (real, not special):
 
-- ground truth on the built-in tasks (the planted words, `batch.rationale`): AUPRC (sklearn's
-  average precision) and precision@k with k = the number of gold tokens;
-- human rationales, ERASER-style (DeYoung et al. 2020): token F1, IOU F1 (span matching at IOU ≥ θ)
-  and AUPRC.
+- ground truth on the built-in tasks (the planted words, `batch.rationale`): average precision, AUPRC and
+  precision@k with k = the number of gold tokens;
+- human rationales, ERASER-style (DeYoung et al. 2020): token F1, IOU F1 (span matching at IOU ≥ θ),
+  average precision and AUPRC.
 
-    gold_table([attr_a, attr_b], batch)        # gold_auprc, gold_precision_at_k
-    rationale_table([attr_a, attr_b], batch)   # rationale_token_f1, rationale_iou_f1, rationale_auprc
+    gold_table([attr_a, attr_b], batch)        # gold_average_precision, gold_auprc, gold_precision_at_k
+    rationale_table([attr_a, attr_b], batch)   # rationale_token_f1, rationale_iou_f1,
+                                               # rationale_average_precision, rationale_auprc
 
-Where an example has no gold token, every metric is NaN (undefined; ERASER's macro average would
-count such an instance as 0). ERASER's macro IOU F1 is the F1 of the averaged precision and recall;
+The two soft-score measures carry ERASER's names and definitions (`eraserbenchmark/rationale_benchmark/
+metrics.py`): `average_precision` is sklearn's `average_precision_score` (a step sum, skipping documents whose
+tokens are all of one class), `auprc` the trapezoid `auc(recall, precision)` of `precision_recall_curve`; they
+differ by up to about 0.3 on one example. Where an example has no gold token, every metric is NaN (undefined;
+ERASER's macro average would count such an instance as 0). ERASER's macro IOU F1 is the F1 of the averaged precision and recall;
 here each example gets its own F1, so the table's mean is the mean of per-example F1s (as for token F1).
 """
 from __future__ import annotations
@@ -36,23 +40,34 @@ def _gold(attribution: Attribution, gold: Tensor) -> Tensor:
     return (gold.cpu() > 0) & attribution.scored_mask
 
 
-def auprc(attribution: Attribution, gold: Tensor) -> Tensor:
-    """Average precision (sklearn's `average_precision_score`) of the scores against the gold tokens,
-    per example -> [batch] (NaN: no gold).
+def average_precision(attribution: Attribution, gold: Tensor) -> Tensor:
+    """ERASER's `average_precision` per example -> [batch]: sklearn's `average_precision_score` of the scores
+    against the gold tokens (Σ over distinct thresholds of ΔTP / n_gold × precision), NaN where an example's
+    scored tokens are all gold or none (ERASER skips such single-class documents)."""
+    return pr_metrics(attribution, gold)[0]
 
-    All examples at once: AP = Σ over distinct score thresholds (descending) of ΔTP / n_gold × precision,
-    tied scores forming one threshold, as in sklearn; equal to it to ~1e-15.
-    """
+
+def auprc(attribution: Attribution, gold: Tensor) -> Tensor:
+    """ERASER's `auprc` per example -> [batch]: the trapezoid area under sklearn's precision-recall curve
+    (`auc(recall, precision)` of `precision_recall_curve`, from (recall 0, precision 1)), NaN where no token is
+    gold. Not average precision: the trapezoid interpolates precision linearly between thresholds."""
+    return pr_metrics(attribution, gold)[1]
+
+
+def pr_metrics(attribution: Attribution, gold: Tensor) -> tuple[Tensor, Tensor]:
+    """(average_precision, auprc) per example, both from one sort -> two float64 [batch]."""
     g = _gold(attribution, gold).numpy()                                            # [batch, seq] bool
     keep = attribution.scored_mask.numpy()                                          # [batch, seq] bool
-    return torch.from_numpy(average_precision(attribution.scores.double().numpy(), g, keep))
+    ap, area = pr_scores(attribution.scores.double().numpy(), g, keep)
+    single_class = g.sum(1) == keep.sum(1)                                          # every scored token gold
+    return torch.from_numpy(np.where(single_class, np.nan, ap)), torch.from_numpy(area)
 
 
-def average_precision(scores: np.ndarray, gold: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """sklearn's average precision per row over the kept positions -> float64 [batch] (NaN: no gold kept).
+def pr_scores(scores: np.ndarray, gold: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's average precision and the trapezoid AUPRC per row over the kept positions, all rows at once
+    -> two float64 [batch] (NaN: no gold kept); equal to the sklearn calls to ~1e-15.
 
-    Args:
-        scores: [batch, seq] float; gold, keep: [batch, seq] bool.
+    Tied scores form one threshold, as in sklearn. Args: scores [batch, seq] float; gold, keep [batch, seq] bool.
     """
     gold = gold & keep
     key = np.where(keep, scores, -np.inf)                                           # dropped positions sort last
@@ -65,13 +80,20 @@ def average_precision(scores: np.ndarray, gold: np.ndarray, keep: np.ndarray) ->
     nxt_same = np.zeros_like(k)
     nxt_same[:, :-1] = (s[:, 1:] == s[:, :-1]) & k[:, 1:]
     boundary = k & ~nxt_same                                                        # last token of a tie group
-    running = np.maximum.accumulate(np.where(boundary, tp, 0), axis=1)              # TP at the last boundary ≤ j
-    previous = np.concatenate([np.zeros((len(s), 1), dtype=tp.dtype), running[:, :-1]], axis=1)
-    gain = np.where(boundary, tp - previous, 0)                                     # ΔTP at each threshold
-    n_gold = g.sum(1)
+    n_gold = g.sum(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ap = (gain * (tp / rank)).sum(1) / n_gold
-    return np.where(n_gold > 0, ap, np.nan)
+        precision, recall = tp / rank, tp / n_gold                                  # [batch, seq], at each j
+    # the boundary before j (-1: the curve's start, recall 0 and precision 1)
+    last = np.maximum.accumulate(np.where(boundary, rank - 1, -1), axis=1)
+    before = np.concatenate([np.full((len(s), 1), -1), last[:, :-1]], axis=1)
+    prev_p = np.where(before >= 0, np.take_along_axis(precision, before.clip(0), 1), 1.0)
+    prev_r = np.where(before >= 0, np.take_along_axis(recall, before.clip(0), 1), 0.0)
+    step = np.where(boundary, recall - prev_r, 0.0)                                 # Δrecall at each threshold
+    with np.errstate(invalid="ignore"):
+        ap = (step * precision).sum(1)
+        area = (step * (precision + prev_p) / 2).sum(1)
+    missing = n_gold[:, 0] == 0
+    return np.where(missing, np.nan, ap), np.where(missing, np.nan, area)
 
 
 def precision_at_k(attribution: Attribution, gold: Tensor) -> Tensor:
@@ -178,18 +200,21 @@ def _rows(attr: Attribution, metric: str, setting: str, values: Tensor) -> list[
 
 
 def gold_table(attributions: Attribution | Sequence[Attribution], batch: Batch) -> pd.DataFrame:
-    """gold_auprc and gold_precision_at_k per example and explainer -> tidy DataFrame."""
+    """gold_average_precision, gold_auprc and gold_precision_at_k per example and explainer -> tidy DataFrame."""
     attrs, gold = _attributions(attributions, batch)
     rows = []
     for a in attrs:
-        rows += _rows(a, "gold_auprc", "", auprc(a, gold))
+        ap, area = pr_metrics(a, gold)
+        rows += _rows(a, "gold_average_precision", "", ap)
+        rows += _rows(a, "gold_auprc", "", area)
         rows += _rows(a, "gold_precision_at_k", "k=n_gold", precision_at_k(a, gold))
     return tidy_frame(rows, note=False)
 
 
 def rationale_table(attributions: Attribution | Sequence[Attribution], batch: Batch, *, theta: float = 0.5,
                     k: int | float | None = None, threshold: float | None = None) -> pd.DataFrame:
-    """rationale_token_f1, rationale_iou_f1 and rationale_auprc per example and explainer -> tidy DataFrame.
+    """rationale_token_f1, rationale_iou_f1, rationale_average_precision and rationale_auprc per example and
+    explainer -> tidy DataFrame.
 
     The setting records the rule that picked the predicted tokens ("k=n_gold" by default).
     """
@@ -199,5 +224,7 @@ def rationale_table(attributions: Attribution | Sequence[Attribution], batch: Ba
     for a in attrs:
         rows += _rows(a, "rationale_token_f1", rule, token_f1(a, gold, k=k, threshold=threshold))
         rows += _rows(a, "rationale_iou_f1", f"{rule},theta={theta}", iou_f1(a, gold, theta=theta, k=k, threshold=threshold))
-        rows += _rows(a, "rationale_auprc", "", auprc(a, gold))
+        ap, area = pr_metrics(a, gold)
+        rows += _rows(a, "rationale_average_precision", "", ap)
+        rows += _rows(a, "rationale_auprc", "", area)
     return tidy_frame(rows, note=False)

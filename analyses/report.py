@@ -51,6 +51,7 @@ from attnaudit.analyses.report_files import (
     read_json_lines,
     select_examples,
     unguard_cell,
+    upgrade,
 )
 from attnaudit.analyses.report_html import CSP, SUMMARY_FIGURE, e, render_html, slug
 from attnaudit.analyses.report_md import md, render_markdown
@@ -241,16 +242,20 @@ def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None 
 
     A folder of the older layout (plain metrics.csv, curves.csv, attributions.jsonl ...) is rewritten in this
     one and the superseded files are removed. reverdict: first derive the summaries and verdicts again from
-    the saved tables with this version's rule (results.json keeps its timings and settings; no model runs).
+    the saved tables with this version's rule (results.json keeps its timings and settings; no model runs);
+    always done for a folder of format_version 1-2, whose measures `upgrade` renames first.
     full_tables: keep every attribution and per-example curve; None: as the folder has them when it is of
     this layout, else (an older folder) only what the report shows.
     """
     out = Path(out_dir)
-    files = read_folder(out)
+    original = read_folder(out)
+    files, upgraded = upgrade(original)
+    reverdict = reverdict or upgraded               # the old summaries and verdicts name the old measures
     data = load_files(files)
     res = data["results"]
     if full_tables is None:
-        full_tables = res.get("format_version") == FORMAT_VERSION and res.get("tables", {}).get(
+        layout = json.loads(original["results.json"].decode("utf-8")).get("format_version")
+        full_tables = layout in (2, FORMAT_VERSION) and res.get("tables", {}).get(
             "attributions.jsonl.gz", "full") == "full" and ("curves.csv.gz" in files or "curves_mean.csv" not in files)
     if reverdict:
         summaries, verdicts = _verdicts(data["metrics"], data["counterfactual"], data["comparisons"],
@@ -307,7 +312,8 @@ def _render_figures(data) -> dict[str, tuple[str, bytes]]:
         if summary["metric"].str.startswith(("gold_", "rationale_")).any():
             todo.append(("gold", "Ground-truth recovery per explainer.", lambda: F.gold_figure(summary)))  # noqa: B023
         if agreement is not None and len(agreement):
-            todo.append(("agreement", "Agreement between explainers: Kendall τ per example, averaged over all examples.",
+            todo.append(("agreement", "Agreement between explainers: rank correlation of their token scores per "
+                         "example, mean over all examples ± half its 95% bootstrap interval.",
                          lambda: F.agreement_figure(agreement)))  # noqa: B023
         if (summary["metric"] == "randomization_spearman").any():
             todo.append(("sanity", "Sanity check: similarity to the original map as layers are randomised.",

@@ -4,13 +4,13 @@
     data = load_files(files)                          # the tables and records the pages are drawn from
     commit_folder("reports/x", {**files, **pages})   # all of it appears at once, or nothing changes
 
-Layout (format_version 2). Per-example tables are gzip-compressed (mtime 0, no file name: same table,
+Layout (format_version 2 and 3; 3 renamed measures, `upgrade`). Per-example tables are gzip-compressed (mtime 0, no file name: same table,
 same bytes): metrics.csv.gz (always every row: `attnaudit report --reverdict` derives the verdicts from it),
 examples.jsonl.gz, attributions.jsonl.gz (the examples the report shows, or every record when
 full_tables) and curves.csv.gz (per-example curves, only when full_tables). Small tables stay plain:
 counterfactual.csv, counterfactual_permutation.csv, comparisons.csv, curves_mean.csv (mean and standard
-error per explainer, curve and fraction: what the curve figure draws), agreement.csv (Kendall τ between
-explainers over all examples: what the agreement figure draws) and attention.json (the drawn example per
+error per explainer, curve and fraction: what the curve figure draws), agreement.csv (Kendall τ and
+Spearman ρ between explainers, mean and bootstrap interval over all examples: what the agreement figure draws) and attention.json (the drawn example per
 task, its first ATTENTION_POSITIONS positions, 3 decimals). results.json's "tables" says which are full
 and which sampled. Version-1 folders (plain metrics.csv, curves.csv, attributions.jsonl, examples.jsonl,
 every attention example in full) are read too, and `compact` turns them into this layout.
@@ -41,10 +41,14 @@ import numpy as np
 import pandas as pd
 
 from attnaudit.analyses import figures as F
+from attnaudit.analyses.agreement import agreement_table, from_mean_tau
 from attnaudit.analyses.schema import normalize_setting
 from attnaudit.core.io import DIR_MODE, fsync_folder, is_temp_name, jsonable
 
-FORMAT, FORMAT_VERSION = "attnaudit-report", 2
+FORMAT, FORMAT_VERSION = "attnaudit-report", 3
+# format_version 3 renamed measures (issue 16): what versions 1-2 called gold_auprc / rationale_auprc was ERASER's
+# average_precision, and tau_loo rows had no setting; `upgrade` renames them so old reports read as new ones
+RENAMED_METRICS = {"gold_auprc": "gold_average_precision", "rationale_auprc": "rationale_average_precision"}
 CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")   # "'" too, so that guarding can be undone exactly
 N_EXAMPLES = 3              # correctly and incorrectly classified examples shown per task
 ATTENTION_POSITIONS = 48    # positions of the attention example that the figures draw
@@ -157,7 +161,9 @@ def _pick(files: Mapping[str, bytes], new: str, old: str | None):
 
 def load_files(files: Mapping[str, bytes]) -> dict:
     """{name: bytes} of either layout -> {"results": dict, "metrics", "counterfactual", "permutation", "curves",
-    "curves_mean", "comparisons", "agreement": DataFrame or None, "attributions", "examples", "attention": lists}."""
+    "curves_mean", "comparisons", "agreement": DataFrame or None, "attributions", "examples", "attention": lists}.
+    A folder of format_version 1-2 is read with this version's names (`upgrade`)."""
+    files = upgrade(files)[0]
     results = json.loads(files["results.json"].decode("utf-8"))
     if results.get("format") != FORMAT:
         raise ValueError(f"results.json must have format {FORMAT!r}; got {results.get('format')!r}.")
@@ -174,6 +180,46 @@ def load_files(files: Mapping[str, bytes]) -> dict:
         loaded[key] = parse_json_lines(text, name=name or key)
     loaded["attention"] = json.loads(files["attention.json"].decode("utf-8")) if "attention.json" in files else []
     return loaded
+
+
+def upgrade(files: Mapping[str, bytes]) -> tuple[dict[str, bytes], bool]:
+    """Data files of format_version 1-2 -> their names in this version, and whether anything was upgraded.
+
+    In the metrics and comparisons tables: gold_auprc and rationale_auprc (which held average precision) become
+    `RENAMED_METRICS`' names, so no old value stands under the name of ERASER's trapezoid AUPRC; tau_loo rows get
+    the setting `tables.tau_loo_setting` of the audit's policy (results.json settings.audit.policy, else "mask").
+    agreement.csv's mean Kendall τ (column tau) becomes measure kendall_tau of `analyses.agreement.COLUMNS`, its
+    interval unknown.
+    The tables are re-encoded as the writer encodes them; results.json says format_version 3. Its summaries and
+    verdicts still hold the old names: derive them again (`render_report` does, with reverdict).
+    """
+    from attnaudit.analyses.tables import tau_loo_setting
+
+    res = json.loads(files["results.json"].decode("utf-8"))
+    if res.get("format") != FORMAT or int(res.get("format_version", 1)) >= 3:
+        return dict(files), False
+    audit = (res.get("settings") or {}).get("audit") or {}
+    setting = tau_loo_setting(str(audit.get("policy") or "mask"))
+    out = dict(files)
+    for key in ("metrics", "comparisons"):
+        name, raw = _pick(files, *TABLES[key])
+        if raw is None:
+            continue
+        gz = name.endswith(".gz")
+        frame = _csv_frame(raw, gz)
+        frame["metric"] = frame["metric"].replace(RENAMED_METRICS)
+        tau = (frame["metric"] == "tau_loo") & frame["setting"].fillna("").eq("")
+        frame.loc[tau, "setting"] = setting
+        text = guarded_csv(frame).encode("utf-8")
+        out[name] = gzip_bytes(text) if gz else text
+    name, raw = _pick(files, *TABLES["agreement"])
+    if raw is not None:
+        frame = _csv_frame(raw, False)
+        if "tau" in frame.columns:
+            out[name] = guarded_csv(from_mean_tau(frame)).encode("utf-8")
+    res["format_version"] = FORMAT_VERSION
+    out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return out, True
 
 
 def load_results(out_dir) -> dict:
@@ -254,9 +300,10 @@ def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes
     if data["agreement"] is not None:
         out["agreement.csv"] = files["agreement.csv"]
     elif records:
-        out["agreement.csv"] = guarded_csv(agreement_frame(records, res["tasks"])).encode("utf-8")
+        out["agreement.csv"] = guarded_csv(agreement_table(records)).encode("utf-8")
     if "agreement.csv" in out:
-        tables["agreement.csv"] = "full: mean Kendall tau between explainers over all examples, per task"
+        tables["agreement.csv"] = ("full: Kendall tau and Spearman rho between explainers per example: mean and 95% "
+                                   "bootstrap interval over all examples, per task")
     if data["examples"]:
         out["examples.jsonl.gz"] = gzip_bytes(json_lines_text(data["examples"]).encode("utf-8"))
         tables["examples.jsonl.gz"] = "full"
@@ -277,18 +324,6 @@ def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes
            "files": sorted(out) + ["results.json", "index.html", "report.md", "figures/"]}
     out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
     return out
-
-
-def agreement_frame(records: Sequence[dict], tasks: Sequence[str]) -> pd.DataFrame:
-    """Tidy task, explainer, other, tau: `figures.agreement_matrix` per task, over every record given."""
-    rows = []
-    for task in tasks:
-        recs = [r for r in records if r["task"] == task]
-        if not recs:
-            continue
-        m = F.agreement_matrix(recs)
-        rows += [(task, a, b, float(m.loc[a, b])) for a in m.index for b in m.columns]
-    return pd.DataFrame(rows, columns=["task", "explainer", "other", "tau"])
 
 
 def compact_attention(items: Sequence[dict]) -> list[dict]:
@@ -408,7 +443,7 @@ def _swap(stage: Path, out: Path) -> Path:
     return aside
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TABLES", "RECORDS", "REPORT_NAMES", "ReportWriteError", "gzip_bytes",
+__all__ = ["FORMAT", "FORMAT_VERSION", "RENAMED_METRICS", "upgrade", "TABLES", "RECORDS", "REPORT_NAMES", "ReportWriteError", "gzip_bytes",
            "guard_cell", "unguard_cell", "guarded_csv", "read_guarded_csv", "parse_json_lines", "read_json_lines",
            "json_lines_text", "dumps", "read_folder", "load_files", "load_results", "select_examples", "label_text",
-           "compact", "agreement_frame", "compact_attention", "commit_folder"]
+           "compact", "compact_attention", "commit_folder"]

@@ -26,14 +26,16 @@ import numpy as np
 import pandas as pd
 
 from attnaudit.analyses import figures as F
+from attnaudit.analyses.agreement import reference_columns, reference_table
 from attnaudit.analyses.attention_view import report_section, script_csp_source
 from attnaudit.analyses.report_files import select_examples
 from attnaudit.analyses.schema import normalize_setting
-from attnaudit.analyses.verdict import RULE, Verdict, headline_settings
+from attnaudit.analyses.verdict import DEFINITIONS, RULE, Verdict, headline_settings
 from attnaudit.explain.registry import ATTENTION_FAMILY
 
 CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {script_csp_source()}"
-RATIONALE_METRICS = (("rationale_token_f1", "token F1"), ("rationale_iou_f1", "IOU F1"), ("rationale_auprc", "AUPRC"))
+RATIONALE_METRICS = (("rationale_token_f1", "token F1"), ("rationale_iou_f1", "IOU F1"),
+                     ("rationale_average_precision", "average precision"), ("rationale_auprc", "AUPRC"))
 SUMMARY_FIGURE = "summary-ranks.png"
 
 
@@ -44,6 +46,10 @@ def e(value) -> str:
 
 def num(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def count(x) -> str:
+    return "–" if x is None or not math.isfinite(float(x)) else str(int(x))
 
 
 def slug(i: int, task: str) -> str:
@@ -99,7 +105,9 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
     aligned = [t for t in tasks if alignment_table(res["summary"][t])]
     attention = report_section(res, data, ids={t: f"attention-{slug(i, t)}" for i, t in enumerate(tasks)})
     nav = [("verdict", "Verdict")] + ([("attention", "Attention")] if attention else []) + [("evidence", "Evidence")] \
-        + ([("plausibility", "Plausibility")] if plaus else []) + ([("alignment", "Alignment")] if aligned else []) \
+        + ([("plausibility", "Plausibility")] if plaus else []) \
+        + ([("agreement", "Agreement")] if any(task_agreement(data, t) for t in tasks) else []) \
+        + ([("alignment", "Alignment")] if aligned else []) \
         + [("examples", "Examples"), ("model", "Model and settings")]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">',
@@ -125,7 +133,9 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         caption, png = figures[SUMMARY_FIGURE]
         parts.append(_html_figure(SUMMARY_FIGURE, caption, png, fid="summary-figure"))
     parts.append("</div>")
-    parts.append(f"<details><summary>How the answer is derived</summary><p>{e(RULE)}</p></details></section>")
+    parts.append(f"<details><summary>How the answer is derived</summary><p>{e(RULE)}</p></details>"
+                 "<details><summary>What the measures mean</summary><dl>"
+                 + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in DEFINITIONS) + "</dl></details></section>")
     if attention:
         parts.append(attention)
     parts.append('<section id="evidence"><h2>Evidence</h2>')
@@ -142,9 +152,18 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         parts.append('<section id="plausibility"><h2>Plausibility: agreement with human rationales</h2>'
                      '<p class="meta">Per explainer: mean over examples with a rationale [95% bootstrap interval]; '
                      "higher is better. Token F1 and IOU F1 compare the top tokens with the marked ones (ERASER, "
-                     "DeYoung et al. 2020); AUPRC ranks all tokens against them.</p>")
+                     "DeYoung et al. 2020); average precision (sklearn's step sum) and AUPRC (the trapezoid area under "
+                     "the precision-recall curve) rank all tokens against them, under ERASER's names and "
+                     "definitions.</p>")
         for task in plaus:
             parts.append(f"<h3>Task {e(task)}</h3>" + _html_rationale(res["summary"][task]))
+        parts.append("</section>")
+    agreeing = {t: a for t in tasks if (a := task_agreement(data, t))}
+    if agreeing:
+        parts.append('<section id="agreement"><h2>Agreement with gradients and occlusion</h2>'
+                     f'<p class="meta">{e(AGREEMENT_NOTE)}</p>')
+        for task, (refs, rows) in agreeing.items():
+            parts.append(f"<h3>Task {e(task)}</h3>" + _html_agreement(refs, rows))
         parts.append("</section>")
     if aligned:
         parts.append('<section id="alignment"><h2>Alignment with gold word links</h2>'
@@ -294,13 +313,48 @@ def _html_alignment(summary: list[dict]) -> str:
     return f'<div class="scroll"><table class="ranks"><tr><th>explainer</th>{head}</tr>{"".join(body)}</table></div>'
 
 
+AGREEMENT_NOTE = ("Spearman ρ between each attention-family explainer's token scores and input gradients "
+                  "(saliency, input × gradient, integrated gradients) or blank-out importance (occlusion), per "
+                  "example: mean over examples [95% bootstrap interval], n examples. Abnar & Zuidema (2020) read "
+                  "rollout and flow this way. Agreement is not faithfulness by itself; the evidence above ranks "
+                  "each explainer against the model. Every pair, with Kendall τ_b too, is in agreement.csv and the "
+                  "agreement figure.")
+
+
+def task_agreement(data: dict, task: str):
+    """(reference names, `agreement.reference_table` rows) for one task, or None."""
+    frame = data.get("agreement")
+    if frame is None or "measure" not in frame.columns:
+        return None
+    t = frame[frame["task"] == task]
+    rows = reference_table(t)
+    return (reference_columns(t), rows) if rows else None
+
+
+def _html_agreement(refs: list[str], rows) -> str:
+    head = "".join(f"<th>{e(r)}</th>" for r in refs)
+    body = []
+    for name, cells in rows:
+        tds = ["<td>–</td>" if not c else f"<td>{e(num(c['mean']))} <span class=\"ci\">[{e(num(c['ci_low']))}, "
+               f"{e(num(c['ci_high']))}] n={e(count(c['n']))}</span></td>" for c in cells]
+        body.append(f'<tr><th class="fam">{e(name)}</th>{"".join(tds)}</tr>')
+    return f'<div class="scroll"><table class="ranks"><tr><th>explainer</th>{head}</tr>{"".join(body)}</table></div>'
+
+
+def rationale_columns(rows: list[tuple[str, dict]]) -> list[tuple[str, str]]:
+    """The RATIONALE_METRICS that `rationale_rows` has (a report written before a measure existed lacks it)."""
+    present = {m for _, cells in rows for m in cells}
+    return [(m, label) for m, label in RATIONALE_METRICS if m in present]
+
+
 def _html_rationale(summary: list[dict]) -> str:
     rows = rationale_rows(summary)
-    head = "".join(f"<th>{e(label)}</th>" for _, label in RATIONALE_METRICS)
+    columns = rationale_columns(rows)
+    head = "".join(f"<th>{e(label)}</th>" for _, label in columns)
     body = []
     for name, cells in rows:
         tds = []
-        for m, _ in RATIONALE_METRICS:
+        for m, _ in columns:
             c = cells.get(m)
             tds.append("<td>–</td>" if not c else f"<td>{e(num(c.get('mean')))} <span class=\"ci\">"
                        f"[{e(num(c.get('ci_low')))}, {e(num(c.get('ci_high')))}]</span></td>")
@@ -388,5 +442,5 @@ def _html_examples(task: str, data: dict, card: Mapping) -> str:
     return "".join(s)
 
 
-__all__ = ["render_html", "e", "CSP", "CSS", "run_table", "rank_grid", "gold_mask", "slug", "verdict_id", "SUMMARY_FIGURE",
+__all__ = ["render_html", "rationale_columns", "AGREEMENT_NOTE", "task_agreement", "count", "e", "CSP", "CSS", "run_table", "rank_grid", "gold_mask", "slug", "verdict_id", "SUMMARY_FIGURE",
            "flatten", "num", "rationale_rows", "alignment_table", "ALIGNMENT_COLUMNS", "translation_line"]

@@ -14,18 +14,21 @@ from collections.abc import Sequence
 
 from attnaudit.analyses.report_files import select_examples
 from attnaudit.analyses.report_html import (
+    AGREEMENT_NOTE,
     ALIGNMENT_COLUMNS,
-    RATIONALE_METRICS,
     SUMMARY_FIGURE,
     alignment_table,
+    count,
     flatten,
     num,
     rank_grid,
+    rationale_columns,
     rationale_rows,
     run_table,
+    task_agreement,
     translation_line,
 )
-from attnaudit.analyses.verdict import RULE, Verdict
+from attnaudit.analyses.verdict import DEFINITIONS, RULE, Verdict
 
 _MD_ESCAPE = {"\\": "\\\\", "`": "\\`", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#",
               "~": "\\~", "<": "&lt;", ">": "&gt;", "&": "&amp;", **{ch: " " for ch in
@@ -74,7 +77,7 @@ def _verdict_section(res: dict, figures: dict[str, tuple[str, bytes]]) -> list[s
         out += [f"### Task {md(task)}: **{md(v.answer.upper())}**", "", md(v.paragraph), ""]
     if SUMMARY_FIGURE in figures:
         out += [f"![{md(figures[SUMMARY_FIGURE][0])}](figures/{SUMMARY_FIGURE})", ""]
-    return out + [f"Rule: {md(RULE)}", ""]
+    return out + [f"Rule: {md(RULE)}", "", "What the measures mean:", ""] + [f"- {md(k)}: {md(v)}" for k, v in DEFINITIONS] + [""]
 
 
 def _evidence_section(res: dict, figures: dict[str, tuple[str, bytes]]) -> list[str]:
@@ -99,11 +102,24 @@ def _plausibility_section(res: dict) -> list[str]:
         return []
     out = ["## Plausibility: agreement with human rationales", "",
            "Mean over examples with a rationale [95% bootstrap interval]; higher is better.", ""]
-    header = ["explainer"] + [label for _, label in RATIONALE_METRICS]
     for task in plaus:
-        rows = [[name] + [_interval(cells.get(m)) for m, _ in RATIONALE_METRICS]
-                for name, cells in rationale_rows(res["summary"][task])]
+        named = rationale_rows(res["summary"][task])
+        columns = rationale_columns(named)
+        header = ["explainer"] + [label for _, label in columns]
+        rows = [[name] + [_interval(cells.get(m)) for m, _ in columns] for name, cells in named]
         out += [f"### Task {md(task)}", "", _md_table(header, rows), ""]
+    return out
+
+
+def _agreement_section(res: dict, data: dict) -> list[str]:
+    found = {t: a for t in res["tasks"] if (a := task_agreement(data, t))}
+    if not found:
+        return []
+    out = ["## Agreement with gradients and occlusion", "", AGREEMENT_NOTE, ""]
+    for task, (refs, rows) in found.items():
+        table = [[name] + ["–" if not c else f"{num(c['mean'])} [{num(c['ci_low'])}, {num(c['ci_high'])}] "
+                           f"n={count(c['n'])}" for c in cells] for name, cells in rows]
+        out += [f"### Task {md(task)}", "", _md_table(["explainer", *refs], table), ""]
     return out
 
 
@@ -166,6 +182,7 @@ def render_markdown(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]
     out += _verdict_section(res, figures)
     out += _evidence_section(res, figures)
     out += _plausibility_section(res)
+    out += _agreement_section(res, data)
     out += _alignment_section(res)
     out += _examples_section(res, data, figures)
     out += _settings_section(res)

@@ -22,8 +22,8 @@ on cross-attention, with Chefer et al.'s encoder–decoder rules; the gradient f
 LIME and KernelSHAP on the source; random). "attention" and "rollout" keep the classifier's names, so the verdict
 counts them, with grad_attention, attention_x_grad, attention_norm and attention_layers, as the attention family.
 Metrics (`analyses.tables` formats): comprehensiveness / sufficiency at k = 0.1, 0.2, 0.5 and "aopc", RISE
-deletion / insertion AUC (removed tokens → [MASK], the reference prefix kept), gold_auprc and gold_precision_at_k
-against the word alignment (Sure links). Alignment rows (`analyses.alignment`, Och & Ney 2003), after all the others:
+deletion / insertion AUC (removed tokens → [MASK], the reference prefix kept), gold_average_precision, gold_auprc
+(ERASER's names, `analyses.plausibility`) and gold_precision_at_k against the word alignment (Sure links). Alignment rows (`analyses.alignment`, Och & Ney 2003), after all the others:
 metrics alignment_error_rate, alignment_precision and alignment_recall at the WORD level: each explainer's
 [tgt token, src token] scores are summed onto [tgt word, src word] (`merge_subwords`), then links are taken by a
 rule (setting "argmax", the default: each target word's highest-scoring source word), one row per example and one
@@ -51,7 +51,7 @@ from attnaudit.analyses.alignment import RULES, alignment_counts, extract_links,
 from attnaudit.analyses.counterfactual import TESTS as COUNTERFACTUAL_TESTS
 from attnaudit.analyses.counterfactual import tvd
 from attnaudit.analyses.faithfulness import curve_auc
-from attnaudit.analyses.plausibility import auprc, precision_at_k
+from attnaudit.analyses.plausibility import pr_metrics, precision_at_k
 from attnaudit.analyses.schema import tidy_frame, tidy_rows
 from attnaudit.analyses.seq2seq_counterfactual import adversarial_search, cross_head_table, example_means, head_rows
 from attnaudit.analyses.tables import bin_setting
@@ -166,7 +166,7 @@ def translator_metrics(model: Seq2SeqModel, examples: Sequence[Example], *, expl
 
     `scores` adds precomputed explanations {name: [batch, tgt, src]} (e.g. an oracle) to the named explainers.
     gold: one `GoldAlignment` per example, word links (e.g. `read_alignments`): Sure and Possible for the alignment
-    rows, Sure for gold_auprc / gold_precision_at_k (default: each Example's `alignment` as Sure and
+    rows, Sure for the gold_* rows (default: each Example's `alignment` as Sure and
     `possible_alignment` as Possible); heads: also the alignment rows of each cross-attention head;
     alignment_rules: `analyses.alignment.RULES` to score. model: a `Translator` or an `HFTranslator`.
     """
@@ -195,7 +195,9 @@ def translator_metrics(model: Seq2SeqModel, examples: Sequence[Example], *, expl
             add(metric, "aopc", curve.mean(1))
         add("deletion_auc", "", curve_auc(engine.unit_probs(units, *deletion_path(a))))
         add("insertion_auc", "", curve_auc(engine.unit_probs(units, *insertion_path(a))))
-        add("gold_auprc", "", auprc(a, units.gold))
+        ap, area = pr_metrics(a, units.gold)
+        add("gold_average_precision", "", ap)
+        add("gold_auprc", "", area)
         add("gold_precision_at_k", "k=n_gold", precision_at_k(a, units.gold))
     maps = list(zip(units.src_words, units.tgt_words))
     n_words = [(len(words(e.text)), len(words(e.target or ""))) for e in examples]

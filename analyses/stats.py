@@ -35,10 +35,12 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "tau_loo": True,                    # agrees with leave-one-out importance
     "infidelity": False,
     "sensitivity_max": False,
-    "gold_auprc": True,                 # plausibility against gold rationales (analyses/plausibility.py)
+    "gold_average_precision": True,     # agreement with the gold tokens (analyses/plausibility.py, ERASER's names)
+    "gold_auprc": True,
     "gold_precision_at_k": True,
     "rationale_token_f1": True,
     "rationale_iou_f1": True,
+    "rationale_average_precision": True,
     "rationale_auprc": True,
     "randomization_spearman": False,    # explanations should change when the weights are randomised
 }

@@ -45,6 +45,12 @@ def bin_setting(k: float) -> str:
     return f"k={float(k):g}"
 
 
+def tau_loo_setting(policy: str) -> str:
+    """The setting of a tau_loo row: the replacement policy its leave-one-out inputs used ("policy=mask").
+    τ-LOO depends on it: only "policy=delete" is the τ-LOO of ferret and the literature."""
+    return f"policy={policy}"
+
+
 def _named(attributions) -> dict[str, Attribution]:
     if isinstance(attributions, Attribution):
         attributions = [attributions]
@@ -114,7 +120,7 @@ def faithfulness_table(model: ExplainableModel, batch: Batch, attributions: Mapp
                 if ferret:
                     rows += tidy_rows(attr.ids, name, metric, "ferret_aopc", F.ferret_aopc(engine, batch, attr, kind=metric))
         if "tau_loo" in metrics:
-            rows += tidy_rows(attr.ids, name, "tau_loo", "", F.tau_loo(engine, batch, attr, **opts))
+            rows += tidy_rows(attr.ids, name, "tau_loo", tau_loo_setting(policy), F.tau_loo(engine, batch, attr, **opts))
         if "infidelity" in metrics:
             rows += _captum_rows(attr, name, "infidelity", lambda: F.infidelity(model, batch, attr, seed=seed))  # noqa: B023
         if "sensitivity_max" in metrics:

@@ -31,10 +31,12 @@ from attnaudit.core.io import jsonable
 from attnaudit.data.tasks import TASK_NAMES
 from attnaudit.explain.registry import ATTENTION_FAMILY
 
+# agreement with the gold tokens (ERASER's average_precision): a headline measure only where they cause the label
+GOLD_HEADLINE = "gold_average_precision"
 # (metric, preferred setting): the faithfulness and ground-truth measures the attention family is ranked on
 HEADLINE_METRICS: tuple[tuple[str, str | None], ...] = (
     ("comprehensiveness", "aopc"), ("sufficiency", "aopc"), ("deletion_auc", None), ("insertion_auc", None),
-    ("tau_loo", None), ("decision_flip_fraction", None), ("gold_auprc", None))
+    ("tau_loo", None), ("decision_flip_fraction", None), (GOLD_HEADLINE, None))
 PERTURBATION_METRICS = ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "tau_loo",
                         "decision_flip_fraction")
 GOLD_KINDS = ("causal", "human")   # gold tokens that decide the label by construction, or annotators' rationales
@@ -48,10 +50,32 @@ ADVERSARIAL_SHARE = 0.5      # ... with the output TVD <= ε for at least this s
 SMALL_MODEL = (4, 256)       # at most this many layers and this d_model: a small model
 FEW_EXAMPLES = 30            # fewer examples than this per (explainer, metric): wide intervals
 
+# what each measure of the tables is, in the words the report shows (one home: the HTML and Markdown pages read it)
+DEFINITIONS: tuple[tuple[str, str], ...] = (
+    ("comprehensiveness", "p(target | x) − p(target | x without the top k% tokens), per k (ERASER, DeYoung et al. "
+     "2020); aopc is its mean over k. Higher is better."),
+    ("sufficiency", "p(target | x) − p(target | only the top k% tokens), per k; aopc its mean. Lower is better."),
+    ("deletion_auc / insertion_auc", "area under p(target) as tokens are removed (deletion, lower is better) or "
+     "restored (insertion, higher is better) in the explainer's order (RISE, Petsiuk et al. 2018)."),
+    ("tau_loo", "Kendall τ_b between the scores and leave-one-out importance p(target | x) − p(target | x with "
+     "token j replaced); the setting names the replacement (policy=mask: [MASK]; only policy=delete is ferret's "
+     "τ-LOO). Higher is better."),
+    ("decision_flip_fraction", "the fraction of tokens removed in the explainer's order before the decision "
+     "flips (lower is better)."),
+    ("gold_average_precision / gold_auprc", "agreement of the scores with the gold tokens: ERASER's "
+     "average_precision (sklearn's step sum; single-class examples skipped) and auprc (the trapezoid area under "
+     "the precision-recall curve). Evidence of faithfulness where the gold tokens cause the label (the built-in "
+     "tasks), plausibility against human rationales."),
+    ("rationale_*", "agreement with human rationales (plausibility, not faithfulness): token F1 and IOU F1 of "
+     "the top n_gold tokens, average precision and AUPRC as above."),
+    ("randomization_spearman", "Spearman similarity of the map to the original as layers are re-initialised "
+     "from the top (Adebayo et al. 2018); a map that stays similar fails the check."),
+)
+
 RULE = (
     f"Per task, each attention-family explainer is scored on the headline metrics it has "
-    f"({', '.join(m if s is None else f'{m} ({s})' for m, s in HEADLINE_METRICS)}; gold_auprc only where the gold "
-    f"tokens cause the label by construction, as in the built-in tasks: agreement with human rationales is "
+    f"({', '.join(m if s is None else f'{m} ({s})' for m, s in HEADLINE_METRICS)}; {GOLD_HEADLINE} only where "
+    f"the gold tokens cause the label by construction, as in the built-in tasks: agreement with human rationales is "
     f"plausibility, not faithfulness). It is 'near the best' on a "
     f"metric when it ranks first or a paired Wilcoxon test against the best explainer is not significant "
     f"(Holm-adjusted p >= {ALPHA}); it is 'better than random' when its mean is on the better side of "
@@ -307,7 +331,7 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
         counterfactual: rows test, layer, head, statistic, value (`counterfactual_table(...)["summary"]`).
         comparisons: explainer, metric, setting, vs, p_holm (...); None -> paired Wilcoxon + Holm computed here.
         model_card: architecture etc., for the caveats; summary: `tables.summarize(metrics)` if already computed.
-        gold: what the gold tokens behind gold_auprc are: "causal" (they decide the label by construction, as in
+        gold: what the gold tokens behind GOLD_HEADLINE are: "causal" (they decide the label by construction, as in
             the built-in tasks: evidence of faithfulness, a headline measure) or "human" (annotators' rationales:
             plausibility, reported but kept out of the verdict). None: "causal" for a built-in or synthetic task
             (`is_synthetic`), else "human".
@@ -321,9 +345,9 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
     metrics = normalize_setting(metrics)
     summary = summarize(metrics) if summary is None else normalize_setting(summary)
     ranks = rank_table(summary)
-    plausibility = gold == "human" and bool((ranks["metric"] == "gold_auprc").any())
+    plausibility = gold == "human" and bool((ranks["metric"] == GOLD_HEADLINE).any())
     if plausibility:                           # agreement with annotators is not evidence of faithfulness
-        ranks = ranks[ranks["metric"] != "gold_auprc"].reset_index(drop=True)
+        ranks = ranks[ranks["metric"] != GOLD_HEADLINE].reset_index(drop=True)
     given = comparisons is not None
     comps = normalize_comparisons(comparisons) if given else compute_comparisons(metrics, summary)
     att = attention_ranks(ranks, comps)
@@ -370,10 +394,10 @@ def derive_verdict(metrics: pd.DataFrame, *, task: str = "default", counterfactu
 
     measured = set(ranks["metric"])
     if plausibility:
-        caveats.append("gold_auprc here is agreement with human rationales (plausibility, ERASER's average "
+        caveats.append(f"{GOLD_HEADLINE} here is agreement with human rationales (plausibility, ERASER's average "
                        "precision against the annotators' tokens), not evidence that the model uses those tokens; "
                        "it is reported in the tables but not counted in the verdict.")
-    absent = [m for m, _ in HEADLINE_METRICS if m not in measured and not (plausibility and m == "gold_auprc")]
+    absent = [m for m, _ in HEADLINE_METRICS if m not in measured and not (plausibility and m == GOLD_HEADLINE)]
     if absent:
         caveats.append(f"Not measured, so not part of the verdict: {', '.join(absent)}.")
     if measured & set(PERTURBATION_METRICS):
@@ -442,5 +466,5 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return [jsonable(r) for r in df.to_dict("records")]
 
 
-__all__ = ["Verdict", "RULE", "ANSWERS", "GOLD_KINDS", "is_synthetic", "derive_verdict", "rank_table", "headline_settings", "counterfactual_findings",
+__all__ = ["Verdict", "RULE", "DEFINITIONS", "ANSWERS", "GOLD_KINDS", "is_synthetic", "derive_verdict", "rank_table", "headline_settings", "counterfactual_findings",
            "randomization_results", "normalize_comparisons", "compute_comparisons", "attention_ranks"]

@@ -118,7 +118,7 @@ def engine_metrics(table) -> dict[str, np.ndarray]:
     def col(metric, setting=""):
         return table[(table.metric == metric) & (table.setting == setting)].value.to_numpy()
     return {"comp": col("comprehensiveness", "aopc"), "suff": col("sufficiency", "aopc"), "del": col("deletion_auc"),
-            "ins": col("insertion_auc"), "flip": col("decision_flip_fraction"), "tau": col("tau_loo")}
+            "ins": col("insertion_auc"), "flip": col("decision_flip_fraction"), "tau": col("tau_loo", "policy=mask")}
 
 
 # -- plain batched forwards over the engine's unique sequences ------------------------------------

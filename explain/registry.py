@@ -28,16 +28,20 @@ REGISTRY: dict[str, str] = {
     "lime": "attnaudit.explain.perturbation:Lime",
     "kernel_shap": "attnaudit.explain.perturbation:KernelShap",
     "random": "attnaudit.explain.control:RandomScores",
-    # context mixing beyond attention weights (issue 16): registered, not yet in the default audit
+    # context mixing beyond attention weights (issue 16): each takes some architectures only (see its module)
     "alti": "attnaudit.explain.alti:ALTI",
     "globenc": "attnaudit.explain.globenc:GlobEnc",
     "value_zeroing": "attnaudit.explain.value_zeroing:ValueZeroing",
     "attnlrp": "attnaudit.explain.attnlrp:AttnLRP",
 }
 
-# What an audit runs by default (`AuditSettings.explainers`): the registry less the explainers still opt-in.
-OPT_IN = ("alti", "globenc", "value_zeroing", "attnlrp")
-DEFAULT_EXPLAINERS = tuple(n for n in REGISTRY if n not in OPT_IN)
+# Context mixing beyond attention weights: defined for some architectures only, so an audit leaves one out of a
+# model it does not take (and says so) instead of refusing the audit.
+CONTEXT_MIXING = ("alti", "globenc", "value_zeroing", "attnlrp")
+# What an audit runs by default (`AuditSettings.explainers`): every registered explainer.
+DEFAULT_EXPLAINERS = tuple(REGISTRY)
+# The 15 explainers of the first wave, the default before the context-mixing ones joined it.
+CLASSIC_EXPLAINERS = tuple(n for n in REGISTRY if n not in CONTEXT_MIXING)
 
 # The attention family, by name: the registry's attention explainers, and "attention_layers", the encoder–decoder's
 # cross-attention averaged over layers (`explain.seq2seq`, which reuses the other names for its own versions).

@@ -37,7 +37,8 @@ def test_audit_returns_tidy_tables_for_every_explainer_and_analysis(tiny_model, 
     assert list(m.columns) == COLUMNS
     assert set(m["explainer"]) == set(FAST["explainers"])
     assert {"comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc", "decision_flip_fraction", "tau_loo",
-            "gold_auprc", "gold_precision_at_k", "rationale_token_f1", "randomization_spearman"} <= set(m["metric"])
+            "gold_average_precision", "gold_auprc", "gold_precision_at_k", "rationale_token_f1",
+            "randomization_spearman"} <= set(m["metric"])
     per = m[m["metric"] == "deletion_auc"].groupby("explainer")["example_id"].nunique()
     assert (per == len(examples)).all()
     assert set(result.counterfactual) >= {"summary", "permutation"}
@@ -127,3 +128,18 @@ def test_write_report_from_an_audit(tiny_model, examples, tmp_path):
     back = pd.read_csv(out / "metrics.csv.gz", keep_default_na=False, na_values=[""])
     assert set(back["task"]) == {"tiny"} and len(back) == len(result.metrics)
     assert torch.get_num_threads() == 1
+
+
+def test_a_context_mixing_explainer_the_model_does_not_take_is_left_out(tiny_model, examples):
+    """AttnLRP is defined for encoders: an encoder's audit runs it; a decoder classifier's leaves it out and says
+    why, while an explainer that fails for another reason still stops the audit."""
+    from test_attention_zeroing import tiny_decoder_classifier
+
+    settings = dict(FAST, explainers=("attention", "attnlrp", "alti", "random"), analyses=("faithfulness",))
+    encoder = audit(tiny_model, examples, **settings)
+    assert {"attnlrp", "alti"} <= set(encoder.metrics["explainer"]) and "left_out" not in encoder.settings
+    decoder = audit(tiny_decoder_classifier(), [Example(id=x.id, text=x.text, label=x.label % 3) for x in examples],
+                    **settings)
+    assert "attnlrp" not in set(decoder.metrics["explainer"]) and "alti" in set(decoder.metrics["explainer"])
+    assert list(decoder.settings["left_out"]) == ["attnlrp"] and "attnlrp supports" in decoder.settings["left_out"]["attnlrp"]
+    assert AuditSettings().explainers[-4:] == ("alti", "globenc", "value_zeroing", "attnlrp")   # in the default

@@ -192,6 +192,32 @@ def test_tau_loo_uses_leave_one_out_from_the_engine(tiny_model, tiny_batch):
     assert math.isclose(float(tau[i]), kendalltau(attr.scores[i, m], loo[i, m]).statistic, abs_tol=1e-6)
 
 
+
+@pytest.mark.parametrize("policy", ["delete", "mask"])
+def test_tau_loo_by_policy_against_a_hand_computation_and_named_in_the_table(tiny_model, tiny_batch, policy):
+    """τ-LOO = Kendall τ_b(scores, p(target | x) − p(target | x with token j deleted / masked)): each input is
+    built here by hand (the token cut out of the ids, or [MASK] in its place) and run through the model alone."""
+    from attnaudit.analyses.tables import faithfulness_table
+
+    attr = random_attribution(tiny_model, tiny_batch)
+    table = faithfulness_table(tiny_model, tiny_batch, {"random": attr}, metrics=("tau_loo",), policy=policy)
+    assert set(table["setting"]) == {f"policy={policy}"}
+    for i in range(len(tiny_batch)):
+        n = int(tiny_batch.attention_mask[i].sum())
+        ids = tiny_batch.input_ids[i, :n]
+        tokens = [j for j in range(n) if bool(attr.scored_mask[i, j])]
+        if len(tokens) < 2:
+            continue
+        loo = []
+        for j in tokens:
+            edited = torch.cat([ids[:j], ids[j + 1:]]) if policy == "delete" else ids.clone().index_fill_(0, torch.tensor([j]), tiny_model.mask_id)
+            with torch.no_grad():
+                p = tiny_model.logits(edited[None], torch.ones(1, len(edited), dtype=torch.bool)).softmax(-1)[0, attr.target[i]]
+            loo.append(float(attr.target_prob[i] - p))
+        want = kendalltau(attr.scores[i, tokens].numpy(), np.array(loo)).statistic
+        got = float(table.loc[table["example_id"] == tiny_batch.ids[i], "value"].iloc[0])
+        assert (math.isnan(want) and math.isnan(got)) or abs(got - want) < 1e-5, (policy, i)
+
 # -- ferret's preset ------------------------------------------------------------------------------
 def ferret_by_hand(model, batch, attr, kind, only_pos=True):
     """ferret's AOPC_Comprehensiveness/Sufficiency_Evaluation.compute_evaluation, transcribed (ids, not text)."""

@@ -9,6 +9,7 @@ import torch
 
 from attnaudit.analyses.plausibility import (
     auprc,
+    average_precision,
     gold_table,
     iou_f1,
     precision_at_k,
@@ -45,11 +46,15 @@ def make(rows_scores, rows_gold, method="hand"):
 
 # Case A: word scores [.9, .1, .8, .3, .2], gold [1, 0, 0, 1, 0].
 #   Ranking: .9(gold) .8 .3(gold) .2 .1 -> AP = 0.5·1 + 0.5·(2/3) = 5/6.
+#   PR points (recall, precision) from (0, 1): (1/2, 1) (1/2, 1/2) (1, 2/3) (1, 1/2) (1, 2/5); trapezoids
+#   (1/2)(1 + 1)/2 + 0 + (1/2)(1/2 + 2/3)/2 = 1/2 + 7/24 -> AUPRC = 19/24 (ERASER's auc(recall, precision)).
 #   k = 2 gold words: top-2 = words 0 and 2 -> precision@k = 1/2; token P = R = 1/2 -> F1 = 1/2.
 #   Spans: predicted {w0}, {w2}; gold {w0}, {w3}. IOU: {w0} matches (1.0), {w2} none -> P = R = 1/2, F1 = 1/2.
 A = ([0.9, 0.1, 0.8, 0.3, 0.2], [1, 0, 0, 1, 0])
 # Case B: word scores [.9, .8, .7, .1, .6], gold [0, 1, 1, 1, 0] (one gold span w1..w3).
 #   Ranking: .9 .8(g) .7(g) .6 .1(g) -> AP = (1/3)(1/2) + (1/3)(2/3) + (1/3)(3/5) = 53/90.
+#   PR points from (0, 1): (0, 0) (1/3, 1/2) (2/3, 2/3) (2/3, 1/2) (1, 3/5) -> AUPRC =
+#   0 + (1/3)(1/2 + 2/3)/2 + 0 + (1/3)(1/2 + 3/5)/2 = 7/36 + 11/60 = 83/180.
 #   k = 3: top-3 = w0, w1, w2 -> precision@k = 2/3, token F1 = 2/3 (P = R).
 #     IOU: one predicted span w0..w2 vs w1..w3: 2 / 4 = 0.5 >= 0.5 -> TP; P = R = 1 -> IOU F1 = 1.
 #   threshold 0.5: predicted w0, w1, w2, w4 -> token P = 2/4, R = 2/3 -> F1 = 2·(1/2)(2/3)/(7/6) = 4/7.
@@ -57,9 +62,10 @@ A = ([0.9, 0.1, 0.8, 0.3, 0.2], [1, 0, 0, 1, 0])
 B = ([0.9, 0.8, 0.7, 0.1, 0.6], [0, 1, 1, 1, 0])
 
 
-def test_auprc_and_precision_at_k_by_hand():
+def test_average_precision_auprc_and_precision_at_k_by_hand():
     attr, gold, _ = make([A[0], B[0]], [A[1], B[1]])
-    torch.testing.assert_close(auprc(attr, gold), torch.tensor([5 / 6, 53 / 90], dtype=torch.float64))
+    torch.testing.assert_close(average_precision(attr, gold), torch.tensor([5 / 6, 53 / 90], dtype=torch.float64))
+    torch.testing.assert_close(auprc(attr, gold), torch.tensor([19 / 24, 83 / 180], dtype=torch.float64))
     torch.testing.assert_close(precision_at_k(attr, gold), torch.tensor([1 / 2, 2 / 3], dtype=torch.float64))
 
 
@@ -83,9 +89,18 @@ def test_padding_specials_ties_and_empty_gold():
     # Row 1 has no gold word: every metric is undefined (NaN).
     attr, gold, _ = make([[0.5, 0.5], [0.3, 0.2, 0.1]], [[0, 1], [0, 0, 0]])
     assert float(precision_at_k(attr, gold)[0]) == 0.0
-    assert math.isclose(float(auprc(attr, gold)[0]), 0.5)         # constant scores: AP = share of positives
-    for metric in (auprc, precision_at_k, token_f1, iou_f1):
+    assert math.isclose(float(average_precision(attr, gold)[0]), 0.5)   # constant scores: AP = share of positives
+    assert math.isclose(float(auprc(attr, gold)[0]), 0.75)      # points (0, 1) (1, 1/2): one trapezoid, 3/4
+    for metric in (average_precision, auprc, precision_at_k, token_f1, iou_f1):
         assert math.isnan(float(metric(attr, gold)[1]))
+
+
+def test_single_class_documents():
+    """Every scored token gold: ERASER skips the document for average precision; its AUPRC is 1."""
+    attr, gold, _ = make([[0.3, 0.1, 0.2], A[0]], [[1, 1, 1], A[1]])
+    ap, area = average_precision(attr, gold), auprc(attr, gold)
+    assert math.isnan(float(ap[0])) and float(area[0]) == 1.0
+    assert math.isclose(float(ap[1]), 5 / 6) and math.isclose(float(area[1]), 19 / 24)
 
 
 def test_spans():
@@ -97,11 +112,14 @@ def test_tables_are_tidy():
     attr, _, batch = make([A[0], B[0]], [A[1], B[1]])
     g = gold_table([attr], batch)
     assert list(g.columns) == ["example_id", "explainer", "metric", "setting", "value"]
-    assert set(g.metric) == {"gold_auprc", "gold_precision_at_k"} and len(g) == 4
+    assert set(g.metric) == {"gold_average_precision", "gold_auprc", "gold_precision_at_k"} and len(g) == 6
     r = rationale_table(attr, batch)
-    assert set(r.metric) == {"rationale_token_f1", "rationale_iou_f1", "rationale_auprc"}
+    assert set(r.metric) == {"rationale_token_f1", "rationale_iou_f1", "rationale_average_precision",
+                             "rationale_auprc"}
     got = r.set_index(["example_id", "metric"])["value"]
-    assert math.isclose(got["e1", "rationale_iou_f1"], 1.0) and math.isclose(got["e0", "rationale_auprc"], 5 / 6)
+    assert math.isclose(got["e1", "rationale_iou_f1"], 1.0)
+    assert math.isclose(got["e0", "rationale_average_precision"], 5 / 6)
+    assert math.isclose(got["e0", "rationale_auprc"], 19 / 24)
 
 
 def test_errors_name_the_problem():
@@ -116,10 +134,12 @@ def test_errors_name_the_problem():
         iou_f1(attr, gold, theta=0.0)
 
 
-def test_vectorised_average_precision_equals_sklearn_with_ties_and_padding():
-    from sklearn.metrics import average_precision_score
+def test_vectorised_scores_equal_erasers_sklearn_calls_with_ties_and_padding():
+    """pr_scores against what ERASER's metrics.py computes per document: average_precision_score, and
+    auc(recall, precision) of precision_recall_curve."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
-    from attnaudit.analyses.plausibility import average_precision
+    from attnaudit.analyses.plausibility import pr_scores
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -127,10 +147,12 @@ def test_vectorised_average_precision_equals_sklearn_with_ties_and_padding():
         scores = rng.integers(0, 4 if trial % 2 else 1000, size=(b, s)).astype(float)   # many ties half the time
         gold = rng.random((b, s)) < rng.random()
         keep = rng.random((b, s)) < 0.9
-        got = average_precision(scores, gold, keep)
+        ap, area = pr_scores(scores, gold, keep)
         for i in range(b):
             g, k = gold[i] & keep[i], keep[i]
             if not g.any():
-                assert np.isnan(got[i])
+                assert np.isnan(ap[i]) and np.isnan(area[i])
             else:
-                assert abs(got[i] - average_precision_score(g[k], scores[i, k])) <= 1e-12, (trial, i)
+                precision, recall, _ = precision_recall_curve(g[k], scores[i, k])
+                assert abs(ap[i] - average_precision_score(g[k], scores[i, k])) <= 1e-12, (trial, i)
+                assert abs(area[i] - auc(recall, precision)) <= 1e-12, (trial, i)

@@ -25,7 +25,7 @@ from attnaudit.explain.registry import ATTENTION_FAMILY, REGISTRY
 
 EXPLAINERS = list(REGISTRY)
 HIGHER = {"comprehensiveness": True, "sufficiency": False, "deletion_auc": False, "insertion_auc": True,
-          "tau_loo": True, "decision_flip_fraction": False, "gold_auprc": True}
+          "tau_loo": True, "decision_flip_fraction": False, "gold_average_precision": True}
 SCRIPT_TOKEN = "</script><script>alert(1)</script>"
 IMG_TOKEN = '"><img src=x onerror=alert(1)>'
 FORMULA = '=HYPERLINK("x")'
@@ -51,7 +51,8 @@ def synthetic_metrics(attention_quality: float, *, n: int = 40, seed: int = 0, s
         shared = rng.normal(0, 0.05, len(ids))
         for name in EXPLAINERS:
             v = (0.2 + 0.5 * q[name] if higher else 0.7 - 0.5 * q[name]) + shared + rng.normal(0, 0.02, len(ids))
-            setting = "aopc" if metric in ("comprehensiveness", "sufficiency") else ""
+            setting = ("aopc" if metric in ("comprehensiveness", "sufficiency") else
+                       "policy=mask" if metric == "tau_loo" else "")
             rows += [(i, name, metric, setting, float(x)) for i, x in zip(ids, v)]
             if setting == "aopc":
                 rows += [(i, name, metric, "k=0.1", float(x)) for i, x in zip(ids, v)]
@@ -173,7 +174,8 @@ def test_failing_randomisation_disqualifies():
 
 def test_given_comparisons_are_used():
     m = synthetic_metrics(0.0)
-    comps = pd.DataFrame([(a, metric, "aopc" if metric in ("comprehensiveness", "sufficiency") else "", vs, 0.5, 0.5, 0.0)
+    setting = {"comprehensiveness": "aopc", "sufficiency": "aopc", "tau_loo": "policy=mask"}
+    comps = pd.DataFrame([(a, metric, setting.get(metric, ""), vs, 0.5, 0.5, 0.0)
                           for a in ATTENTION_FAMILY for metric in HIGHER for vs in ("best", "random")],
                          columns=["explainer", "metric", "setting", "vs", "p_value", "p_holm", "mean_diff"])
     v = derive_verdict(m, task="t", comparisons=comps)
@@ -233,7 +235,7 @@ def test_html_order_and_no_injection(report_dir):
     assert_only_own_scripts((report_dir / "index.html").read_text(encoding="utf-8"))
     ids = [a.get("id") for _, a in page.tags if a.get("id")]
     assert ids == ["verdict", "verdict-keywords", "summary-figure", "attention", "attention-task00-keywords",
-                   "evidence", "examples", "model"]
+                   "evidence", "agreement", "examples", "model"]
     imgs = [a for t, a in page.tags if t == "img"]
     assert len(imgs) == 8 and all(a["src"].startswith("data:image/png;base64,") for a in imgs)   # the attention PNGs: in figures/ and report.md; the page has the interactive view
     allowed = {"lang", "charset", "http-equiv", "content", "name", "href", "id", "class", "style", "title", "src",

@@ -86,11 +86,21 @@ def test_full_tables_keep_every_record_and_curve(tmp_path, inputs):
     assert "curves.csv.gz" not in tree(out)
 
 
+OLD_NAMES = {"gold_average_precision": "gold_auprc", "rationale_average_precision": "rationale_auprc"}
+
+
 def to_version_1(folder: Path) -> None:
-    """Rewrite a full-tables folder in the older layout: plain CSV/JSONL, no derived tables, no "tables"."""
+    """Rewrite a full-tables folder in the older layout: plain CSV/JSONL, no derived tables, no "tables", and the
+    measures' old names (average precision as *_auprc, tau_loo without a setting)."""
     for name in ("metrics.csv.gz", "curves.csv.gz", "attributions.jsonl.gz", "examples.jsonl.gz"):
         (folder / name[:-3]).write_bytes(gzip.decompress((folder / name).read_bytes()))
         (folder / name).unlink()
+    metrics = report_files.read_guarded_csv(folder / "metrics.csv")
+    assert {"gold_average_precision", "tau_loo"} <= set(metrics["metric"])
+    metrics = metrics[~metrics["metric"].isin(["gold_auprc", "rationale_auprc"])]      # not measured then
+    metrics["metric"] = metrics["metric"].replace(OLD_NAMES)
+    metrics.loc[metrics["metric"] == "tau_loo", "setting"] = ""
+    (folder / "metrics.csv").write_text(report_files.guarded_csv(metrics))
     for name in ("agreement.csv", "curves_mean.csv"):
         (folder / name).unlink()
     res = json.loads((folder / "results.json").read_text())
@@ -114,10 +124,13 @@ def test_older_folders_are_read_and_converted(tmp_path, inputs):
     assert not names & {"metrics.csv", "curves.csv", "attributions.jsonl", "examples.jsonl"}      # superseded
     assert names == {p.name for p in sampled.iterdir()} | {".attnaudit", "notes.txt"}
     assert (out / ".attnaudit" / "manifest.json").read_text() == '{"items": {}}' and (out / "notes.txt").read_text() == "mine"
-    for name in ("metrics.csv.gz", "attributions.jsonl.gz", "agreement.csv", "curves_mean.csv", "attention.json"):
+    for name in ("attributions.jsonl.gz", "agreement.csv", "curves_mean.csv", "attention.json"):
         assert (out / name).read_bytes() == (sampled / name).read_bytes(), name
+    upgraded, fresh = (report_files.read_guarded_csv(f / "metrics.csv.gz") for f in (out, sampled))
+    measured_then = ~fresh["metric"].isin(["gold_auprc", "rationale_auprc"])   # the trapezoid AUPRC is new
+    assert upgraded.equals(fresh[measured_then].reset_index(drop=True))         # names and settings upgraded
     new, res = json.loads((out / "results.json").read_text()), json.loads((sampled / "results.json").read_text())
-    assert new["tables"] == res["tables"] and new["format_version"] == 2
+    assert new["tables"] == res["tables"] and new["format_version"] == report_files.FORMAT_VERSION == 3
     assert [(v["answer"], v["paragraph"]) for v in new["verdicts"].values()] == \
         [(v["answer"], v["paragraph"]) for v in res["verdicts"].values()]     # derived again from metrics.csv
     assert staging_left(out) == []

@@ -1,4 +1,4 @@
-"""Plausibility is not faithfulness: gold_auprc counts in the verdict only where the gold tokens cause the label."""
+"""Plausibility is not faithfulness: gold_average_precision counts in the verdict only where the gold tokens cause the label."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +11,8 @@ def test_human_rationales_are_kept_out_of_the_verdict_and_said_so():
     m = synthetic_metrics(0.98)
     causal = derive_verdict(m, task="keywords", counterfactual=synthetic_counterfactual(0.3))
     human = derive_verdict(m, task="reviews", counterfactual=synthetic_counterfactual(0.3))
-    assert "gold_auprc" in {r["metric"] for r in causal.ranks}          # built-in task: the gold causes the label
-    assert "gold_auprc" not in {r["metric"] for r in human.ranks}       # a data file's rationales: plausibility
+    assert "gold_average_precision" in {r["metric"] for r in causal.ranks}          # built-in task: the gold causes the label
+    assert "gold_average_precision" not in {r["metric"] for r in human.ranks}       # a data file's rationales: plausibility
     assert any("plausibility" in c and "not counted in the verdict" in c for c in human.caveats)
     assert not any("plausibility" in c for c in causal.caveats)
     n_causal = {r["metric"] for r in causal.ranks}

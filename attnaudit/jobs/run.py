@@ -81,7 +81,8 @@ def run_job(out: str | Path = "reports/default", *, quick: bool = False, config=
     settings = {"quick": plan.quick, "builtin": builtin, **_provenance(plan.audit, dev), "threads": torch.get_num_threads(),
                 "platform": platform.platform(), "audit": plan.audit.to_dict(), "identity": identity,
                 "policy": plan.audit.policy, "n_examples": {t: r.settings["n_examples"] for t, r in results.items()},
-                "n_truncated": {t: r.settings.get("n_truncated", 0) for t, r in results.items()}}
+                "n_truncated": {t: r.settings.get("n_truncated", 0) for t, r in results.items()},
+                "left_out": {t: r.settings["left_out"] for t, r in results.items() if r.settings.get("left_out")}}
     title = BUILTIN_TITLE + (" (quick run)" if plan.quick else "")
     echo(f"writing the report (tables, figures, index.html) into {out}")
     return write_results(out, results, cards, settings, timings, title, full_tables=full_tables)
@@ -169,7 +170,8 @@ def analyze_job(model_dir: str | Path, out: str | Path, *, task: str | None = No
     timings["total"] = round(time.perf_counter() - started, 2)
     settings = {**_provenance(plan.audit, dev), "audit": plan.audit.to_dict(), "identity": identity,
                 "policy": plan.audit.policy, "n_examples": {name: results[name].settings["n_examples"]},
-                "n_truncated": {name: results[name].settings.get("n_truncated", 0)}}
+                "n_truncated": {name: results[name].settings.get("n_truncated", 0)},
+                "left_out": {name: results[name].settings["left_out"]} if results[name].settings.get("left_out") else {}}
     echo(f"{name}: writing the report (tables, figures, index.html) into {out}")
     return write_results(out, results, {name: card}, settings, timings,
                   title or f"Can attention explain this model's outputs? {name}", full_tables=full_tables)

@@ -97,6 +97,9 @@ def _audit_one(task: str, model: ExplainableModel | Translator, examples, settin
         result = _audit_translator(model, examples, settings, runner, progress=progress, label=f"audit {task}")
     else:
         result = audit(model, examples, settings, progress=progress, progress_label=f"audit {task}", runner=runner)
+    if result.settings.get("left_out"):
+        echo(f"{task}: left out {', '.join(result.settings['left_out'])}: not defined for this model's architecture "
+             "(the reasons are in results.json, settings.left_out)")
     if result.settings.get("n_truncated"):
         echo(f"{task}: note: {result.settings['n_truncated']} examples were longer than the model's "
              f"{model.max_len} positions and were cut (marked \"truncated\" in examples.jsonl; a model trained "
