@@ -103,10 +103,11 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
     tasks = res["tasks"]
     plaus = [t for t in tasks if rationale_rows(res["summary"][t])]
     aligned = [t for t in tasks if alignment_table(res["summary"][t])]
+    agreeing = {t: a for t in tasks if (a := task_agreement(data, t))}
     attention = report_section(res, data, ids={t: f"attention-{slug(i, t)}" for i, t in enumerate(tasks)})
     nav = [("verdict", "Verdict")] + ([("attention", "Attention")] if attention else []) + [("evidence", "Evidence")] \
         + ([("plausibility", "Plausibility")] if plaus else []) \
-        + ([("agreement", "Agreement")] if any(task_agreement(data, t) for t in tasks) else []) \
+        + ([("agreement", "Agreement")] if agreeing else []) \
         + ([("alignment", "Alignment")] if aligned else []) \
         + [("examples", "Examples"), ("model", "Model and settings")]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -158,7 +159,6 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         for task in plaus:
             parts.append(f"<h3>Task {e(task)}</h3>" + _html_rationale(res["summary"][task]))
         parts.append("</section>")
-    agreeing = {t: a for t in tasks if (a := task_agreement(data, t))}
     if agreeing:
         parts.append('<section id="agreement"><h2>Agreement with gradients and occlusion</h2>'
                      f'<p class="meta">{e(AGREEMENT_NOTE)}</p>')

@@ -117,8 +117,7 @@ def _agreement_section(res: dict, data: dict) -> list[str]:
         return []
     out = ["## Agreement with gradients and occlusion", "", AGREEMENT_NOTE, ""]
     for task, (refs, rows) in found.items():
-        table = [[name] + ["–" if not c else f"{num(c['mean'])} [{num(c['ci_low'])}, {num(c['ci_high'])}] "
-                           f"n={count(c['n'])}" for c in cells] for name, cells in rows]
+        table = [[name] + [_interval(c) + (f" n={count(c['n'])}" if c else "") for c in cells] for name, cells in rows]
         out += [f"### Task {md(task)}", "", _md_table(["explainer", *refs], table), ""]
     return out
 
