@@ -49,7 +49,7 @@
     var src = box.querySelector("script.aav-data");
     var data = JSON.parse(src.textContent);
     var panels = data.panels, ev = data.evidence || {};
-    var st = {panel: 0, layer: data.layer || 0, heads: null, qs: 0, ks: 0, tied: panels[0].kind !== "cross", minw: 0};
+    var st = {panel: 0, example: 0, layer: data.layer || 0, heads: null, qs: 0, ks: 0, tied: panels[0].kind !== "cross", minw: 0};
     var p0 = panels[0];
     st.layer = Math.min(Math.max(st.layer, 0), p0.n_layers - 1);
     st.heads = initialHeads(p0, data.head);
@@ -80,15 +80,33 @@
     }
 
     // -- controls ----------------------------------------------------------------------------
+    // the examples: distinct panel.example ids in order, each with its panels (one per kind of attention)
+    var examples = [], byExample = Object.create(null);
+    panels.forEach(function (p, i) {
+      var x = p.example === undefined || p.example === null ? "" : String(p.example);
+      if (!(x in byExample)) { byExample[x] = []; examples.push(x); }
+      byExample[x].push(i);
+    });
+    var exampleSel = el("select", {"class": "aav-example", "aria-label": "example"});
+    examples.forEach(function (x, j) {
+      exampleSel.appendChild(el("option", {value: String(j)}, panels[byExample[x][0]].example_label || x));
+    });
     var panelSel = el("select", {"class": "aav-panel", "aria-label": "attention"});
-    panels.forEach(function (p, i) { panelSel.appendChild(el("option", {value: String(i)}, p.name)); });
+    function fillPanels() {
+      clear(panelSel);
+      byExample[examples[st.example]].forEach(function (i) { panelSel.appendChild(el("option", {value: String(i)}, panels[i].name)); });
+      panelSel.value = String(st.panel);
+    }
+    fillPanels();
+    var most = Math.max.apply(null, examples.map(function (x) { return byExample[x].length; }));
     var layerSel = el("select", {"class": "aav-layer", "aria-label": "layer"});
     var headBtns = el("span", {"class": "aav-heads"});
     var qStart = el("input", {"class": "aav-qstart", type: "number", min: "0", step: "1", value: "0", "aria-label": "first query row"});
     var kStart = el("input", {"class": "aav-kstart", type: "number", min: "0", step: "1", value: "0", "aria-label": "first key row"});
     var minW = el("input", {"class": "aav-minw", type: "number", min: "0", max: "1", step: "0.01", value: "0", "aria-label": "minimum weight"});
     function label(text, input) { var l = el("label", {}, text + " "); l.appendChild(input); return l; }
-    if (panels.length > 1) controls.appendChild(label("Attention", panelSel));
+    if (examples.length > 1) controls.appendChild(label("Example", exampleSel));
+    if (most > 1) controls.appendChild(label("Attention", panelSel));
     controls.appendChild(label("Layer", layerSel));
     controls.appendChild(el("span", {}, "Heads "));
     controls.appendChild(headBtns);
@@ -118,11 +136,19 @@
       qStart.max = String(Math.max(p.query_tokens.length - 1, 0));
       kStart.max = String(Math.max(p.key_tokens.length - 1, 0));
     }
-    panelSel.addEventListener("change", function () {
-      st.panel = +panelSel.value; var p = panel();
-      st.layer = Math.min(st.layer, p.n_layers - 1); st.heads = initialHeads(p, null); st.qs = 0; st.ks = 0;
-      st.tied = p.kind !== "cross";
+    function choosePanel(i, keepHeads) {
+      var before = panel(); st.panel = i; var p = panel();
+      st.layer = Math.min(st.layer, p.n_layers - 1);
+      if (!keepHeads || p.n_heads !== before.n_heads) st.heads = initialHeads(p, null);
+      st.qs = 0; st.ks = 0; st.tied = p.kind !== "cross";
       qStart.value = "0"; kStart.value = "0"; drawGrid(); draw();
+    }
+    panelSel.addEventListener("change", function () { choosePanel(+panelSel.value, false); });
+    exampleSel.addEventListener("change", function () {   // the same kind of attention, layer and heads, another example
+      st.example = +exampleSel.value;
+      var own = byExample[examples[st.example]], kind = panel().kind, next = own[0];
+      own.forEach(function (i) { if (panels[i].kind === kind && panels[next].kind !== kind) next = i; });
+      choosePanel(next, true); fillPanels();
     });
     layerSel.addEventListener("change", function () { st.layer = +layerSel.value; draw(); });
     allBtn.addEventListener("click", function () { for (var h = 0; h < panel().n_heads; h++) st.heads[h] = true; draw(); });
@@ -140,7 +166,7 @@
 
     // -- head view ---------------------------------------------------------------------------
     function tokenScores(p, q0, nq) {
-      var ts = ev.token_scores;
+      var ts = p.token_scores || ev.token_scores;
       if (!ts || !ts.scores || p.kind === "cross") return [];
       var toks = ts.tokens || [];
       var off = p.query_offset || 0;
@@ -239,7 +265,8 @@
       box.setAttribute("data-layer", String(st.layer));
       box.setAttribute("data-heads", heads.join(","));
       box.setAttribute("data-panel", String(st.panel));
-      var msg = p.name + " · layer " + st.layer + " · " + (heads.length ? "heads " + heads.join(", ") : "no head selected") +
+      box.setAttribute("data-example", examples[st.example]);
+      var msg = (examples[st.example] ? "example " + examples[st.example] + " · " : "") + p.name + " · layer " + st.layer + " · " + (heads.length ? "heads " + heads.join(", ") : "no head selected") +
         " · queries " + (nQ ? q0 : 0) + "–" + Math.max(q1 - 1, 0) + " of " + nQ +
         " · keys " + (nK ? k0 : 0) + "–" + Math.max(k1 - 1, 0) + " of " + nK + " · " + drawn.length + " lines drawn";
       var left = [];

@@ -16,14 +16,17 @@ all, weights quantised to uint8 and positions to uint16, base64-encoded; plus ea
 grid_size² uint8 pixels. The script (attention_view.js, one text for every view, so one sha256 in the
 Content-Security-Policy allows it) reads the data from a <script type="application/json"> block in which
 <, > and & are \\u-escaped, and builds every token with textContent. In the report, `report_section(res,
-data)` gives each task's view with the evidence read from its tables (`report_evidence`).
+data)` gives each task's view, one Example choice per shown example (`attention_examples`), with the evidence read
+from its tables (`report_evidence`).
 
 A panel: name, kind, n_layers, n_heads, query_tokens / key_tokens (the window's), query_offset / key_offset,
 n_queries / n_keys, omitted (counts and the rule), edges {q, k: uint16, w: uint8 (weight·255), start:
 uint32 [layer·head + 1] offsets; sorted by cell, heaviest first}, grid {rows, cols, block, data: uint8
-[layer, head, row, col]}. Evidence: {"per_head": [{layer, head (int or "all"), label, value, note}],
-"global": [{label, value, note}], "token_scores": {"tokens", "scores": {method: [per token]}},
-"missing": [what the audit did not measure], "caveat": str}; every key optional.
+[layer, head, row, col]}; optional: example (an id; panels of several ids get an Example choice), example_label,
+token_scores (as the evidence's, for this panel's example). Evidence: {"per_head": [{layer, head (int or "all"),
+label, value, note, panel (a kind: shown beside that kind only)}], "global": [{label, value, note}],
+"token_scores": {"tokens", "scores": {method: [per token]}}, "missing": [what the audit did not measure],
+"caveat": str}; every key optional.
 """
 from __future__ import annotations
 
@@ -289,28 +292,15 @@ class AttentionView:
 
 def model_panels(model: ExplainableModel | Translator, text, **options) -> list[dict]:
     """Record one text's attention -> panels: encoder self-attention; for an encoder–decoder also its decoder
-    self-attention (causal) and cross-attention, teacher-forced on the model's own greedy translation."""
+    self-attention (causal) and cross-attention, teacher-forced on the example's target, else on the model's own
+    greedy translation (`attention_examples.translator_attention_example`)."""
     import torch
 
+    from attnaudit.analyses.attention_examples import saved_panels, translator_attention_example
     from attnaudit.model.hooks import record
 
     if getattr(model, "kind", None) == "seq2seq":
-        from attnaudit.data.examples import Example
-
-        source = text.text if hasattr(text, "text") else str(text)
-        target = getattr(text, "target", None) or model.translate([source])[0]
-        batch = model.encode([Example(id="0", text=source, label=0, target=target)])
-        with torch.no_grad():
-            _, cache = record(model, batch)
-        src = list(batch.src.tokens[0])
-        n_src, n_tgt = int(batch.src.attention_mask[0].sum()), int(batch.tgt_mask[0].sum())
-        src, tgt = src[:n_src], model.tgt_vocab.tokens(batch.tgt_in[0, :n_tgt].tolist())   # tgt_in: [CLS] words
-        enc = cache.stack("encoder.*self_attn.pattern")[:, 0, :, :n_src, :n_src]
-        dec = cache.stack("decoder.*self_attn.pattern")[:, 0, :, :n_tgt, :n_tgt]
-        cross = cache.stack("decoder.*cross_attn.pattern")[:, 0, :, :n_tgt, :n_src]
-        return [attention_panel(enc, src, name="encoder self-attention", **options),
-                attention_panel(dec, tgt, name="decoder self-attention (causal)", kind="causal", **options),
-                attention_panel(cross, tgt, src, name="cross-attention (target → source)", kind="cross", **options)]
+        return saved_panels(translator_attention_example(model, text), **options)
     batch = model.encode([text])
     with torch.no_grad():
         _, cache = record(model, batch)
@@ -320,33 +310,42 @@ def model_panels(model: ExplainableModel | Translator, text, **options) -> list[
     return [attention_panel(att[:, :, :n, :n], tokens[:n], name="self-attention", **options)]
 
 
-def show_attention(model: ExplainableModel | Translator | Mapping | str | Path, text=None, *, layer: int = 0, head: int | None = None, evidence: Mapping | None = None,
-                   rows: int = ROWS, max_lines: int = MAX_LINES, **options) -> AttentionView:
+def show_attention(model: ExplainableModel | Translator | Mapping | Sequence | str | Path, text=None, *,
+                   example=None, task: str | None = None, layer: int = 0, head: int | None = None,
+                   evidence: Mapping | None = None, rows: int = ROWS, max_lines: int = MAX_LINES, **options) -> AttentionView:
     """The head and model views of one example, inline in Jupyter.
 
         attnaudit.show_attention(model, "the plot was not good", layer=1, head=0)
-        attnaudit.show_attention(result.attention_example)          # a saved example: no model needed
-        attnaudit.show_attention("reports/keywords/attention.json")  # the report's example (the first task's)
+        attnaudit.show_attention(result.attention_examples[1])        # a saved example: no model needed
+        attnaudit.show_attention("reports/default/attention.json", example="reorder-test-000004")
 
     Args:
-        model: a loaded model (then `text` is required), or a saved attention example: a dict with "tokens"
-            and "attention" [layer, head, query, key] (optional "key_tokens", "kind"), or a path to a JSON file
-            holding one or a list of them.
+        model: a loaded model (then `text` is required), or saved attention: one example (a dict with "tokens"
+            and "attention" [layer, head, query, key]; an encoder–decoder's with "target_tokens" and
+            "cross_attention", see `attention_examples`), a list of them, or the path of a JSON file holding
+            either (a report folder: its attention.json).
+        example, task: which saved example of a list: its id (and task, where ids repeat); None: the first.
         layer, head: what the head view opens on (head None: every head).
         evidence: plain data shown beside the view (see `render_fragment`); options: `attention_panel`'s.
     """
+    from attnaudit.analyses.attention_examples import pick_example, saved_panels
+
     if isinstance(model, (str, Path)) and text is None:
-        loaded = json.loads(Path(model).read_text(encoding="utf-8"))
-        model = loaded[0] if isinstance(loaded, list) and loaded else loaded
-    if isinstance(model, Mapping):
-        if "attention" not in model or "tokens" not in model:
-            raise ValueError(f"a saved attention example must have 'tokens' and 'attention'; got keys {sorted(model)}.")
-        panels = [attention_panel(model["attention"], model["tokens"], model.get("key_tokens"),
-                                  kind=model.get("kind", "self"), name=model.get("name", "self-attention"), **options)]
-        title = f"Attention of example {model.get('id', '?')}"
+        path = Path(model) / "attention.json" if Path(model).is_dir() else Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"model must be a saved attention file (a report folder's attention.json); "
+                                    f"{str(path)!r} does not exist.")
+        model = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(model, Sequence) and not isinstance(model, (str, bytes)) or isinstance(model, Mapping):
+        saved = pick_example(model, example=example, task=task)
+        panels = saved_panels(saved, **options)
+        title = f"Attention of example {saved.get('id', '?')}"
     else:
         if text is None:
             raise ValueError("text is required with a model: show_attention(model, 'a sentence', layer=0).")
+        if example is not None or task is not None:
+            raise ValueError("example and task choose among saved examples; with a model pass the text itself: "
+                             "show_attention(model, 'a sentence').")
         panels = model_panels(model, text, **options)
         title = "Attention of: " + (text.text if hasattr(text, "text") else str(text))
     n_layers, n_heads = panels[0]["n_layers"], panels[0]["n_heads"]
@@ -373,7 +372,7 @@ LAYER_STATS = {("permutation", "median_tvd"): "permuted attention: median output
 
 
 def evidence_from_tables(*, counterfactual=None, ranks=None, attributions: Sequence[Mapping] = (),
-                         example_id=None) -> dict:
+                         example_id=None, panel: str | None = None) -> dict:
     """The audit's figures for the view, from its tables -> the `evidence` dict.
 
     Args:
@@ -381,18 +380,21 @@ def evidence_from_tables(*, counterfactual=None, ranks=None, attributions: Seque
             rows become per-head rows, per-layer uniform/erasure rows per-layer rows.
         ranks: `verdict.rank_table(summary)`, one task's; the raw attention's rank on each headline metric.
         attributions: `Attribution.to_records()` dicts; those of `example_id` from rollout, flow and
-            grad_attention become the token score rows.
+            grad_attention become the token score rows (`token_scores`).
+        panel: the kind of panel the counterfactual tests changed ("cross" for an encoder–decoder: its per-head
+            rows are shown beside the cross-attention only); None: every panel.
     """
     per_head, glob, missing = [], [], []
     cf = counterfactual
+    where = {} if panel is None else {"panel": panel}
     if cf is not None and len(cf):
         for r in cf.itertuples(index=False):
             if r.test == "head_ablation" and r.statistic in HEAD_STATS and str(r.layer) != "all":
                 per_head.append({"layer": int(r.layer), "head": int(r.head), "label": HEAD_STATS[r.statistic],
-                                 "value": float(r.value)})
+                                 "value": float(r.value), **where})
             elif (r.test, r.statistic) in LAYER_STATS and str(r.layer) != "all":
                 per_head.append({"layer": int(r.layer), "head": "all", "label": LAYER_STATS[r.test, r.statistic],
-                                 "value": float(r.value), "note": "whole layer"})
+                                 "value": float(r.value), "note": "whole layer", **where})
         if not any(r["head"] != "all" for r in per_head):
             missing.append("Head ablation (run the audit with the head_ablation test)")
     else:
@@ -403,19 +405,27 @@ def evidence_from_tables(*, counterfactual=None, ranks=None, attributions: Seque
                          "value": f"{int(r.rank)} of {int(r.n_explainers)}", "note": f"best: {r.best}"})
         if not glob:
             missing.append("Raw attention's rank (attention was not among the explainers)")
-    token_scores = {}
-    for rec in attributions:
-        if str(rec.get("id")) == str(example_id) and rec.get("explainer") in TOKEN_METHODS[1:]:
-            token_scores.setdefault("tokens", list(rec["tokens"]))
-            if list(rec["tokens"]) == token_scores["tokens"]:
-                token_scores.setdefault("scores", {})[rec["explainer"]] = [float(s) for s in rec["scores"]]
     out = {"per_head": per_head, "global": glob, "missing": missing}
-    if token_scores.get("scores"):
-        out["token_scores"] = token_scores
+    scores = token_scores(attributions, example_id)
+    if scores:
+        out["token_scores"] = scores
     return _finite(out)
 
 
-def report_evidence(res: Mapping, data: Mapping, task: str, example_id) -> dict:
+def token_scores(attributions: Sequence[Mapping], example_id, *, digits: int | None = None) -> dict:
+    """The rollout, flow and grad_attention scores of one example's records -> {"tokens", "scores": {method: [per
+    token]}}, or {} when it has none; digits: significant digits kept (None: all; the report's views keep 3)."""
+    out: dict = {}
+    for rec in attributions:
+        if str(rec.get("id")) == str(example_id) and rec.get("explainer") in TOKEN_METHODS[1:]:
+            out.setdefault("tokens", list(rec["tokens"]))
+            if list(rec["tokens"]) == out["tokens"]:
+                out.setdefault("scores", {})[rec["explainer"]] = [
+                    None if s is None else float(s) if digits is None else float(f"{s:.{digits}g}") for s in rec["scores"]]
+    return _finite(out) if out.get("scores") else {}
+
+
+def report_evidence(res: Mapping, data: Mapping, task: str, example_id, *, panel: str | None = None) -> dict:
     """`evidence_from_tables` for one task of a loaded report (results.json's dict, `load_files`' tables)."""
     import pandas as pd
 
@@ -431,37 +441,64 @@ def report_evidence(res: Mapping, data: Mapping, task: str, example_id) -> dict:
         summary = normalize_setting(summary)
         ranks = rank_table(summary)
     records = [r for r in data.get("attributions") or [] if r.get("task") == task]
-    return evidence_from_tables(counterfactual=cf, ranks=ranks, attributions=records, example_id=example_id)
+    return evidence_from_tables(counterfactual=cf, ranks=ranks, attributions=records, example_id=example_id, panel=panel)
 
 
 REPORT_HEADING = "Attention, as the lecture draws it — and how far to trust it"
 
 
 def report_section(res: Mapping, data: Mapping, *, ids: Mapping[str, str] | None = None) -> str:
-    """The report's attention section: per task with a saved attention example, its head and model views with
-    the audit's evidence beside them, then the script once -> HTML ('' when no task has an example).
+    """The report's attention section: per task with saved attention examples (the shown ones, attention.json),
+    one head and model view with an Example choice, the audit's evidence beside it, then the script once -> HTML
+    ('' when no task has an example).
 
-    ids: {task: element id} for each view (unique on the page); default "attention-<n>".
+    Each example's panels carry "example" (its id), "example_label" and their own "token_scores"; the evidence
+    from the task's tables is shared. An encoder–decoder's view opens on the cross-attention, which its
+    counterfactual tests change. ids: {task: element id} for each view (unique on the page); default "attention-<n>".
     """
+    from attnaudit.analyses.attention_examples import saved_panels
+    from attnaudit.analyses.report_files import select_examples
+
     tasks = list(res["tasks"])
-    examples = {a.get("task", tasks[0] if len(tasks) == 1 else None): a             # the first example per task
-                for a in reversed(data.get("attention") or [])}
+    by_task: dict = {}
+    for a in data.get("attention") or []:
+        by_task.setdefault(a.get("task", tasks[0] if len(tasks) == 1 else None), []).append(a)
     parts = []
     for i, task in enumerate(tasks):
-        att = examples.get(task)
-        if att is None:
+        saved = by_task.get(task)
+        if not saved:
             continue
-        a = np.asarray(att["attention"], dtype=np.float32)
-        n_all = int(att.get("n_positions", a.shape[2]))
-        part = f", its first {a.shape[2]} of {n_all} positions" if n_all > a.shape[2] else ""
-        panel = attention_panel(a, att["tokens"], att.get("key_tokens"), kind=att.get("kind", "self"),
-                                name=att.get("name", "self-attention"))
+        status = {ex["id"]: ex["status"] for ex in select_examples(task, data, (res.get("model_cards") or {}).get(task) or {})}
+        records = [r for r in data.get("attributions") or [] if r.get("task") == task]
+        panels, cut = [], []
+        for a in saved:
+            ex_id = str(a.get("id", "?"))
+            scores = {} if "cross_attention" in a else token_scores(records, ex_id, digits=3)
+            own = sorted(saved_panels(a), key=lambda p: p["kind"] != "cross")      # stable: the cross panel first
+            for p in own:
+                p.update(example=ex_id, example_label=ex_id + (f" ({status[ex_id]})" if ex_id in status else ""))
+                if scores:
+                    p["token_scores"] = scores
+            panels += own
+            n_all = int(a.get("n_positions", len(a["tokens"])))
+            if n_all > len(a["tokens"]):
+                cut.append(f"{ex_id}: the first {len(a['tokens'])} of {n_all} positions")
+        seq2seq = any("cross_attention" in a for a in saved)
+        counts = ", ".join(f"{n} {s}" for s in ("correct", "incorrect", "label unknown")
+                           if (n := sum(status.get(str(a.get("id"))) == s for a in saved)))
         uid = (ids or {}).get(task) or f"attention-{i}"
-        parts.append(f"<h3>Task {html.escape(str(task))}</h3><p class=\"meta\">Example {html.escape(str(att.get('id', '?')))}{part}. "
-                     "Pick a layer and heads, hover a token to follow its row, click a map in the model view to open "
+        parts.append(f"<h3>Task {html.escape(str(task))}</h3><p class=\"meta\">{len(saved)} example"
+                     f"{'s' if len(saved) != 1 else ''}{' (' + html.escape(counts) + ')' if counts else ''}: "
+                     "the ones shown under Examples; choose one under Example. "
+                     + ("The view opens on the cross-attention (queries: the decoder's inputs, [CLS] first, "
+                        "teacher-forced on the reference; keys: the source), which the audit's counterfactual tests "
+                        "change; the encoder's and the decoder's self-attention are under Attention. " if seq2seq else "")
+                     + "Pick a layer and heads, hover a token to follow its row, click a map in the model view to open "
                      "it. The figures beside the picture are what the audit measured; where it measured nothing, "
-                     "the view says so.</p>")
-        parts.append(render_fragment([panel], report_evidence(res, data, task, att.get("id")), uid=uid))
+                     "the view says so."
+                     + (f" Cut to the positions drawn: {html.escape('; '.join(cut))}." if cut else "") + "</p>")
+        evidence = report_evidence(res, data, task, None, panel="cross" if seq2seq else None)
+        parts.append(render_fragment(panels, evidence, uid=uid))
     if not parts:
         return ""
     return f'<section id="attention"><h2>{html.escape(REPORT_HEADING)}</h2>' + "".join(parts) + script_tag() + "</section>"
@@ -469,4 +506,4 @@ def report_section(res: Mapping, data: Mapping, *, ids: Mapping[str, str] | None
 
 __all__ = ["attention_panel", "render_fragment", "render_page", "script_text", "script_tag", "script_csp_source",
            "page_csp", "json_for_script", "AttentionView", "show_attention", "model_panels", "evidence_from_tables",
-           "report_evidence", "report_section"]
+           "token_scores", "report_evidence", "report_section"]

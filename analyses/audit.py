@@ -27,7 +27,15 @@ import pandas as pd
 import torch
 
 from attnaudit.analyses import faithfulness as F
-from attnaudit.analyses.counterfactual import ALL_TESTS, MAX_PERMUTATIONS, MAX_STEPS, TESTS, counterfactual_table
+from attnaudit.analyses.counterfactual import (
+    ALL_TESTS,
+    MAX_ADVERSARIES,
+    MAX_PERMUTATIONS,
+    MAX_STEPS,
+    TESTS,
+    adversary_options,
+    counterfactual_table,
+)
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS, step_means
@@ -60,6 +68,10 @@ class AuditSettings:
     chunk_size: examples explained and perturbed together. policy: "mask", "attention" or "delete".
     metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset.
     counterfactual_examples / sanity_examples: how many of the first examples those (costlier) analyses use.
+    adversarial_steps, n_adversaries, adversarial_lr: the adversarial-attention search (Jain & Wallace 2019) at
+        every layer: n_adversaries searches per example, each adversarial_steps Adam steps at lr adversarial_lr
+        (`counterfactual.adversarial_attention`; the default is where the JSD found has converged on the built-in
+        tasks, `benchmarks/adversary_strength.py`: see ADVERSARY_PRESETS["audit"]).
     curve_steps: deletion/insertion curves of examples with more scored tokens take this many even steps
         (plus the start) instead of one per token: long documents cost curve_steps + 1 forwards per curve.
     Every size has a documented maximum, `AuditSettings.LIMITS`, checked here, before any work: above it an
@@ -69,9 +81,11 @@ class AuditSettings:
     # size -> (its maximum, what one unit of it costs), for the refusal's estimate
     LIMITS = {"max_examples": (10_000_000, "examples explained by every explainer"),
               "chunk_size": (4096, "examples per batch, each × max_len tokens in memory at once"),
-              "counterfactual_examples": (100_000, "examples × layers × (n_permutations + adversarial_steps) forwards"),
+              "counterfactual_examples": (100_000, "examples × layers × (n_permutations + adversarial_steps × "
+                                                   "n_adversaries) forwards"),
               "n_permutations": (MAX_PERMUTATIONS, "forward passes per example and layer"),
-              "adversarial_steps": (MAX_STEPS, "forward + backward passes per example and layer"),
+              "adversarial_steps": (MAX_STEPS, "forward + backward passes per example, adversary and layer"),
+              "n_adversaries": (MAX_ADVERSARIES, "adversarial searches per example and layer"),
               "sanity_examples": (100_000, "examples explained again at every randomised layer"),
               "curve_steps": (4096, "forward passes per deletion or insertion curve"),
               "max_batch": (MAX_ROWS, "rows in one forward pass")}
@@ -89,6 +103,8 @@ class AuditSettings:
     counterfactual_examples: int = 128
     n_permutations: int = 50
     adversarial_steps: int = 40
+    n_adversaries: int = 3
+    adversarial_lr: float = 1.0
     sanity_examples: int = 32
     curve_steps: int = 64
     seed: int = 0
@@ -115,7 +131,7 @@ class AuditSettings:
                 raise ValueError(f"explainer_params[{name!r}] must map option names to values; got {params!r}.")
             get_explainer(name, **dict(params))       # unknown option names fail here, before any work
         for name in ("chunk_size", "counterfactual_examples", "n_permutations", "adversarial_steps",
-                     "sanity_examples", "curve_steps", "max_batch"):
+                     "n_adversaries", "sanity_examples", "curve_steps", "max_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -127,6 +143,14 @@ class AuditSettings:
             if value is not None and value > limit:
                 raise ValueError(f"{name}={value:,} is above its limit of {limit:,} ({unit}: ≈ {value:.1e} of them); "
                                  f"lower {name} (the limits are AuditSettings.LIMITS).")
+        lr = self.adversarial_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ValueError(f"adversarial_lr must be a finite number > 0 (Adam's step size in the adversarial "
+                             f"search); got {lr!r}.")
+        if self.adversarial_steps * self.n_adversaries > MAX_STEPS:
+            raise ValueError(f"adversarial_steps × n_adversaries = {self.adversarial_steps:,} × {self.n_adversaries:,} "
+                             f"forward + backward passes per example and layer is above MAX_STEPS={MAX_STEPS:,}; "
+                             f"lower adversarial_steps or n_adversaries.")
         check_policy(self.policy)
         F.check_bins(self.bins)
 
@@ -157,13 +181,20 @@ class AuditResult:
     curves: pd.DataFrame                       # example_id, explainer, curve, fraction, prob
     attributions: list[dict]                   # Attribution.to_records() rows, every example × explainer
     examples: list[dict]                       # id, label, prediction, gold (0/1 per token or None)
-    attention_example: dict | None             # id, tokens, attention [layer, head, query, key]
+    attention_example: dict | None             # the first of attention_examples (None: none saved)
     settings: dict
     timings: dict[str, float]
     failures: dict[str, str] = field(default_factory=dict)
+    # the attention of each example the report shows (`attention_examples.shown_ids`), or of the first example when
+    # it shows none: id, tokens, attention [layer, head, query, key] (+ an encoder–decoder's cross-attention)
+    attention_examples: list[dict] = field(default_factory=list)
 
     def summary(self, **options) -> pd.DataFrame:
         return summarize(self.metrics, **options)
+
+    def saved_attention(self) -> list[dict]:
+        """attention_examples, or [attention_example] for a result made without them."""
+        return list(self.attention_examples) or ([self.attention_example] if self.attention_example else [])
 
     def write_report(self, out_dir, *, model_card: Mapping | None = None, task: str = "default",
                      title: str | None = None, overwrite: bool = False, full_tables: bool = False):
@@ -173,7 +204,7 @@ class AuditResult:
         return write_report(out_dir, metrics=self.metrics.assign(task=task), counterfactual=_tag(self.counterfactual, task),
                             curves=self.curves.assign(task=task), attributions=[{**r, "task": task} for r in self.attributions],
                             examples=[{**x, "task": task} for x in self.examples],
-                            attention_examples=[{**self.attention_example, "task": task}] if self.attention_example else None,
+                            attention_examples=[{**a, "task": task} for a in self.saved_attention()] or None,
                             model_cards={task: dict(model_card or {})}, settings={"task": task, **self.settings},
                             timings=self.timings, full_tables=full_tables, **({"title": title} if title else {}))
 
@@ -259,12 +290,13 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
     metrics = pd.concat([p["metrics"] for p in parts] + ([sanity["metrics"]] if sanity else []), ignore_index=True)
     if batch.steps is not None:                 # a continuation's steps are one example: one row per example
         metrics = step_means(metrics, _example_of(batch))
+    records, examples = [r for p in parts for r in p["attributions"]], [x for p in parts for x in p["examples"]]
+    with model.evaluating():                    # not an item: a resumed audit reuses its items, runs only these
+        attention = attention_examples(model, batch, records, examples)
     return AuditResult(
         metrics=metrics[COLUMNS], counterfactual=cf,
         curves=pd.concat([p["curves"] for p in parts], ignore_index=True),
-        attributions=[r for p in parts for r in p["attributions"]],
-        examples=[x for p in parts for x in p["examples"]],
-        attention_example=parts[0]["attention_example"],
+        attributions=records, examples=examples, attention_example=attention[0], attention_examples=attention,
         settings={**settings.to_dict(), **({"left_out": left_out} if left_out else {}),
                   "n_examples": len({e for e, _ in batch.steps}) if batch.steps else len(batch),
                   **({"n_steps": len(batch)} if batch.steps else {}), "n_truncated": sum(batch.truncated or [])},
@@ -301,7 +333,8 @@ def _counterfactual_items(model: ExplainableModel, sub: Batch, settings: AuditSe
                           done: Callable[[int], Any] = lambda n: None) -> dict:
     """counterfactual_table(model, sub, ...) computed as one item per (test, layer) -> its merged tables."""
     options = dict(n_permutations=settings.n_permutations, adversarial_steps=settings.adversarial_steps,
-                   seed=settings.seed)
+                   adversarial_lr=float(settings.adversarial_lr),
+                   adversary=adversary_options("default", n_adversaries=settings.n_adversaries), seed=settings.seed)
     tests = settings.counterfactual_tests
     if not tests:
         return run("counterfactual", lambda: counterfactual_table(model, sub, tests=tests, **options)) or {}
@@ -438,8 +471,7 @@ def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSet
             examples[-1]["word_gold"] = _word_gold(gold, word_ids[i][:n])
     records = [_rounded(r) for a in attributions.values() for r in _with_words(a, word_ids)]
     return {"metrics": pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS),
-            "curves": curves, "attributions": records,
-            "examples": examples, "attention_example": attention_example(model, batch, 0)}
+            "curves": curves, "attributions": records, "examples": examples}
 
 
 def _retry_oom(compute: Callable[[], Any], smaller: Callable[[], Any]) -> Any:
@@ -461,7 +493,7 @@ def _chunk_in_halves(model: ExplainableModel, batch: Batch, idx: list[int], expl
     return {"metrics": pd.concat([p["metrics"] for p in parts], ignore_index=True),
             "curves": pd.concat([p["curves"] for p in parts], ignore_index=True),
             "attributions": [r for p in parts for r in p["attributions"]],
-            "examples": [x for p in parts for x in p["examples"]], "attention_example": parts[0]["attention_example"]}
+            "examples": [x for p in parts for x in p["examples"]]}
 
 
 def _with_words(attribution, word_ids) -> list[dict]:
@@ -516,3 +548,14 @@ def attention_example(model: ExplainableModel, batch: Batch, i: int = 0) -> dict
         _, cache = record(model, one)
     att = cache.stack("*self_attn.pattern")[:, 0].float().cpu()                  # [layer, head, query, key]
     return {"id": one.ids[0] if one.ids else str(i), "tokens": list(one.tokens[0]), "attention": att.numpy().round(5).tolist()}
+
+
+def attention_examples(model: ExplainableModel, batch: Batch, attributions: Sequence[dict],
+                       examples: Sequence[dict]) -> list[dict]:
+    """`attention_example` of each example the report of these records shows (`attention_examples.shown_ids`, the
+    rule of `report_files.select_examples`), one forward each; of the first example when it shows none."""
+    from attnaudit.analyses.attention_examples import shown_ids
+
+    row = {str(i): r for r, i in enumerate(batch.ids or [])}
+    rows = [row[i] for i in shown_ids(attributions, examples) if i in row]
+    return [attention_example(model, batch, r) for r in rows or [0]]

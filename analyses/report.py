@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from attnaudit.analyses import figures as F
+from attnaudit.analyses.attention_examples import check_saved
 from attnaudit.analyses.report_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -81,7 +82,8 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
         comparisons: explainer, metric, setting, vs/reference, p_holm ...; None -> computed (Wilcoxon + Holm).
         attributions: `Attribution.to_records()` dicts (or Attributions); examples: dicts with id, gold
             (0/1 per token), label, prediction. attention_examples: {"tokens", "attention" [layer, head, q, k],
-            "id"} or a list of them. model_cards: {task: card} (or one card). curves: example_id, explainer,
+            "id"} or a list of them (the shown examples'; an encoder–decoder's with its cross-attention, see
+            `attnaudit.analyses.attention_examples`). model_cards: {task: card} (or one card). curves: example_id, explainer,
             curve, fraction, prob. Each may carry a `task` column/key; without one it belongs to the only task.
         full_tables: also keep every attribution record and every per-example curve (default: the shown
             examples' attributions and the mean curves; metrics are always kept in full).
@@ -187,7 +189,7 @@ def _attention_list(att) -> list[dict]:
         if not isinstance(a, Mapping) or "attention" not in a or "tokens" not in a:
             raise ValueError(f"attention_examples[{i}] must be a dict with 'tokens' and 'attention' "
                              f"[layer, head, query, key]; got {type(a).__name__}.")
-        F.check_attention(a["attention"], a["tokens"])
+        check_saved(a, f"attention_examples[{i}]")
         out.append({"id": str(a.get("id", i)), **{k: v for k, v in a.items() if k != "id"}})
     return out
 
@@ -255,7 +257,7 @@ def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None 
     res = data["results"]
     if full_tables is None:
         layout = json.loads(original["results.json"].decode("utf-8")).get("format_version")
-        full_tables = layout in (2, FORMAT_VERSION) and res.get("tables", {}).get(
+        full_tables = int(layout or 1) >= 2 and res.get("tables", {}).get(
             "attributions.jsonl.gz", "full") == "full" and ("curves.csv.gz" in files or "curves_mean.csv" not in files)
     if reverdict:
         summaries, verdicts = _verdicts(data["metrics"], data["counterfactual"], data["comparisons"],
@@ -335,8 +337,8 @@ def _render_figures(data) -> dict[str, tuple[str, bytes]]:
             todo.append(("generation", f"Example {gen_id}: each target token (rows) attributed to the {side}'s tokens "
                          "(columns), one panel per explainer; each row scaled by its largest |score|.",
                          lambda by_method=by_method, tokens=tokens: F.generation_figure(by_method, tokens)))
-        att = next((a for a in data["attention"] if a["task"] == task), None)
-        if att is not None:
+        att = next((a for a in data["attention"] if a["task"] == task), None)       # the first shown example's
+        if att is not None and len(att["tokens"]) == len(att.get("key_tokens") or att["tokens"]):
             a = np.asarray(att["attention"], dtype=float)
             n_all = int(att.get("n_positions", a.shape[2]))
             part = f" (its first {a.shape[2]} of {n_all} positions)" if n_all > a.shape[2] else ""

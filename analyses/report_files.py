@@ -10,8 +10,8 @@ examples.jsonl.gz, attributions.jsonl.gz (the examples the report shows, or ever
 full_tables) and curves.csv.gz (per-example curves, only when full_tables). Small tables stay plain:
 counterfactual.csv, counterfactual_permutation.csv, comparisons.csv, curves_mean.csv (mean and standard
 error per explainer, curve and fraction: what the curve figure draws), agreement.csv (Kendall τ and
-Spearman ρ between explainers, mean and bootstrap interval over all examples: what the agreement figure draws) and attention.json (the drawn example per
-task, its first ATTENTION_POSITIONS positions, 3 decimals). results.json's "tables" says which are full
+Spearman ρ between explainers, mean and bootstrap interval over all examples: what the agreement figure draws) and attention.json (the attention of the
+shown examples, each one's first ATTENTION_POSITIONS positions, 3 decimals; `analyses.attention_examples`). results.json's "tables" says which are full
 and which sampled. Version-1 folders (plain metrics.csv, curves.csv, attributions.jsonl, examples.jsonl,
 every attention example in full) are read too, and `compact` turns them into this layout.
 
@@ -45,7 +45,10 @@ from attnaudit.analyses.agreement import agreement_table, from_mean_tau
 from attnaudit.analyses.schema import normalize_setting
 from attnaudit.core.io import DIR_MODE, fsync_folder, is_temp_name, jsonable
 
-FORMAT, FORMAT_VERSION = "attnaudit-report", 3
+FORMAT, FORMAT_VERSION = "attnaudit-report", 4
+# audit settings that format 4 added, with the values every earlier audit ran with (the adversarial search of 1
+# adversary at Adam lr 0.1): `upgrade` writes them into an older folder's settings, so its settings say what ran
+LEGACY_AUDIT = {"n_adversaries": 1, "adversarial_lr": 0.1}
 # format_version 3 renamed measures (issue 16): what versions 1-2 called gold_auprc / rationale_auprc was ERASER's
 # average_precision, and tau_loo rows had no setting; `upgrade` renames them so old reports read as new ones
 RENAMED_METRICS = {"gold_auprc": "gold_average_precision", "rationale_auprc": "rationale_average_precision"}
@@ -183,24 +186,40 @@ def load_files(files: Mapping[str, bytes]) -> dict:
 
 
 def upgrade(files: Mapping[str, bytes]) -> tuple[dict[str, bytes], bool]:
-    """Data files of format_version 1-2 -> their names in this version, and whether anything was upgraded.
+    """Data files of format_version 1-3 -> their names in this version, and whether anything was upgraded.
+
+    Format 3: the audit settings (settings.audit and settings.identity.audit) get `LEGACY_AUDIT`'s values for the
+    settings they lack. Formats 1-2, before that:
 
     In the metrics and comparisons tables: gold_auprc and rationale_auprc (which held average precision) become
     `RENAMED_METRICS`' names, so no old value stands under the name of ERASER's trapezoid AUPRC; tau_loo rows get
     the setting `tables.tau_loo_setting` of the audit's policy (results.json settings.audit.policy, else "mask").
     agreement.csv's mean Kendall τ (column tau) becomes measure kendall_tau of `analyses.agreement.COLUMNS`, its
     interval unknown.
-    The tables are re-encoded as the writer encodes them; results.json says format_version 3. Its summaries and
+    The tables are re-encoded as the writer encodes them; results.json says FORMAT_VERSION. Its summaries and
     verdicts still hold the old names: derive them again (`render_report` does, with reverdict).
     """
     from attnaudit.analyses.tables import tau_loo_setting
 
     res = json.loads(files["results.json"].decode("utf-8"))
-    if res.get("format") != FORMAT or int(res.get("format_version", 1)) >= 3:
+    version = int(res.get("format_version", 1))
+    if res.get("format") != FORMAT or version >= FORMAT_VERSION:
         return dict(files), False
-    audit = (res.get("settings") or {}).get("audit") or {}
-    setting = tau_loo_setting(str(audit.get("policy") or "mask"))
+    settings = res.get("settings") or {}
+    for audit in (settings.get("audit"), (settings.get("identity") or {}).get("audit")):
+        if isinstance(audit, dict):
+            for key, value in LEGACY_AUDIT.items():
+                audit.setdefault(key, value)
     out = dict(files)
+    if version < 3:
+        _upgrade_names(files, out, tau_loo_setting(str((settings.get("audit") or {}).get("policy") or "mask")))
+    res["format_version"] = FORMAT_VERSION
+    out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return out, True
+
+
+def _upgrade_names(files: Mapping[str, bytes], out: dict[str, bytes], setting: str) -> None:
+    """Format 1-2 -> 3 in `out`: the renamed measures, tau_loo's setting and the agreement table (see upgrade)."""
     for key in ("metrics", "comparisons"):
         name, raw = _pick(files, *TABLES[key])
         if raw is None:
@@ -217,9 +236,6 @@ def upgrade(files: Mapping[str, bytes]) -> tuple[dict[str, bytes], bool]:
         frame = _csv_frame(raw, False)
         if "tau" in frame.columns:
             out[name] = guarded_csv(from_mean_tau(frame)).encode("utf-8")
-    res["format_version"] = FORMAT_VERSION
-    out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return out, True
 
 
 def load_results(out_dir) -> dict:
@@ -316,10 +332,11 @@ def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes
         tables["attributions.jsonl.gz"] = (before if before != "full" else "full" if full_tables else
                                            f"sampled: the {len(shown)} examples the report shows (of {n_all})")
     attention = compact_attention(data["attention"])
-    if attention:
-        out["attention.json"] = dumps(attention).encode("utf-8")
-        tables["attention.json"] = (f"sampled: the example drawn per task, its first {ATTENTION_POSITIONS} positions, "
-                                    f"{ATTENTION_DECIMALS} decimals")
+    if attention:                           # no spaces: a sixth smaller, now that it holds every shown example
+        out["attention.json"] = json.dumps(jsonable(attention), ensure_ascii=False, allow_nan=False,
+                                           separators=(",", ":")).encode("utf-8")
+        tables["attention.json"] = (f"sampled: the attention of the examples the report shows, their first "
+                                    f"{ATTENTION_POSITIONS} positions, {ATTENTION_DECIMALS} decimals")
     res = {**res, "format_version": FORMAT_VERSION, "tables": tables,
            "files": sorted(out) + ["results.json", "index.html", "report.md", "figures/"]}
     out["results.json"] = json.dumps(jsonable(res), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -327,16 +344,29 @@ def compact(files: Mapping[str, bytes], *, full_tables: bool) -> dict[str, bytes
 
 
 def compact_attention(items: Sequence[dict]) -> list[dict]:
-    """The first attention example per task, cut to the positions drawn and rounded."""
+    """Every attention example (each task's shown ones; one per task and id), cut to the first ATTENTION_POSITIONS
+    positions of each side and rounded to ATTENTION_DECIMALS. A folder of one example per task reads the same."""
     out, seen = [], set()
     for a in items:
-        if a.get("task") in seen:
+        key = (a.get("task"), str(a.get("id")))
+        if key in seen:
             continue
-        seen.add(a.get("task"))
+        seen.add(key)
         att = np.asarray(a["attention"], dtype=float)                  # [layer, head, query, key]
-        n = min(att.shape[2], ATTENTION_POSITIONS)
-        out.append({**a, "tokens": list(a["tokens"])[:n], "n_positions": int(a.get("n_positions", att.shape[2])),
-                    "attention": np.round(att[:, :, :n, :n], ATTENTION_DECIMALS).tolist()})
+        n, nk = min(att.shape[2], ATTENTION_POSITIONS), min(att.shape[3], ATTENTION_POSITIONS)
+        cut = lambda x, q, k: np.round(np.asarray(x, dtype=float)[:, :, :q, :k], ATTENTION_DECIMALS).tolist()  # noqa: E731
+        one = {**a, "tokens": list(a["tokens"])[:n], "n_positions": int(a.get("n_positions", att.shape[2])),
+               "attention": cut(att, n, nk)}
+        if a.get("key_tokens"):
+            one["key_tokens"] = list(a["key_tokens"])[:nk]
+        if "target_tokens" in a:                                       # an encoder–decoder's (`attention_examples`)
+            m = min(len(a["target_tokens"]), ATTENTION_POSITIONS)
+            one.update(target_tokens=list(a["target_tokens"])[:m],
+                       n_target_positions=int(a.get("n_target_positions", len(a["target_tokens"]))))
+            for name, k in (("decoder_attention", m), ("cross_attention", n)):
+                if name in a:
+                    one[name] = cut(a[name], m, k)
+        out.append(one)
     return out
 
 

@@ -6,8 +6,8 @@ Order: the title; per task the verdict (badge and paragraph, id="verdict-<task>"
 every explainer's rank per measure (id="summary-figure"); the evidence (rank tables, facts, caveats,
 figures); plausibility against human rationales where the metrics hold rationale_*; examples; model
 cards and settings folded in <details>, each setting once; the files. After the verdict, where a task has
-an attention example, its interactive head and model views with the audit's evidence beside them
-(`attnaudit.analyses.attention_view.report_section`).
+attention examples (those of its shown examples), its interactive head and model views, one Example choice
+per shown example, with the audit's evidence beside them (`attnaudit.analyses.attention_view.report_section`).
 
 Figures are base64 data: URIs, CSS is inline, and a Content-Security-Policy meta tag forbids every fetch
 but data: images and every script but the attention view's one inline script, allowed by its sha256. Every string that came from a user (tokens, labels, ids, task and
@@ -184,6 +184,10 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         if f'id="attention-{slug(i, task)}"' not in attention:    # the interactive view shows the same, and more
             parts += [_html_figure(name, *figures[name]) for name in figures
                       if name.startswith(slug(i, task) + "-attention-")]
+        else:
+            parts.append(f'<p class="meta">The attention of these examples, every layer and head: '
+                         f'<a href="#attention-{e(slug(i, task))}">the attention view of task {e(task)}</a> '
+                         "(choose the example there).</p>")
     parts.append('</section><section id="model"><h2>Model and settings</h2>')
     for task in tasks:
         card = res["model_cards"].get(task)

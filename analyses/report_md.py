@@ -25,6 +25,7 @@ from attnaudit.analyses.report_html import (
     rationale_columns,
     rationale_rows,
     run_table,
+    slug,
     task_agreement,
     translation_line,
 )
@@ -155,6 +156,11 @@ def _examples_section(res: dict, data: dict, figures: dict[str, tuple[str, bytes
         for ex in select_examples(task, data, res["model_cards"].get(task) or {}):
             out += [f"**{md(ex['id'])}** ({md(ex['status'])}; label {md(ex['label'])}, prediction {md(ex['prediction'])})", ""]
             out += [_md_table(["explainer", "tokens", "top 3 tokens"], [_top_tokens_row(r) for r in ex["records"]]), ""]
+        saved = [str(a.get("id")) for a in data.get("attention") or [] if a.get("task") == task]
+        if saved:
+            out += [f"The attention of {'these examples' if len(saved) > 1 else 'example ' + md(saved[0])}, every layer and "
+                    f"head: the interactive head and model views in [index.html](index.html#attention-{slug(i, task)}) "
+                    f"(open it in a browser; examples {md(', '.join(saved))}); the figures below draw the first.", ""]
         out += _figure_lines(figures, i, attention=True)
     return out
 

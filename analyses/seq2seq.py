@@ -274,13 +274,14 @@ def alignment_rows(ids: Sequence[str], name: str, scores: Tensor, maps: Sequence
 # -- counterfactual tests ---------------------------------------------------------------------------
 def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], *, n_permutations: int = 20,
                               seed: int = 0, max_batch: int = 256, tests: Sequence[str] = COUNTERFACTUAL_TESTS,
-                              adversarial_steps: int = 40, epsilon: float = 0.01) -> dict[str, pd.DataFrame]:
+                              adversarial_steps: int = 40, epsilon: float = 0.01, adversarial_lr: float = 0.1,
+                              n_adversaries: int = 1) -> dict[str, pd.DataFrame]:
     """The counterfactual tests on cross-attention -> {"summary", "permutation", "adversarial", "head_ablation"}.
 
     tests: a subset of COUNTERFACTUAL_TESTS (the classifier's `analyses.counterfactual.TESTS`): permutation,
     adversarial (`seq2seq_counterfactual.adversarial_search`: per unit, its query row of the cross-attention
     at the layer, as far as possible in JSD while the next-token distribution moves at most `epsilon` in TVD,
-    `adversarial_steps` Adam steps), uniform and erasure at every decoder layer and "all"; head_ablation once
+    `adversarial_steps` Adam steps at lr `adversarial_lr`, `n_adversaries` searches per unit), uniform and erasure at every decoder layer and "all"; head_ablation once
     (`seq2seq_counterfactual.cross_head_table`: each cross-attention head zeroed in turn). Frames hold only the
     tests run ("permutation": per example and layer; "adversarial": per example and layer; "head_ablation": per
     layer and head).
@@ -317,7 +318,7 @@ def translator_counterfactual(model: Seq2SeqModel, examples: Sequence[Example], 
         att = cross.mean(0) if layer == "all" else cross[layer]                     # [unit, head, src]
         if "adversarial" in tests:
             found = adversarial_search(model, pairs, units, layer=layer, epsilon=epsilon, n_steps=adversarial_steps,
-                                       seed=seed, max_batch=max_batch)
+                                       lr=adversarial_lr, n_adversaries=n_adversaries, seed=seed, max_batch=max_batch)
             summary.extend(found.rows(n))
             adversarial_frames.append(found.frame(ids))
         if "permutation" in tests:
@@ -387,7 +388,8 @@ def translation_rows(model: Seq2SeqModel, examples: Sequence[Example]) -> pd.Dat
 def audit_translator(model: Seq2SeqModel, examples: Sequence[Example], *, explainers: Sequence[str] = EXPLAINERS,
                      seed: int = 0, max_batch: int = 256, n_permutations: int = 20,
                      gold: Sequence[GoldAlignment] | None = None, tests: Sequence[str] = COUNTERFACTUAL_TESTS,
-                     adversarial_steps: int = 40, sanity_examples: int = 32) -> dict:
+                     adversarial_steps: int = 40, sanity_examples: int = 32, adversarial_lr: float = 0.1,
+                     n_adversaries: int = 1) -> dict:
     """Every issue-4 analysis on a Translator or HFTranslator -> {"metrics", "counterfactual", "attributions",
     "examples", "timings"}.
 
@@ -410,7 +412,8 @@ def audit_translator(model: Seq2SeqModel, examples: Sequence[Example], *, explai
     metrics = pd.concat([metrics, translation_rows(model, examples)], ignore_index=True).__finalize__(metrics)
     t1 = time.perf_counter()
     cf = translator_counterfactual(model, examples, n_permutations=n_permutations, seed=seed, max_batch=max_batch,
-                                   tests=tests, adversarial_steps=adversarial_steps)
+                                   tests=tests, adversarial_steps=adversarial_steps, adversarial_lr=adversarial_lr,
+                                   n_adversaries=n_adversaries)
     t2 = time.perf_counter()
     pairs, units = prepare(model, examples, gold)
     if sanity_examples:                           # the randomisation check on the first examples, every explainer

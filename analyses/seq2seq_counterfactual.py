@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from attnaudit.analyses.counterfactual import MAX_STEPS, _softmax_allowed, jsd, tvd
+from attnaudit.analyses.counterfactual import MAX_STEPS, _check_adversaries, _softmax_allowed, jsd, tvd
 from attnaudit.core.ranking import spearman
 from attnaudit.explain.gradients import check_positive_int
 from attnaudit.model.hooks import Edit, hooks
@@ -229,7 +229,7 @@ def _check_adversarial(epsilon, n_steps, lr, penalty, init_noise, seed) -> None:
 
 def adversarial_search(model: Any, pairs: Any, units: Any, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
                        lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0, seed: int = 0,
-                       max_batch: int = 256) -> CrossAdversarialResult:
+                       max_batch: int = 256, n_adversaries: int = 1) -> CrossAdversarialResult:
     """Search, per unit, cross-attention rows t maximally different from the original with almost the same p(· | t).
 
     As `analyses.counterfactual.adversarial_attention` (same defaults, objective and optimiser), on query row t of
@@ -237,16 +237,22 @@ def adversarial_search(model: Any, pairs: Any, units: Any, *, layer: Layer, epsi
     example (see the module doc): new row = softmax over the allowed source keys of free logits [edited layer,
     head, src], started at log(original) + init_noise·N(0, 1) (drawn once for all units from `seed`) and moved by
     Adam (lr, n_steps) to maximise JSD − penalty·relu(TVD − ε). n_steps=0 only evaluates the start.
-    `max_batch` units (copies) a forward + backward.
+    n_adversaries: K independent searches per unit (adversary 0 draws its start first, exactly as one search
+    does; adversaries 1 … K − 1 draw theirs next from the same generator); per unit the best feasible one is
+    reported, else the one closest to feasible. `max_batch` units (copies) a forward + backward.
     """
     sites = cross_sites(model, layer)
     _check_adversarial(epsilon, n_steps, lr, penalty, init_noise, seed)
     check_positive_int("max_batch", max_batch)
+    _check_adversaries(n_adversaries)
+    if n_steps * n_adversaries > MAX_STEPS:
+        raise ValueError(f"n_steps × n_adversaries = {n_steps:,} × {n_adversaries:,} forward + backward passes per "
+                         f"unit and layer is above MAX_STEPS={MAX_STEPS:,}: lower n_steps or n_adversaries.")
     _check_units(pairs, units)
     base, original, allowed = _unit_forward(model, pairs, units, sites=sites, max_batch=max_batch)
     assert original is not None
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(original.shape, generator=gen)                                # [site, unit, head, src]
+    noises = [torch.randn(original.shape, generator=gen) for _ in range(n_adversaries)]   # each [site, unit, head, src]
     u = len(units.src)
     jsd_out, tvd_out = torch.zeros(u), torch.zeros(u)
     sat_out = torch.zeros(u, dtype=torch.bool)
@@ -258,46 +264,63 @@ def adversarial_search(model: Any, pairs: Any, units: Any, *, layer: Layer, epsi
             orig = original[:, pick].to(dev)                                          # [site, c, head, src]
             ok = allowed[pick].to(dev)[:, None, :]                                    # [c, 1, src]
             ref = base[pick].to(dev)                                                  # [c, vocab]
-            theta = (orig.clamp_min(1e-6).log() + init_noise * noise[:, pick].to(dev)).requires_grad_(True)
-            opt = torch.optim.Adam([theta], lr=lr)
-            c = len(pick)
-            best_jsd = torch.full((c,), -1.0, device=dev)
-            best_tvd = torch.full((c,), math.nan, device=dev)
-            best_att = torch.zeros_like(orig)
-            for step in range(n_steps + 1):                                           # the last pass only evaluates
-                new = _softmax_allowed(theta, ok)                                     # [site, c, head, src]
-                with hooks(model, {s: row_edit(new[j], at) for j, s in enumerate(sites)}):
-                    logits = model(chunk)                                             # [c, tgt, vocab]
-                probs = logits[torch.arange(c, device=logits.device), at.to(logits.device)].float().softmax(-1)
-                out_tvd = tvd(probs, ref)                                             # [c]
-                att_jsd = jsd(new, orig).mean(-1).mean(0)                             # [site, c, head] -> [c]
-                last_jsd, last_tvd = att_jsd.detach(), out_tvd.detach()
-                better = (last_tvd <= epsilon) & (last_jsd > best_jsd)
-                best_jsd = torch.where(better, last_jsd, best_jsd)
-                best_tvd = torch.where(better, last_tvd, best_tvd)
-                best_att = torch.where(better[None, :, None, None], new.detach(), best_att)
-                if step == n_steps:
-                    break
-                objective = att_jsd - penalty * torch.relu(out_tvd - epsilon)         # [c]
-                (grad,) = torch.autograd.grad(-objective.sum(), [theta])              # the free logits only
-                theta.grad = grad
-                opt.step()
-            satisfied = best_jsd >= 0
-            jsd_out[pick] = torch.where(satisfied, best_jsd, last_jsd).float().cpu()
-            tvd_out[pick] = torch.where(satisfied, best_tvd, last_tvd).float().cpu()
+            found = [_search_rows(model, sites, chunk, at, orig, ok, ref, noise[:, pick].to(dev), epsilon=epsilon,
+                                  n_steps=n_steps, lr=lr, penalty=penalty, init_noise=init_noise) for noise in noises]
+            jsd_k, tvd_k, sat_k = (torch.stack([f[i] for f in found]) for i in range(3))   # [K, c]
+            att_k = torch.stack([f[3] for f in found])                                # [K, site, c, head, src]
+            satisfied = sat_k.any(0)                                                  # [c]
+            score = torch.where(sat_k, jsd_k, torch.full_like(jsd_k, -math.inf))
+            k = torch.where(satisfied, score.argmax(0), tvd_k.argmin(0))              # [c]; ties: the lowest index
+            c = torch.arange(len(pick), device=k.device)
+            jsd_out[pick] = jsd_k[k, c].float().cpu()
+            tvd_out[pick] = tvd_k[k, c].float().cpu()
             sat_out[pick] = satisfied.cpu()
-            att_out[:, pick] = torch.where(satisfied[None, :, None, None], best_att, new.detach()).float().cpu()
+            att_out[:, pick] = att_k.permute(0, 2, 1, 3, 4)[k, c].transpose(0, 1).float().cpu()
     return CrossAdversarialResult(layer=str(layer), sites=sites, src=units.src.clone(), tgt=units.tgt.clone(),
                                   jsd=jsd_out, tvd=tvd_out, satisfied=sat_out, attention=att_out, original=original)
 
 
+def _search_rows(model: Any, sites: list[str], chunk: Any, at: Tensor, orig: Tensor, ok: Tensor, ref: Tensor,
+                 noise: Tensor, *, epsilon: float, n_steps: int, lr: float, penalty: float,
+                 init_noise: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One adversary's search on one chunk of c units -> jsd, tvd, satisfied [c] and its rows [site, c, head, src]:
+    the best feasible step's, else the last step's."""
+    theta = (orig.clamp_min(1e-6).log() + init_noise * noise).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    c, dev = len(at), orig.device
+    best_jsd = torch.full((c,), -1.0, device=dev)
+    best_tvd = torch.full((c,), math.nan, device=dev)
+    best_att = torch.zeros_like(orig)
+    for step in range(n_steps + 1):                                                   # the last pass only evaluates
+        new = _softmax_allowed(theta, ok)                                             # [site, c, head, src]
+        with hooks(model, {s: row_edit(new[j], at) for j, s in enumerate(sites)}):
+            logits = model(chunk)                                                     # [c, tgt, vocab]
+        probs = logits[torch.arange(c, device=logits.device), at.to(logits.device)].float().softmax(-1)
+        out_tvd = tvd(probs, ref)                                                     # [c]
+        att_jsd = jsd(new, orig).mean(-1).mean(0)                                     # [site, c, head] -> [c]
+        last_jsd, last_tvd = att_jsd.detach(), out_tvd.detach()
+        better = (last_tvd <= epsilon) & (last_jsd > best_jsd)
+        best_jsd = torch.where(better, last_jsd, best_jsd)
+        best_tvd = torch.where(better, last_tvd, best_tvd)
+        best_att = torch.where(better[None, :, None, None], new.detach(), best_att)
+        if step == n_steps:
+            break
+        objective = att_jsd - penalty * torch.relu(out_tvd - epsilon)                 # [c]
+        (grad,) = torch.autograd.grad(-objective.sum(), [theta])                      # the free logits only
+        theta.grad = grad
+        opt.step()
+    satisfied = best_jsd >= 0
+    return (torch.where(satisfied, best_jsd, last_jsd), torch.where(satisfied, best_tvd, last_tvd), satisfied,
+            torch.where(satisfied[None, :, None, None], best_att, new.detach()))
+
+
 def cross_adversarial(model: Any, pairs: Any, units: Any, *, layer: Layer, epsilon: float = 0.01, n_steps: int = 40,
                       lr: float = 0.1, penalty: float = 10.0, init_noise: float = 1.0, seed: int = 0,
-                      max_batch: int = 256) -> list[tuple]:
+                      max_batch: int = 256, n_adversaries: int = 1) -> list[tuple]:
     """`adversarial_search` -> summary rows ("adversarial", layer, "all", statistic, value): jsd_reached,
     median_jsd_reached, constraint_satisfied_fraction (per example, then over examples; see the module doc)."""
     res = adversarial_search(model, pairs, units, layer=layer, epsilon=epsilon, n_steps=n_steps, lr=lr, penalty=penalty,
-                             init_noise=init_noise, seed=seed, max_batch=max_batch)
+                             init_noise=init_noise, seed=seed, max_batch=max_batch, n_adversaries=n_adversaries)
     return res.rows(len(pairs.tgt_out))
 
 

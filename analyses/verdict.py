@@ -47,6 +47,7 @@ NO_RANDOM_SHARE = 0.5        # no attention method better than random on this sh
 TVD_SMALL, TVD_LARGE = 0.05, 0.2    # median output TVD: < small is "small", >= large is "large"
 JSD_LARGE = 0.3              # adversarial attention this far (nats; max ln 2 ≈ 0.693) from the original ...
 ADVERSARIAL_SHARE = 0.5      # ... with the output TVD <= ε for at least this share of examples
+SEARCH_CONVERGED = 0.02      # the adversarial search converged: its second half added at most this share of its JSD
 SMALL_MODEL = (4, 256)       # at most this many layers and this d_model: a small model
 FEW_EXAMPLES = 30            # fewer examples than this per (explainer, metric): wide intervals
 
@@ -68,6 +69,11 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
      "tasks), plausibility against human rationales."),
     ("rationale_*", "agreement with human rationales (plausibility, not faithfulness): token F1 and IOU F1 of "
      "the top n_gold tokens, average precision and AUPRC as above."),
+    ("adversarial jsd_reached", "the mean Jensen–Shannon divergence (nats, at most ln 2) between the model's "
+     "attention and the most different attention an adversarial search found with the output held within TVD "
+     "ε = 0.01 (Jain & Wallace 2019; the settings n_adversaries, adversarial_steps, adversarial_lr say how hard "
+     "it searched); jsd_reached_half_steps reads the same search at half its steps, so their gap shows whether "
+     "it had converged."),
     ("randomization_spearman", "Spearman similarity of the map to the original as layers are re-initialised "
      "from the top (Adebayo et al. 2018); a map that stays similar fails the check."),
 )
@@ -269,6 +275,12 @@ def counterfactual_findings(cf: pd.DataFrame) -> tuple[dict, list[str]]:
                      f"with the output held within ε for {sat[layer]:.0%} of examples (layer {layer}): "
                      + ("very different attention can give the same output." if hits.any() else
                         f"no layer reached JSD >= {JSD_LARGE} for {ADVERSARIAL_SHARE:.0%} of examples."))
+        half = _stat(cf, "adversarial", "jsd_reached_half_steps").get(layer, math.nan)
+        if half == half:
+            gain = (jsd[layer] - half) / max(jsd[layer], 1e-12)
+            facts.append(f"At half its steps the search had reached {half:.3f} there: "
+                         + (f"it had converged (within {SEARCH_CONVERGED:.0%})." if gain <= SEARCH_CONVERGED else
+                            f"it was still gaining ({gain:.1%} of its JSD in its second half), so a longer search may find more."))
     fmax, frand = _stat(cf, "erasure", "flip_rate_max"), _stat(cf, "erasure", "flip_rate_random")
     if not fmax.dropna().empty and not frand.dropna().empty:
         layer = fmax.idxmax()

@@ -6,6 +6,8 @@
     >>> attnaudit.get_explainer("rollout").explain(model, ["the plot was not good"])   # heatmap in Jupyter
     >>> result = attnaudit.audit(model, examples)                 # every explainer and analysis -> tables
     >>> result.summary()                                          # pandas: mean and 95% CI per explainer × metric
+    >>> with attnaudit.precision("bfloat16"):                     # opt-in bf16 forwards; float32 by default
+    ...     result = attnaudit.audit(model, examples)
 
 Every name is imported on first use, so `import attnaudit` (and the CLI's `--help`) costs almost nothing;
 torch comes with the model, captum with a gradient or perturbation explainer, pandas and matplotlib with
@@ -19,11 +21,11 @@ _NAMES = {
     "load_model": "attnaudit.model.checkpoint", "get_explainer": "attnaudit.explain.registry",
     "list_explainers": "attnaudit.explain.registry", "Attribution": "attnaudit.explain.attribution",
     "record": "attnaudit.model.hooks", "hooks": "attnaudit.model.hooks", "audit": "attnaudit.analyses.audit",
-    "show_attention": "attnaudit.analyses.attention_view",
+    "show_attention": "attnaudit.analyses.attention_view", "precision": "attnaudit.model.precision",
 }
 
 __all__ = ["__version__", "load_model", "get_explainer", "list_explainers", "Attribution", "record", "hooks", "audit",
-           "show_attention"]
+           "show_attention", "precision"]
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from torch import Tensor
 from attnaudit.data.examples import Example
 from attnaudit.explain.attribution import Attribution
 from attnaudit.model.interface import Batch, ExplainableModel
+from attnaudit.model.precision import forward_autocast
 
 MAX_FORWARDS = 4096   # forward passes per example an explainer may run, unless its max_cost says more
 MAX_ROWS = 65536      # rows (inputs) in one forward pass: the most any max_batch may be
@@ -133,7 +134,7 @@ class Explainer:
         self.validate(model)
         self.check_limits(model, batch)
         start = time.perf_counter()
-        with model.evaluating():
+        with model.evaluating(), forward_autocast(model.device):      # bf16 only inside a `precision` block
             with torch.no_grad():
                 probs = model(batch).float().softmax(-1).cpu()                   # [batch, n_classes]
             tgt = resolve_target(model, target, probs)                            # [batch]

@@ -32,10 +32,21 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from attnaudit.explain.base import MAX_ROWS, Explainer, check_choice, check_max_cost, forwards_cost, short_repr
+from attnaudit.explain.base import (
+    MAX_FORWARDS,
+    MAX_ROWS,
+    Cost,
+    Explainer,
+    check_choice,
+    check_max_cost,
+    forwards_cost,
+    short_repr,
+)
 from attnaudit.explain.control import check_seed, example_seed, seeded
+from attnaudit.explain.quadrature import adaptive_scores, step_schedule
 from attnaudit.model.interface import Batch, ExplainableModel
 
+ADAPTIVE = "adaptive"   # IntegratedGradients(n_steps=ADAPTIVE): steps per example from the completeness gap
 BASELINES = ("pad", "mask", "zero")
 MAX_MEMORY_MB = 4096   # integrated gradients' default budget per forward + backward pass
 TOKENS_PER_PASS = 4096  # a measured max_tokens for IG's opt-in length grouping (benchmarks/peer_ferret.py)
@@ -269,55 +280,117 @@ class IntegratedGradients(CaptumExplainer):
 
     Args:
         baseline: "pad" (default), "mask" or "zero"; [CLS]/[SEP] keep their embeddings.
-        n_steps: quadrature points. The integrand jumps wherever a ReLU switches along the path, so
-            the error falls only like 1/n_steps: 512 keeps the completeness gap under 1% of
-            |f(x) − f(x')| (measured: at most 0.5% on 64 needle examples, 2% at 200 steps) on the
-            built-in models; tests/test_gradient_explainers.py checks it.
+        n_steps: "adaptive" (default): per example, Gauss–Legendre at min_steps, then at more nodes only while
+            the completeness gap is above max(tolerance · |f(x) − f(x')|, atol), up to max_steps
+            (`attnaudit.explain.quadrature`). An int: exactly that many nodes for every example, as one
+            captum call (for exact comparisons). A ReLU makes the integrand jump, so the error falls only like
+            1/n_steps, and no fixed count suits every example: on the trained keywords model 512 steps left 3
+            of 32 test examples above 1% while most need 16-32 (benchmarks/ig_adaptive.py).
+        tolerance, min_steps, max_steps, atol: the adaptive mode's target (relative gap; 0.01 = 1%), its first
+            and last counts (doubling in between; see `quadrature.next_steps`) and the absolute gap (logit units)
+            that also passes where f(x) ≈ f(x') makes the relative gap undefined. Ignored with an int n_steps.
         max_batch: at most this many interpolated inputs per forward pass (captum's
             internal_batch_size), so memory stays bounded; None = all batch·n_steps at once.
         max_memory_mb: memory budget of one forward + backward pass; max_batch is lowered until the
             estimate (`pass_bytes`) fits, and a batch whose single interpolated input does not fit is
             refused before anything is allocated. None = no budget.
         reduction: "sum" (default: Σ token scores = Σ attributions ≈ f(x) − f(x')) or "l2".
-        max_cost: the most forward + backward passes per example (n_steps), None = MAX_FORWARDS (4096); checked
-            before anything is allocated (the quadrature set-up alone needs 8·n_steps² bytes).
-        max_tokens: None (default): all examples go to captum together, padded to the batch's longest, max_batch
-            rows per pass. An int (opt-in; e.g. TOKENS_PER_PASS): examples are grouped by length and each group,
-            padded only to its own longest, runs passes of at most max_tokens tokens (rows × seq), still within
-            max_batch and max_memory_mb. Fewer padded tokens and cache-sized passes make it faster; the grouping
-            changes the float summation order, so scores differ from the default in the last bits.
-    extras: completeness_gap and completeness_gap_relative per example.
+        max_cost: the most forward + backward passes per example, None = MAX_FORWARDS (4096), checked before
+            anything is allocated against n_steps, or in the adaptive mode against the worst case, the sum of
+            the schedule (1,008 for 16…512: Gauss–Legendre nodes are not nested, so no count reuses another's).
+        max_tokens: "auto" (default): TOKENS_PER_PASS when adaptive, None with an int n_steps. None: all
+            examples go to captum together, padded to the batch's longest, max_batch rows per pass. An int:
+            examples are grouped by length and each group, padded only to its own longest, runs passes of at
+            most max_tokens tokens (rows × seq), still within max_batch and max_memory_mb. Fewer padded tokens
+            and cache-sized passes make it faster; the grouping changes the float summation order, so scores
+            differ from one captum call in the last bits.
+    extras: completeness_gap and completeness_gap_relative per example; adaptive adds n_steps (the count of the
+        returned scores) and converged (1.0, or 0.0 where max_steps left the gap above its allowance). An
+        example's scores are those of a fixed-n_steps call at its count on the examples run with it (a call on
+        other examples agrees to float noise: tests/test_ig_adaptive.py).
     """
 
     name = "integrated_gradients"
     attribution_class = captum.attr.IntegratedGradients
 
-    def __init__(self, *, baseline: str = "pad", n_steps: int = 512, max_batch: int | None = 512,
+    def __init__(self, *, baseline: str = "pad", n_steps: int | str = "adaptive", tolerance: float = 0.01,
+                 min_steps: int = 16, max_steps: int = 512, atol: float = 1e-4, max_batch: int | None = 512,
                  max_memory_mb: float | None = MAX_MEMORY_MB, reduction: str = "sum", max_cost: int | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | str | None = "auto"):
         self.baseline = baseline
         self.n_steps = n_steps
+        self.tolerance = tolerance
+        self.min_steps = min_steps
+        self.max_steps = max_steps
+        self.atol = atol
         self.max_batch = max_batch
         self.max_memory_mb = max_memory_mb
         self.reduction = reduction
         self.max_cost = max_cost
         self.max_tokens = max_tokens
 
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.n_steps, str) and self.n_steps == ADAPTIVE
+
     def validate(self, model: ExplainableModel) -> None:
         super().validate(model)
-        check_positive_int("n_steps", self.n_steps)
+        n = self.n_steps
+        if not self.adaptive:
+            if isinstance(n, (int, float)) and not isinstance(n, bool):
+                check_positive_int("n_steps", n)                  # the message an int n_steps always had
+            else:
+                raise ValueError(f"n_steps must be an int >= 1 or {ADAPTIVE!r}; got {short_repr(n)}.")
+        check_positive_int("min_steps", self.min_steps, maximum=MAX_ROWS)
+        check_positive_int("max_steps", self.max_steps, maximum=MAX_ROWS)
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps must be <= max_steps; got min_steps={self.min_steps}, "
+                             f"max_steps={self.max_steps}. Lower min_steps or raise max_steps.")
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ValueError(f"tolerance must be a number in (0, 1) (the completeness gap over |f(x) − f(x')|; "
+                             f"0.01 = 1%); got {short_repr(t)}.")
+        a = self.atol
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0:
+            raise ValueError(f"atol must be a number >= 0 (an absolute completeness gap, in logits); "
+                             f"got {short_repr(a)}.")
+        if self.adaptive and self.baseline is None:
+            raise ValueError("n_steps='adaptive' measures the completeness gap against a baseline; got baseline=None. "
+                             "Pass baseline='pad', 'mask' or 'zero', or an int n_steps.")
         check_positive_int("max_batch", self.max_batch, allow_none=True, maximum=MAX_ROWS)
         check_max_cost(self.max_cost)
-        check_positive_int("max_tokens", self.max_tokens, allow_none=True)
+        if not (isinstance(self.max_tokens, str) and self.max_tokens == "auto"):
+            if isinstance(self.max_tokens, str):
+                raise ValueError(f"max_tokens must be 'auto', an int >= 1 or None; got {self.max_tokens!r}.")
+            check_positive_int("max_tokens", self.max_tokens, allow_none=True)
         m = self.max_memory_mb
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
             raise ValueError(f"max_memory_mb must be a number > 0 (megabytes per forward + backward pass) or None; "
                              f"got {m!r}.")
 
+    def schedule(self) -> list[int]:
+        """The counts an example may run at: [n_steps], or min_steps doubled up to max_steps when adaptive."""
+        return step_schedule(self.min_steps, self.max_steps) if self.adaptive else [int(self.n_steps)]
+
+    def tokens_per_pass(self) -> int | None:
+        """max_tokens with "auto" resolved: TOKENS_PER_PASS when adaptive, None (one captum call) otherwise."""
+        if isinstance(self.max_tokens, str):                      # "auto", as validate allows
+            return TOKENS_PER_PASS if self.adaptive else None
+        return None if self.max_tokens is None else int(self.max_tokens)
+
     def costs(self, model: ExplainableModel, batch: Batch):
         # numpy's Gauss–Legendre nodes come from an n_steps × n_steps float64 eigenproblem
-        return [forwards_cost("n_steps", self.n_steps, self.max_cost, extra_bytes=8.0 * self.n_steps ** 2,
-                              per_forward_bytes=pass_bytes(model, 1, batch.input_ids.shape[1]))]
+        schedule = self.schedule()
+        per_forward = pass_bytes(model, 1, batch.input_ids.shape[1])
+        if not self.adaptive:
+            return [forwards_cost("n_steps", schedule[0], self.max_cost, extra_bytes=8.0 * schedule[0] ** 2,
+                                  per_forward_bytes=per_forward)]
+        worst = sum(schedule)                                     # every count of the schedule, none shared
+        limit = MAX_FORWARDS if self.max_cost is None else self.max_cost
+        memory = 8.0 * schedule[-1] ** 2 + worst * per_forward
+        return [Cost("max_steps", self.max_steps, worst, limit,
+                     f"≈ {memory:.1e} bytes / {worst:.1e} forward passes per example at worst (adaptive: "
+                     f"{' + '.join(map(str, schedule))})")]
 
     def check_limits(self, model: ExplainableModel, batch: Batch) -> None:
         super().check_limits(model, batch)
@@ -325,7 +398,7 @@ class IntegratedGradients(CaptumExplainer):
 
     def rows_per_pass(self, model: ExplainableModel, batch: Batch) -> int:
         """Interpolated inputs per forward pass: max_batch (or all), lowered to fit max_memory_mb."""
-        rows = len(batch) * self.n_steps if self.max_batch is None else self.max_batch
+        rows = len(batch) * self.schedule()[-1] if self.max_batch is None else self.max_batch
         if self.max_memory_mb is None:
             return rows
         return min(rows, self.rows_in_memory(model, batch.input_ids.shape[1]))
@@ -346,27 +419,45 @@ class IntegratedGradients(CaptumExplainer):
     def captum_kwargs(self) -> dict:
         return {"n_steps": self.n_steps, "method": "gausslegendre", "internal_batch_size": self.max_batch}
 
+    def with_steps(self, n_steps: int) -> IntegratedGradients:
+        """This explainer at a fixed count, max_tokens resolved: what adaptive runs at each of its counts."""
+        fixed = copy.copy(self)
+        fixed.n_steps, fixed.max_tokens = n_steps, self.tokens_per_pass()
+        return fixed
+
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # captum finds the Gauss–Legendre nodes with numpy (an n_steps × n_steps eigenproblem). Once torch's
         # OpenMP threads exist, numpy's multi-threaded OpenBLAS can stall on it (measured on 2 cores:
         # 4 s instead of 0.05 s for 512 nodes, twice per call), so numpy gets one BLAS thread meanwhile.
         with threadpool_limits(limits=1, user_api="blas"):
-            if self.max_tokens is not None:
-                return self._scores_by_length(model, batch, target)
-            fitted = copy.copy(self)                              # the same explainer with a smaller batch
-            fitted.max_batch, fitted.max_memory_mb = self.rows_per_pass(model, batch), None
-            return fitted._scores_in_parts(model, batch, target)
+            if not self.adaptive:
+                return self.with_steps(int(self.n_steps))._fixed_scores(model, batch, target)
+
+            def run(n_steps: int, rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+                return self.with_steps(n_steps)._fixed_scores(model, batch.select(rows), target[rows])
+
+            return adaptive_scores(run, (len(batch), batch.input_ids.shape[1]), self.schedule(), tolerance=self.tolerance,
+                                   atol=self.atol)
+
+    def _fixed_scores(self, model: ExplainableModel, batch: Batch,
+                      target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.tokens_per_pass() is not None:
+            return self._scores_by_length(model, batch, target)
+        fitted = copy.copy(self)                                  # the same explainer with a smaller batch
+        fitted.max_batch, fitted.max_memory_mb = self.rows_per_pass(model, batch), None
+        return fitted._scores_in_parts(model, batch, target)
 
     def _scores_by_length(self, model: ExplainableModel, batch: Batch,
                           target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # max_tokens: examples sorted by length, grouped greedily while the group's n_steps rows per example,
         # padded to its longest, fit max_tokens; a group that does not fit whole is run in chunks of steps.
-        assert self.max_tokens is not None
+        budget, n_steps = self.tokens_per_pass(), int(self.n_steps)
+        assert budget is not None and not self.adaptive                          # _fixed_scores calls it so
         lengths = batch.attention_mask.sum(1).tolist()                           # [batch]
         order = sorted(range(len(batch)), key=lambda i: lengths[i])
         groups: list[list[int]] = []
         for i in order:                                                          # ascending: i is the group's longest
-            if groups and (len(groups[-1]) + 1) * self.n_steps * lengths[i] <= self.max_tokens:
+            if groups and (len(groups[-1]) + 1) * n_steps * lengths[i] <= budget:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -375,7 +466,7 @@ class IntegratedGradients(CaptumExplainer):
         for group in groups:
             part = batch.select(group)                                           # trimmed to the group's longest
             seq = part.input_ids.shape[1]
-            rows = min(max(1, self.max_tokens // seq), self.rows_in_memory(model, seq))
+            rows = min(max(1, budget // seq), self.rows_in_memory(model, seq))
             if self.max_batch is not None:
                 rows = min(rows, self.max_batch)
             fitted = copy.copy(self)

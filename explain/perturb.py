@@ -5,9 +5,10 @@ plus the index of that example in the batch. The engine normalises the mask (spe
 kept, padding never), de-duplicates identical (example, policy, mask) triples against everything it
 has already evaluated, materialises the new ones at the token-id level with the replacement policy,
 sorts them by length, and runs them in chunks of `max_batch` under `torch.inference_mode` (bf16
-autocast on CUDA). It caches the full class distribution, so metrics, explainers and targets share
-forwards: comprehensiveness at k is the deletion curve at step ⌈k·n⌉, sufficiency the insertion curve
-at step ⌈k·n⌉, and leaving out the top token is deletion step 1.
+autocast on CUDA; inside an `attnaudit.model.precision.precision` block, as the block says). It caches
+the full class distribution, so metrics, explainers and targets share forwards: comprehensiveness at k
+is the deletion curve at step ⌈k·n⌉, sufficiency the insertion curve at step ⌈k·n⌉, and leaving out
+the top token is deletion step 1.
 
     engine = PerturbationEngine(model, batch, policy="mask", max_batch=128)
     keep = remove_top_k(attribution, 0.2)                 # [batch, seq] bool
@@ -23,7 +24,6 @@ Replacement policies (recorded in `engine.policy` and in every table built on th
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 import time
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from torch import Tensor
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import MAX_ROWS
 from attnaudit.model.interface import Batch, ExplainableModel
+from attnaudit.model.precision import current_precision, forward_autocast
 
 POLICIES = ("mask", "attention", "delete")
 DEFAULT_MAX_BATCH = 128
@@ -202,7 +203,8 @@ class PerturbationEngine:
         batch: the source examples; keep-masks are [batch, ..., seq] over its positions.
         policy: the default replacement policy ("mask", "attention" or "delete"); each call may override it.
         max_batch: most sequences per forward, at most MAX_ROWS (65,536).
-        autocast: bf16 autocast when the model is on CUDA (ignored on CPU).
+        autocast: bf16 autocast when the model is on CUDA (ignored on CPU). Inside an
+            `attnaudit.model.precision.precision(...)` block the block decides instead, on CPU and CUDA.
     """
 
     def __init__(self, model: ExplainableModel, batch: Batch, *, policy: str = "mask",
@@ -316,6 +318,8 @@ class PerturbationEngine:
     def _keys(self, source: Tensor, keep: Tensor, policy: str) -> list[tuple[int, str, bytes]]:
         packed = np.packbits(keep.numpy(), axis=1)                                  # [n, ceil(seq/8)] uint8
         rows = [r.tobytes() for r in packed]
+        if current_precision() is not None:            # a precision block's rows never mix with the default's
+            policy = f"{policy}@{current_precision()}"
         return [(s, policy, r) for s, r in zip(source.tolist(), rows)]
 
     def _store(self, new: dict, probs: Tensor) -> None:
@@ -341,8 +345,7 @@ class PerturbationEngine:
             width = self.attention_mask[source].sum(1)                              # [n] the source's length
         order = torch.argsort(width, stable=True)
         device = _device(self.model)
-        amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-               if self.autocast and device.type == "cuda" else contextlib.nullcontext())
+        amp = forward_autocast(device, default_bf16=self.autocast and device.type == "cuda")  # a precision block wins
         start = time.perf_counter()
         chunks = []
         with self.model.evaluating(), torch.inference_mode(), amp:

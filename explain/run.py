@@ -19,6 +19,7 @@ from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer, as_batch, package_attribution, resolve_target
 from attnaudit.explain.capture import AttentionExplainer, capture, shared_reads
 from attnaudit.explain.registry import get_explainer
+from attnaudit.model.precision import forward_autocast
 
 if TYPE_CHECKING:
     from attnaudit.model.interface import ExplainableModel
@@ -52,7 +53,7 @@ def explain_all(model: ExplainableModel, batch_or_texts, explainers: list[Explai
     shared = [e for e in chosen if isinstance(e, AttentionExplainer)]
     results: dict[str, Attribution] = {}
     if shared:
-        with model.evaluating():
+        with model.evaluating(), forward_autocast(model.device):  # bf16 only inside a `precision` block
             with torch.no_grad():
                 probs = model(batch).float().softmax(-1).cpu()                    # [batch, n_classes]
             tgt = resolve_target(model, target, probs)                            # [batch]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from attnaudit.model.hooks import HookPoint
+from attnaudit.model.precision import attention_softmax
 
 
 class MultiHeadAttention(nn.Module):
@@ -39,7 +40,7 @@ class MultiHeadAttention(nn.Module):
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)  # [batch, head, query, key]
         scores = scores.masked_fill(~allowed, float("-inf"))                     # masked keys: exp(-inf) = 0
         scores = scores.masked_fill(~allowed.any(-1, keepdim=True), 0.0)         # padded queries: no NaN rows
-        pattern = scores.softmax(dim=-1) * allowed                               # padded query rows exactly 0
+        pattern = attention_softmax(scores) * allowed                            # padded query rows exactly 0; fp32
         pattern = self.pattern(pattern, allowed)                                 # [batch, head, query, key]
         ctx = torch.einsum("bhqk,bhkd->bqhd", self.dropout(pattern), v)          # [batch, query, head, d_head]
         return self.w_o(ctx.reshape(b, n_q, self.n_heads * self.d_head))         # [batch, query, d_model]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from attnaudit.model.hf_load import transformers_module
 from attnaudit.model.hooks import HookPoint
+from attnaudit.model.precision import attention_softmax
 
 ATTENTION = "attnaudit"                       # our name in transformers' AttentionInterface
 
@@ -115,7 +116,7 @@ def eager_probs_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         value = site[1](value, allowed)                                            # [batch, head, key, d_head]
     scale = d_head ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale                      # [batch, head, query, key]
-    pattern = (scores + masks.bias).softmax(dim=-1)                                # masked keys: exp(-inf) = 0
+    pattern = attention_softmax(scores + masks.bias)                               # masked keys: exp(-inf) = 0
     if masks.rows is not None and pattern.requires_grad:
         pattern = pattern * masks.rows                                             # padded query rows exactly 0
     elif masks.rows is not None:

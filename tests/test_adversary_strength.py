@@ -130,7 +130,7 @@ def test_presets_resolve_to_the_searchs_arguments():
     assert adversary_options("jain_wallace", n_adversaries=10)["diversity"] == 0.09       # follows K
     assert adversary_options("jain_wallace", n_adversaries=10, diversity=0.0)["diversity"] == 0.0
     assert adversary_options("default", n_adversaries=3)["diversity"] == 0.0
-    with pytest.raises(ValueError, match=r"Unknown adversary preset 'jw'\. Available: default, jain_wallace, converged\."):
+    with pytest.raises(ValueError, match=r"Unknown adversary preset 'jw'\. Available: default, jain_wallace, converged, audit\."):
         adversary_options("jw")
     with pytest.raises(ValueError, match=r"Unknown adversary option\(s\) 'steps'\. Available: n_adversaries, n_steps, "):
         adversary_options("default", steps=3)
@@ -164,10 +164,23 @@ def test_curve_and_table_refuse_bad_settings(tiny_model, tiny_batch):
         adversarial_curve(tiny_model, tiny_batch, layer=0, steps=[10, 0])
     with pytest.raises(ValueError, match=r"n_steps=10,000 × n_adversaries=2 would need"):
         adversarial_curve(tiny_model, tiny_batch, layer=0, steps=[10, 10_000], n_adversaries=2)
-    with pytest.raises(ValueError, match=r"Unknown adversary preset 'strong'\. Available: default, jain_wallace, converged\."):
+    with pytest.raises(ValueError, match=r"Unknown adversary preset 'strong'\. Available: default, jain_wallace, converged, audit\."):
         counterfactual_table(tiny_model, tiny_batch, tests=("uniform",), adversary="strong")
-    with pytest.raises(ValueError, match=r"adversary must be a preset name \(default, jain_wallace, converged\) or an "
+    with pytest.raises(ValueError, match=r"adversary must be a preset name \(default, jain_wallace, converged, audit\) or an "
                                          r"adversary_options\(\.\.\.\) dict; got 5\."):
         counterfactual_table(tiny_model, tiny_batch, adversary=5)
     with pytest.raises(ValueError, match=r"n_adversaries must be an int in \[1, 100\]"):
         counterfactual_table(tiny_model, tiny_batch, adversary=adversary_options(n_adversaries=0))
+
+
+def test_the_table_reads_its_search_at_half_the_steps_and_at_the_end(tiny_model, tiny_batch):
+    search = dict(n_adversaries=3, lr=1.0)
+    table = counterfactual_table(tiny_model, tiny_batch, tests=("adversarial",), layers=[0, "all"],
+                                 adversary=adversary_options(**search), adversarial_steps=6)["summary"]
+    for layer in (0, "all"):
+        stats = table[table.layer == str(layer)].set_index("statistic").value
+        full = adversarial_attention(tiny_model, tiny_batch, layer=layer, n_steps=6, **search)
+        half = adversarial_attention(tiny_model, tiny_batch, layer=layer, n_steps=3, **search)
+        assert stats["jsd_reached"] == pytest.approx(float(full.jsd.mean()), abs=1e-7)
+        assert stats["jsd_reached_half_steps"] == pytest.approx(float(half.jsd.mean()), abs=1e-7)
+        assert stats["jsd_reached_half_steps"] <= stats["jsd_reached"] + 1e-7    # the best so far only grows

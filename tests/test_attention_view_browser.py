@@ -235,3 +235,94 @@ def test_the_report_page_runs_its_view_under_its_csp(browser, tmp_path):
     assert {h for h, _, _ in lines(browser)} <= {0} and len(lines(browser)) < before
     text = browser.find_element("css selector", ".aav-evidence").text
     assert "uniform attention" in text and "Head ablation (run the audit with the head_ablation test): not available" in text
+
+
+# -- a report of several tasks: one view each, an Example choice in each -----------------------------------------
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Two tiny classifier audits and a reorder audit in one report -> (index.html, {task: its view's JSON})."""
+    import re
+
+    from conftest import make_tiny_model
+    from test_attention_examples import FAST, make_examples, tiny_translator
+
+    from attnaudit.analyses.audit import AuditSettings, audit
+    from attnaudit.analyses.seq2seq import audit_translator
+    from attnaudit.data.tasks import make_examples as task_examples
+    from attnaudit.jobs.report_folder import write_results
+    from attnaudit.jobs.runner import _audit_translator
+
+    pairs = task_examples("reorder", "test", n=8, seed=0)
+    translator = tiny_translator(pairs)
+    item = audit_translator(translator, pairs, explainers=("attention",), n_permutations=1, tests=("head_ablation",),
+                            sanity_examples=0)
+    results = {"keywords": audit(make_tiny_model(0), make_examples(12, 0, "k"), **FAST),
+               "needle": audit(make_tiny_model(1), make_examples(12, 1, "n"), **FAST),
+               "reorder": _audit_translator(translator, pairs, AuditSettings(), lambda name, compute: item)}
+    out = write_results(tmp_path_factory.mktemp("report") / "r", results, {}, {}, {}, "Attention " + HOSTILE)
+    page = out / "index.html"
+    blocks = re.findall(r'<div class="aav" id="([^"]+)">.*?class="aav-data">(.*?)</script>', page.read_text(), re.S)
+    return page, {uid: json.loads(data) for uid, data in blocks}
+
+
+def view_lines(driver, uid: str) -> list[tuple[int, int, int]]:
+    return [tuple(map(int, t)) for t in driver.execute_script(
+        "return [...document.querySelectorAll('#' + arguments[0] + ' svg.aav-svg line')]"
+        ".map(l => [l.dataset.head, l.dataset.q, l.dataset.k])", uid)]
+
+
+def view_tokens(driver, uid: str, side: str) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('#' + arguments[0] + ' text.aav-tok[data-side='"
+                                 " + arguments[1] + ']')].map(t => t.firstChild.textContent)", uid, side)
+
+
+def test_a_head_toggled_in_the_second_view_redraws_only_that_view(browser, report):
+    from selenium.webdriver.support.ui import Select
+
+    page, data = report
+    first, second, _ = data
+    assert open_page(browser, page) == ["ready"] * 3
+    d = browser
+    before_first, before_second = view_lines(d, first), view_lines(d, second)
+    p0 = data[second]["panels"][0]
+    assert before_second and len(before_second) == expected_lines(p0, 0, range(2))
+    d.find_element("css selector", f'#{second} button.aav-hbtn[data-head="0"]').click()
+    assert view_lines(d, first) == before_first                  # the first view did not move
+    assert {h for h, _, _ in view_lines(d, second)} == {1} and len(view_lines(d, second)) == expected_lines(p0, 0, [1])
+    # another example in the second view: its panel, the same layer and heads, its own token scores
+    Select(d.find_element("css selector", f"#{second} select.aav-example")).select_by_value("1")
+    p1 = data[second]["panels"][1]
+    box = d.find_element("css selector", f"#{second}")
+    assert (box.get_attribute("data-example"), box.get_attribute("data-heads")) == (p1["example"], "1")
+    assert view_tokens(d, second, "q") == p1["query_tokens"] and len(view_lines(d, second)) == expected_lines(p1, 0, [1])
+    assert len(d.find_elements("css selector", f"#{second} rect.aav-score")) == len(p1["query_tokens"])   # rollout
+    options = [o.text for o in Select(d.find_element("css selector", f"#{second} select.aav-example")).options]
+    assert options == [p["example_label"] for p in data[second]["panels"]]
+    assert view_lines(d, first) == before_first
+    assert browser.get_log("browser") == [] and requests_made(browser, page) == []
+
+
+def test_the_reorder_view_opens_on_the_cross_attention_of_each_example(browser, report):
+    from selenium.webdriver.support.ui import Select
+
+    page, data = report
+    uid = [u for u in data if u.endswith("reorder")][0]
+    panels = data[uid]["panels"]
+    open_page(browser, page)
+    d = browser
+    box = d.find_element("css selector", f"#{uid}")
+    assert box.get_attribute("data-panel") == "0" and panels[0]["kind"] == "cross"
+    assert view_tokens(d, uid, "k") == panels[0]["key_tokens"] and view_tokens(d, uid, "q") == panels[0]["query_tokens"]
+    assert len(view_lines(d, uid)) == expected_lines(panels[0], 0, range(2))
+    assert "head ablation: output change (TVD)" in d.find_element("css selector", f"#{uid} .aav-evidence").text
+    kinds = [panels[int(o.get_attribute("value"))]["kind"]
+             for o in Select(d.find_element("css selector", f"#{uid} select.aav-panel")).options]
+    assert kinds == ["cross", "self", "causal"]                  # the first example's three
+    Select(d.find_element("css selector", f"#{uid} select.aav-example")).select_by_value("1")
+    second = next(i for i, p in enumerate(panels) if p["example"] != panels[0]["example"] and p["kind"] == "cross")
+    assert box.get_attribute("data-panel") == str(second)        # the same kind of attention, the next example
+    assert view_tokens(d, uid, "k") == panels[second]["key_tokens"]
+    Select(d.find_element("css selector", f"#{uid} select.aav-panel")).select_by_value(str(second + 1))
+    assert panels[second + 1]["kind"] == "self" and "Head-level tests" in d.find_element(
+        "css selector", f"#{uid} .aav-evidence").text          # the cross heads' figures are not the encoder's
+    assert browser.get_log("browser") == [] and requests_made(browser, page) == []

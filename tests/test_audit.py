@@ -102,6 +102,12 @@ def test_texts_without_labels_or_rationales_are_audited(tiny_model):
     ({"policy": "blur"}, "policy"),
     ({"explainer_params": {"lime": {"n_samples": 5}}, "explainers": ("attention",)}, "explainer_params has options for"),
     ({"colour": "red"}, "unknown audit setting 'colour'"),
+    ({"n_adversaries": 0}, r"n_adversaries must be a positive integer; got 0"),
+    ({"n_adversaries": 101}, r"n_adversaries=101 is above its limit of 100"),
+    ({"adversarial_lr": 0}, r"adversarial_lr must be a finite number > 0 .*got 0"),
+    ({"adversarial_lr": float("inf")}, r"adversarial_lr must be a finite number > 0 .*got inf"),
+    ({"adversarial_lr": "1"}, r"adversarial_lr must be a finite number > 0 .*got '1'"),
+    ({"adversarial_steps": 400, "n_adversaries": 30}, r"adversarial_steps × n_adversaries = 400 × 30 .*MAX_STEPS=10,000"),
 ])
 def test_bad_settings_name_the_setting(changes, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -143,3 +149,29 @@ def test_a_context_mixing_explainer_the_model_does_not_take_is_left_out(tiny_mod
     assert "attnlrp" not in set(decoder.metrics["explainer"]) and "alti" in set(decoder.metrics["explainer"])
     assert list(decoder.settings["left_out"]) == ["attnlrp"] and "attnlrp supports" in decoder.settings["left_out"]["attnlrp"]
     assert AuditSettings().explainers[-4:] == ("alti", "globenc", "value_zeroing", "attnlrp")   # in the default
+
+
+def test_the_audits_adversarial_search_is_the_audit_preset_and_reaches_the_table(tiny_model, monkeypatch):
+    import importlib
+
+    from attnaudit.analyses.counterfactual import ADVERSARY_PRESETS
+    audit_module = importlib.import_module("attnaudit.analyses.audit")
+    d = AuditSettings()
+    preset = ADVERSARY_PRESETS["audit"]
+    assert (d.n_adversaries, d.adversarial_steps, d.adversarial_lr) == (preset["n_adversaries"], preset["n_steps"],
+                                                                          preset["lr"])
+    seen = []
+    real = audit_module.counterfactual_table
+
+    def spy(model, batch, **options):
+        seen.append(options)
+        return real(model, batch, **options)
+
+    monkeypatch.setattr(audit_module, "counterfactual_table", spy)
+    result = audit(tiny_model, ["the film was good", "a boring plot"], explainers=("attention",),
+                   analyses=("counterfactual",), counterfactual_tests=("adversarial",), adversarial_steps=4,
+                   n_adversaries=2, adversarial_lr=0.5)
+    assert seen and all(o["adversary"]["n_adversaries"] == 2 and o["adversarial_lr"] == 0.5
+                        and o["adversarial_steps"] == 4 for o in seen)
+    frame = result.counterfactual["adversarial"]
+    assert frame.adversary.between(0, 1).all() and frame.n_feasible.between(0, 2).all()

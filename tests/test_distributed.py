@@ -17,7 +17,7 @@ from conftest import make_tiny_model
 
 from attnaudit import distributed as D
 from attnaudit.analyses.audit import AuditSettings, audit
-from attnaudit.analyses.counterfactual import counterfactual_table
+from attnaudit.analyses.counterfactual import adversary_options, counterfactual_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.jobs.store import ItemStore, StoreLocked
 
@@ -73,7 +73,8 @@ def test_counterfactual_and_sanity_items_give_the_tables_of_one_call(tiny_exampl
     assert "sanity-saliency" in names and "counterfactual" not in names and "sanity" not in names
     batch = model.encode(tiny_examples)
     whole = counterfactual_table(model, batch, tests=settings.counterfactual_tests, n_permutations=3,
-                                 adversarial_steps=2, seed=0)
+                                 adversarial_steps=2, adversarial_lr=settings.adversarial_lr, seed=0,
+                                 adversary=adversary_options(n_adversaries=settings.n_adversaries))
     assert list(result.counterfactual) == list(whole)
     for k in whole:
         pd.testing.assert_frame_equal(result.counterfactual[k], whole[k], check_exact=True)

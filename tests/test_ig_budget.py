@@ -1,4 +1,4 @@
-"""Integrated gradients' passes: the default stays bit-identical to one captum call; max_tokens groups by length."""
+"""Integrated gradients' passes: a fixed n_steps stays bit-identical to one captum call; max_tokens groups by length."""
 from __future__ import annotations
 
 import random
@@ -37,7 +37,7 @@ def captum_reference(model, batch, *, n_steps: int, internal_batch_size: int) ->
     (20, 8, 30, 50),      # benchmarks/peer_ferret.py's shape: 25 steps per pass
     (1, 30, 30, 50),
 ])
-def test_default_is_bit_identical_to_one_captum_call(n, lo, hi, n_steps):
+def test_fixed_n_steps_is_bit_identical_to_one_captum_call(n, lo, hi, n_steps):
     model = make_tiny_model()
     batch = model.encode(texts(n, lo, hi))
     got = IntegratedGradients(n_steps=n_steps).explain(model, batch).scores
@@ -81,4 +81,4 @@ def test_max_tokens_is_checked_and_recorded():
         get_explainer("integrated_gradients", max_tokens=0).explain(make_tiny_model(), "the film was good")
     e = IntegratedGradients(max_tokens=4096)
     assert e.get_params()["max_tokens"] == 4096 and IntegratedGradients(**e.get_params()).max_tokens == 4096
-    assert IntegratedGradients().max_tokens is None
+    assert IntegratedGradients().max_tokens == "auto" and IntegratedGradients(n_steps=8).tokens_per_pass() is None

@@ -77,11 +77,11 @@ def test_max_cost_raises_the_limit(tiny_model):
         get_explainer("lime", n_samples=40, max_cost=30).explain(tiny_model, "the film was good")
 
 
-@pytest.mark.parametrize("setting", ["n_permutations", "adversarial_steps", "chunk_size", "curve_steps", "max_batch",
-                                     "counterfactual_examples", "sanity_examples", "max_examples"])
+@pytest.mark.parametrize("setting", ["n_permutations", "adversarial_steps", "n_adversaries", "chunk_size", "curve_steps",
+                                     "max_batch", "counterfactual_examples", "sanity_examples", "max_examples"])
 def test_audit_sizes_have_limits(setting):
     limit = AuditSettings.LIMITS[setting][0]
-    AuditSettings(**{setting: limit})
+    AuditSettings(**{setting: limit, **({"n_adversaries": 1} if setting == "adversarial_steps" else {})})
     with pytest.raises(ValueError) as info:
         AuditSettings(**{setting: 10**9})
     assert str(info.value).startswith(f"{setting}=1,000,000,000 is above its limit of {limit:,} (")

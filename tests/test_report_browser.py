@@ -149,7 +149,7 @@ def test_verdict_and_summary_figure_are_in_the_first_screen(report, tmp_path):
         assert box["height"] > 0 and box["y"] >= 0 and box["y"] + box["height"] <= 900, (name, box)
     assert boxes["verdict-keywords"]["y"] < boxes["summary-figure"]["y"] and loaded > 100
     assert badge in ("YES", "PARTLY", "NO", "UNDETERMINED")
-    assert order == ["verdict", "attention", "evidence", "examples", "model"]
+    assert order == ["verdict", "attention", "evidence", "agreement", "examples", "model"]
     import matplotlib.image
 
     shot = matplotlib.image.imread(tmp_path / "first-screen.png")

@@ -130,7 +130,7 @@ def test_older_folders_are_read_and_converted(tmp_path, inputs):
     measured_then = ~fresh["metric"].isin(["gold_auprc", "rationale_auprc"])   # the trapezoid AUPRC is new
     assert upgraded.equals(fresh[measured_then].reset_index(drop=True))         # names and settings upgraded
     new, res = json.loads((out / "results.json").read_text()), json.loads((sampled / "results.json").read_text())
-    assert new["tables"] == res["tables"] and new["format_version"] == report_files.FORMAT_VERSION == 3
+    assert new["tables"] == res["tables"] and new["format_version"] == report_files.FORMAT_VERSION == 4
     assert [(v["answer"], v["paragraph"]) for v in new["verdicts"].values()] == \
         [(v["answer"], v["paragraph"]) for v in res["verdicts"].values()]     # derived again from metrics.csv
     assert staging_left(out) == []
@@ -190,3 +190,18 @@ def test_attnaudit_report_converts_an_older_folder(tmp_path, inputs, capsys):
     assert not (out / "metrics.csv").exists() and (out / "metrics.csv.gz").is_file()
     code, _, err = cli_run(capsys, "report", tmp_path / "nowhere")
     assert code != 0 and "results.json" in err
+
+
+def test_a_format_3_folder_gets_the_adversarial_settings_every_earlier_audit_ran_with():
+    audit = {"policy": "mask", "adversarial_steps": 40}
+    res = {"format": report_files.FORMAT, "format_version": 3,
+           "settings": {"audit": dict(audit), "identity": {"audit": dict(audit, n_adversaries=7)}}}
+    files = {"results.json": json.dumps(res).encode("utf-8"), "metrics.csv.gz": b"kept as it is"}
+    out, upgraded = report_files.upgrade(files)
+    new = json.loads(out["results.json"])
+    assert upgraded and new["format_version"] == report_files.FORMAT_VERSION and out["metrics.csv.gz"] == b"kept as it is"
+    assert new["settings"]["audit"] == {**audit, "n_adversaries": 1, "adversarial_lr": 0.1}
+    assert new["settings"]["identity"]["audit"] == {**audit, "n_adversaries": 7, "adversarial_lr": 0.1}   # kept
+    assert report_files.LEGACY_AUDIT == {"n_adversaries": 1, "adversarial_lr": 0.1}
+    again, upgraded = report_files.upgrade(out)
+    assert not upgraded and again == out

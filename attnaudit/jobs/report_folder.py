@@ -79,5 +79,5 @@ def write_results(out: Path, results: dict[str, AuditResult], cards: dict, setti
         out, metrics=cat("metrics"), counterfactual=cf or None, curves=cat("curves"),
         attributions=[{**a, "task": t} for t, r in results.items() for a in r.attributions],
         examples=[{**x, "task": t} for t, r in results.items() for x in r.examples],
-        attention_examples=[{**r.attention_example, "task": t} for t, r in results.items() if r.attention_example],
+        attention_examples=[{**a, "task": t} for t, r in results.items() for a in r.saved_attention()],
         model_cards=cards, settings=settings, timings=timings, title=title, full_tables=full_tables)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from attnaudit.analyses.attention_examples import translator_attention_examples
 from attnaudit.analyses.audit import AuditResult, AuditSettings, audit
 from attnaudit.analyses.counterfactual import TESTS
 from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS
@@ -201,6 +202,8 @@ def _audit_translator(model: Translator, examples, settings: AuditSettings, run,
                                                       tests=tuple(t for t in settings.counterfactual_tests
                                                                   if t in TESTS),   # the opt-in ones are encoders
                                                       adversarial_steps=settings.adversarial_steps,
+                                                      adversarial_lr=float(settings.adversarial_lr),
+                                                      n_adversaries=settings.n_adversaries,
                                                       sanity_examples=settings.sanity_examples
                                                       if "sanity" in settings.analyses else 0))
         bar.update(len(examples))
@@ -208,8 +211,11 @@ def _audit_translator(model: Translator, examples, settings: AuditSettings, run,
     if out is None:
         return AuditResult(metrics=pd.DataFrame(columns=COLUMNS), counterfactual={}, curves=_NO_CURVES, attributions=[],
                            examples=[], attention_example=None, settings={"n_examples": 0}, timings={})
+    with model.evaluating():     # after the item, not in it: a resumed audit runs only these forwards again
+        attention = translator_attention_examples(model, examples, out["attributions"], out["examples"])
     return AuditResult(metrics=out["metrics"], counterfactual=out["counterfactual"], curves=_NO_CURVES,
-                       attributions=out["attributions"], examples=out["examples"], attention_example=None,
+                       attributions=out["attributions"], examples=out["examples"],
+                       attention_example=attention[0] if attention else None, attention_examples=attention,
                        settings={**settings.to_dict(), "n_examples": len(examples)}, timings={"seq2seq": seconds})
 
 
