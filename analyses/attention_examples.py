@@ -152,3 +152,34 @@ def pick_example(saved: Mapping | Sequence[Mapping], *, example=None, task: str 
 
 __all__ = ["shown_ids", "translator_attention_example", "translator_attention_examples", "check_saved",
            "saved_panels", "pick_example", "ENCODER_DECODER_KEYS", "PANEL_NAMES"]
+
+
+def shown_attention_from_model(model, data: Mapping) -> list[dict]:
+    """A report's shown examples' attention, recomputed from its own model -> saved examples (with "task").
+
+    data: `report_files.load_files`' dict of the report. For each task, the examples `shown_ids` picks are
+    encoded from their records' text (truncated as the audit did) and run once (`audit.attention_example`); the
+    tokens must be the records' tokens, else ValueError (another model or tokenizer). Classifiers only: a
+    language model's or encoder–decoder's report is refused (their examples are not rebuilt from one text).
+    """
+    from attnaudit.analyses.audit import attention_example
+    from attnaudit.data.examples import Example
+
+    kind = getattr(model, "kind", None)
+    if kind in ("lm", "seq2seq"):
+        what = "language model" if kind == "lm" else "encoder-decoder"
+        raise ValueError(f"--attention-model takes a classifier; got a {what}, whose report's attention comes from "
+                         f"its audit (run it again instead).")
+    out = []
+    for task in data["results"]["tasks"]:
+        records = [r for r in data["attributions"] if r["task"] == task]
+        by_id = {str(r["id"]): r for r in records}
+        for ex_id in shown_ids(records, [x for x in data["examples"] if x["task"] == task]):
+            record = by_id[ex_id]
+            saved = attention_example(model, model.encode([Example(id=ex_id, text=record["text"])], truncate=True), 0)
+            if list(saved["tokens"]) != list(record["tokens"]):
+                raise ValueError(f"example {ex_id!r} of task {task!r} encodes to other tokens than its report records "
+                                 f"({len(saved['tokens'])} vs {len(record['tokens'])} tokens): --attention-model must be "
+                                 f"the model the report audited.")
+            out.append({**saved, "id": ex_id, "task": task})
+    return out

@@ -239,7 +239,8 @@ def _verdicts(metrics, cf_summary, comparisons, cards, tasks) -> tuple[dict, dic
     return summaries, verdicts
 
 
-def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None = None) -> Path:
+def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None = None,
+                  attention: Sequence[Mapping] | None = None) -> Path:
     """Re-render index.html, report.md and figures/*.png from the saved files (nothing is recomputed) -> out_dir.
 
     A folder of the older layout (plain metrics.csv, curves.csv, attributions.jsonl ...) is rewritten in this
@@ -248,11 +249,16 @@ def render_report(out_dir, *, reverdict: bool = False, full_tables: bool | None 
     always done for a folder of format_version 1-2, whose measures `upgrade` renames first.
     full_tables: keep every attribution and per-example curve; None: as the folder has them when it is of
     this layout, else (an older folder) only what the report shows.
+    attention: saved attention examples (with "task") that replace attention.json's, e.g.
+    `attention_examples.shown_attention_from_model` for a report made before every shown example was saved.
     """
     out = Path(out_dir)
     original = read_folder(out)
     files, upgraded = upgrade(original)
     reverdict = reverdict or upgraded               # the old summaries and verdicts name the old measures
+    if attention is not None:
+        files = {**files, "attention.json": json.dumps(jsonable(list(attention)), ensure_ascii=False,
+                                                       allow_nan=False).encode("utf-8")}
     data = load_files(files)
     res = data["results"]
     if full_tables is None:

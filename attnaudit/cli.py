@@ -210,12 +210,37 @@ def report_cli(out: Path = typer.Argument(..., help="A report folder written by 
                                               "tables with this version's rule (no model is run)."),
                full_tables: bool = typer.Option(None, "--full-tables/--sampled-tables", help="Keep every attribution "
                                                 "and per-example curve the folder has, or only what the report shows "
-                                                "(default: as the folder has them; an older folder is cut to what is shown).")):
-    """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation);
-    a folder of the older layout is rewritten in the current one."""
+                                                "(default: as the folder has them; an older folder is cut to what is shown)."),
+               attention_model: Path = typer.Option(None, "--attention-model", help="The classifier folder the report "
+                                                    "audited (its weights' sha256 is checked): save and draw the "
+                                                    "attention of every example the report shows, one forward each.")):
+    """Re-render index.html, report.md and figures/ from a report folder's saved results (no recomputation but
+    --attention-model's forwards); a folder of the older layout is rewritten in the current one."""
     from attnaudit.analyses.report import render_report
-    path = render_report(out, reverdict=reverdict, full_tables=full_tables)
+    attention = None
+    if attention_model is not None:
+        attention = _shown_attention(out, attention_model)
+    path = render_report(out, reverdict=reverdict, full_tables=full_tables, attention=attention)
     typer.echo(f"report written to {path / 'index.html'}")
+
+
+def _shown_attention(out: Path, folder: Path) -> list[dict]:
+    """The report's shown examples' attention from `folder`, refused unless it holds the model the report audited."""
+    from attnaudit.analyses.attention_examples import shown_attention_from_model
+    from attnaudit.analyses.report_files import load_results
+    from attnaudit.jobs.fingerprint import sha256_file
+    from attnaudit.model.checkpoint import load_model
+
+    data = load_results(out)
+    expected = ((data["results"].get("settings") or {}).get("identity") or {}).get("model")
+    weights = Path(folder) / "model.safetensors"
+    if expected is None:
+        raise ValueError(f"--attention-model: {str(out)!r} records no model hash (a report of `attnaudit run`, whose "
+                         f"models are per task); rerun it instead.")
+    if not weights.is_file() or sha256_file(weights) != expected:
+        raise ValueError(f"--attention-model {str(folder)!r} is not the model {str(out)!r} audited (its "
+                         f"model.safetensors sha256 must be {expected[:12]}…); pass that model's folder.")
+    return shown_attention_from_model(load_model(folder, device="cpu"), data)
 
 
 EXPLAIN_DEFAULT = "attention,rollout,grad_attention,integrated_gradients,occlusion"

@@ -125,6 +125,20 @@ def test_run_writes_the_report_reuses_models_and_refuses_to_lose_work(tmp_path, 
                             "--config", small)
     assert code == 0, err
     assert json.loads((tmp_path / "an" / "results.json").read_text())["tasks"] == ["needle"]
+    # a report that saved only its first example's attention gets every shown one back from its own model
+    saved = (tmp_path / "an" / "attention.json").read_text()
+    every = json.loads(saved)
+    assert len(every) > 1
+    (tmp_path / "an" / "attention.json").write_text(json.dumps(every[:1]))
+    code, _, err = cli_run(capsys, "report", tmp_path / "an", "--attention-model", model_dir)
+    assert code == 0, err
+    again = json.loads((tmp_path / "an" / "attention.json").read_text())
+    assert [a["id"] for a in again] == [a["id"] for a in every] and again == every
+    other_model = next(p for p in runs.iterdir() if p.name.startswith("majority"))
+    code, _, err = cli_run(capsys, "report", tmp_path / "an", "--attention-model", other_model)
+    assert code == 2 and "is not the model" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli_run(capsys, "report", out, "--attention-model", model_dir)
+    assert code == 2 and "records no model hash" in err, err
     code, stdout, err = cli_run(capsys, "explain", "--model", model_dir, "--text", "x1 x2 <script>",
                             "--explainer", "rollout,occlusion", "--jsonl", tmp_path / "e.jsonl")
     assert code == 0, err
