@@ -25,7 +25,7 @@ def test_path_sensitive_tests_pass_in_a_folder_named_attnaudit_under_a_space(tmp
              "tests/test_model.py::test_the_install_exposes_only_the_attnaudit_names",
              "tests/test_committed_reports.py"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
-                          "-k", "not stays_small and not audited_the_shared_file"],
+                          "-k", "not stays_small and not audited_the_shared_file and not draws_the_attention"],
                          cwd=clone, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
