@@ -150,19 +150,15 @@ def pick_example(saved: Mapping | Sequence[Mapping], *, example=None, task: str 
                      + f"; available: {available}{more}.")
 
 
-__all__ = ["shown_ids", "translator_attention_example", "translator_attention_examples", "check_saved",
-           "saved_panels", "pick_example", "ENCODER_DECODER_KEYS", "PANEL_NAMES"]
-
-
 def shown_attention_from_model(model, data: Mapping) -> list[dict]:
     """A report's shown examples' attention, recomputed from its own model -> saved examples (with "task").
 
-    data: `report_files.load_files`' dict of the report. For each task, the examples `shown_ids` picks are
-    encoded from their records' text (truncated as the audit did) and run once (`audit.attention_example`); the
-    tokens must be the records' tokens, else ValueError (another model or tokenizer). Classifiers only: a
-    language model's or encoder–decoder's report is refused (their examples are not rebuilt from one text).
+    data: `report_files.load_files`' dict of the report. Each task's records' texts are encoded (truncated as
+    the audit did) and `audit.attention_examples` picks and runs the shown ones, as an audit does; their tokens
+    must be the records' tokens, else ValueError (another model or tokenizer). Classifiers only: a language
+    model's or encoder–decoder's report is refused (their examples are not rebuilt from one text).
     """
-    from attnaudit.analyses.audit import attention_example
+    from attnaudit.analyses.audit import attention_examples
     from attnaudit.data.examples import Example
 
     kind = getattr(model, "kind", None)
@@ -173,13 +169,19 @@ def shown_attention_from_model(model, data: Mapping) -> list[dict]:
     out = []
     for task in data["results"]["tasks"]:
         records = [r for r in data["attributions"] if r["task"] == task]
-        by_id = {str(r["id"]): r for r in records}
-        for ex_id in shown_ids(records, [x for x in data["examples"] if x["task"] == task]):
-            record = by_id[ex_id]
-            saved = attention_example(model, model.encode([Example(id=ex_id, text=record["text"])], truncate=True), 0)
+        by_id: dict[str, Mapping] = {}
+        for r in records:
+            by_id.setdefault(str(r["id"]), r)                                      # each id's first record
+        batch = model.encode([Example(id=i, text=r["text"]) for i, r in by_id.items()], truncate=True)
+        for saved in attention_examples(model, batch, records, [x for x in data["examples"] if x["task"] == task]):
+            ex_id, record = str(saved["id"]), by_id[str(saved["id"])]
             if list(saved["tokens"]) != list(record["tokens"]):
                 raise ValueError(f"example {ex_id!r} of task {task!r} encodes to other tokens than its report records "
                                  f"({len(saved['tokens'])} vs {len(record['tokens'])} tokens): --attention-model must be "
                                  f"the model the report audited.")
             out.append({**saved, "id": ex_id, "task": task})
     return out
+
+
+__all__ = ["shown_ids", "translator_attention_example", "translator_attention_examples", "check_saved",
+           "saved_panels", "pick_example", "shown_attention_from_model", "ENCODER_DECODER_KEYS", "PANEL_NAMES"]
