@@ -9,8 +9,9 @@ The data flow, chunk by chunk (`chunk_size` examples at a time, so memory stays 
 chunk is one unit of saved work when a `store` is given):
 
     model.encode(chunk) -> explain_all (one attention capture serves the attention family) -> Attributions
-      -> one PerturbationEngine per chunk: deletion/insertion curves, faithfulness_table (its forwards are
-         cache hits for the curves' perturbations), gold_table / rationale_table where rationales are known
+      -> one PerturbationEngine per chunk, shared by occlusion / LIME / KernelSHAP (`perturb.sharing`), the
+         deletion/insertion curves and faithfulness_table: each distinct perturbed input runs once (its forwards
+         per stage: `analyses.forwards`), gold_table / rationale_table where rationales are known
 then once, on the first examples: counterfactual_table (attention interventions; one item per test and
 layer) and randomization_table (cascading weight randomisation, the sanity check; one item per explainer).
 Items are independent, so `attnaudit.distributed` can compute them on different ranks with the same numbers.
@@ -36,13 +37,14 @@ from attnaudit.analyses.counterfactual import (
     adversary_options,
     counterfactual_table,
 )
+from attnaudit.analyses.forwards import add_forwards, chunk_forwards, forward_figures, plain_seconds
 from attnaudit.analyses.plausibility import gold_table, rationale_table
 from attnaudit.analyses.sanity import randomization_table
 from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS, step_means
 from attnaudit.analyses.tables import METRICS, faithfulness_table, summarize
 from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
-from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy
+from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy, sharing
 from attnaudit.explain.registry import CONTEXT_MIXING, DEFAULT_EXPLAINERS, REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
 from attnaudit.explain.words import aggregate_words
@@ -66,7 +68,8 @@ class AuditSettings:
         options for that explainer.
     analyses: a subset of ANALYSES. max_examples: the first N examples (None: all).
     chunk_size: examples explained and perturbed together. policy: "mask", "attention" or "delete".
-    metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset.
+    metrics: faithfulness metrics (see attnaudit.analyses.tables.METRICS). ferret: add ferret's AOPC preset
+        (opt-in: it deletes tokens, so none of its forwards are shared with the mask-policy curves).
     counterfactual_examples / sanity_examples: how many of the first examples those (costlier) analyses use.
     adversarial_steps, n_adversaries, adversarial_lr: the adversarial-attention search (Jain & Wallace 2019) at
         every layer: n_adversaries searches per example, each adversarial_steps Adam steps at lr adversarial_lr
@@ -98,7 +101,7 @@ class AuditSettings:
     policy: str = "mask"
     bins: tuple[float, ...] = F.ERASER_BINS
     metrics: tuple[str, ...] = CHEAP_METRICS
-    ferret: bool = True
+    ferret: bool = False
     counterfactual_tests: tuple[str, ...] = TESTS
     counterfactual_examples: int = 128
     n_permutations: int = 50
@@ -188,6 +191,9 @@ class AuditResult:
     # the attention of each example the report shows (`attention_examples.shown_ids`), or of the first example when
     # it shows none: id, tokens, attention [layer, head, query, key] (+ an encoder–decoder's cross-attention)
     attention_examples: list[dict] = field(default_factory=list)
+    # the perturbation engine's figures (`analyses.forwards.forward_figures`): forwards per example and stage,
+    # distinct inputs, time per forward against a plain batched forward; {} when no chunk recorded them
+    forwards: dict = field(default_factory=dict)
 
     def summary(self, **options) -> pd.DataFrame:
         return summarize(self.metrics, **options)
@@ -206,7 +212,8 @@ class AuditResult:
                             examples=[{**x, "task": task} for x in self.examples],
                             attention_examples=[{**a, "task": task} for a in self.saved_attention()] or None,
                             model_cards={task: dict(model_card or {})}, settings={"task": task, **self.settings},
-                            timings=self.timings, full_tables=full_tables, **({"title": title} if title else {}))
+                            timings=self.timings, forwards={task: self.forwards} if self.forwards else None,
+                            full_tables=full_tables, **({"title": title} if title else {}))
 
 
 def _tag(cf: Mapping[str, pd.DataFrame], task: str) -> dict | None:
@@ -300,7 +307,7 @@ def audit(model: ExplainableModel, data, settings: AuditSettings | None = None, 
         settings={**settings.to_dict(), **({"left_out": left_out} if left_out else {}),
                   "n_examples": len({e for e, _ in batch.steps}) if batch.steps else len(batch),
                   **({"n_steps": len(batch)} if batch.steps else {}), "n_truncated": sum(batch.truncated or [])},
-        timings=timings, failures=failures)
+        timings=timings, failures=failures, forwards=forward_figures(add_forwards([p.get("forwards") for p in parts])))
 
 
 def applicable_explainers(model: ExplainableModel, settings: AuditSettings) -> tuple[list, dict[str, str]]:
@@ -434,14 +441,18 @@ def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSet
     # a language model's rows explain the given continuation's tokens (`attnaudit.model.steps`), a classifier's
     # the predicted class
     generating = getattr(model, "kind", None) == "lm" and batch.labels is not None
-    attributions = explain_all(model, batch, explainers, target=batch.labels if generating else None)
+    # one engine for the chunk: occlusion, LIME and KernelSHAP evaluate through it (float32, `perturb.sharing`), and
+    # the curves, ERASER bins, τ-LOO and decision flips then find every input those ran already in its cache
+    engine = PerturbationEngine(model, batch, policy=settings.policy, max_batch=settings.max_batch, autocast=False)
+    with sharing(engine):
+        attributions = explain_all(model, batch, explainers, target=batch.labels if generating else None)
+    explained = engine.stats.as_dict()
     prob = next(iter(attributions.values())).target_prob                  # [batch]
     if not torch.isfinite(prob).all():
         bad = [batch.ids[i] for i in (~torch.isfinite(prob)).nonzero()[:, 0].tolist()]
         raise ValueError(f"the model's output is not finite (NaN or infinite) for example(s) {bad[:5]}; "
                          "check the model's weights and these inputs.")
     with model.evaluating():
-        engine = PerturbationEngine(model, batch, policy=settings.policy, max_batch=settings.max_batch)
         curves = pd.concat([_curves(engine, batch, a, name, settings.curve_steps) for name, a in attributions.items()],
                            ignore_index=True)
         frames = []
@@ -450,6 +461,7 @@ def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSet
                                              metrics=settings.metrics, ferret=settings.ferret, engine=engine,
                                              seed=settings.seed, explainers={e.name: e for e in explainers},
                                              curve_steps=settings.curve_steps))
+        forwards = chunk_forwards(engine, explained, plain_seconds(engine))
     if "plausibility" in settings.analyses and batch.rationale is not None:
         named = list(attributions.values())
         frames.append(gold_table(named, batch).assign(note=""))
@@ -471,7 +483,7 @@ def _chunk(model: ExplainableModel, batch: Batch, explainers, settings: AuditSet
             examples[-1]["word_gold"] = _word_gold(gold, word_ids[i][:n])
     records = [_rounded(r) for a in attributions.values() for r in _with_words(a, word_ids)]
     return {"metrics": pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS),
-            "curves": curves, "attributions": records, "examples": examples}
+            "curves": curves, "attributions": records, "examples": examples, "forwards": forwards}
 
 
 def _retry_oom(compute: Callable[[], Any], smaller: Callable[[], Any]) -> Any:
@@ -493,7 +505,8 @@ def _chunk_in_halves(model: ExplainableModel, batch: Batch, idx: list[int], expl
     return {"metrics": pd.concat([p["metrics"] for p in parts], ignore_index=True),
             "curves": pd.concat([p["curves"] for p in parts], ignore_index=True),
             "attributions": [r for p in parts for r in p["attributions"]],
-            "examples": [x for p in parts for x in p["examples"]]}
+            "examples": [x for p in parts for x in p["examples"]],
+            "forwards": add_forwards([p["forwards"] for p in parts])}
 
 
 def _with_words(attribution, word_ids) -> list[dict]:

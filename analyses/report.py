@@ -71,7 +71,7 @@ FILES = ("index.html", "report.md", "results.json", "metrics.csv.gz", "counterfa
 def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, comparisons: pd.DataFrame | None = None,
                  attributions: Sequence | None = None, examples: Sequence[Mapping] | None = None,
                  model_cards: Mapping | None = None, attention_examples=None, curves: pd.DataFrame | None = None,
-                 settings: Mapping | None = None, timings: Mapping | None = None,
+                 settings: Mapping | None = None, timings: Mapping | None = None, forwards: Mapping | None = None,
                  title: str = "Can attention explain this model's outputs?", full_tables: bool = False) -> Path:
     """Derive the verdicts and write the report folder -> out_dir.
 
@@ -85,6 +85,8 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
             "id"} or a list of them (the shown examples'; an encoder–decoder's with its cross-attention, see
             `attnaudit.analyses.attention_examples`). model_cards: {task: card} (or one card). curves: example_id, explainer,
             curve, fraction, prob. Each may carry a `task` column/key; without one it belongs to the only task.
+        forwards: {task: `analyses.forwards.forward_figures`} (the perturbation engine's forwards per example and
+            time per forward), shown with the run's settings and timings.
         full_tables: also keep every attribution record and every per-example curve (default: the shown
             examples' attributions and the mean curves; metrics are always kept in full).
     """
@@ -125,6 +127,7 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
         "summary": {t: s.to_dict("records") for t, s in summaries.items()},
         "model_cards": cards, "settings": dict(settings or {}), "versions": versions(),
         "device": _device(settings, cards), "timings": dict(timings or {}),
+        **({"forwards": {str(t): dict(f) for t, f in forwards.items()}} if forwards else {}),
     }
     files["results.json"] = json.dumps(jsonable(results), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return _write_folder(out, compact(files, full_tables=full_tables))

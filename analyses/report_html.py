@@ -193,7 +193,7 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
         card = res["model_cards"].get(task)
         parts.append(f"<details><summary>Model card: task {e(task)}</summary>"
                      + (_html_kv(flatten(card)) if card else "<p>No model card given.</p>") + "</details>")
-    parts.append("<details><summary>Run: settings, versions, timings</summary>" + _html_kv(run_table(res)) + "</details>")
+    parts.append("<details><summary>Run: settings, versions, timings, forwards</summary>" + _html_kv(run_table(res)) + "</details>")
     parts.append("</section><footer><h2>Files</h2><p>" + " · ".join(e(f) for f in res["files"]) + "</p>"
                  + "".join(f'<p class="meta">{e(k)}: {e(v)}</p>' for k, v in res.get("tables", {}).items())
                  + "</footer></main></body></html>")
@@ -201,7 +201,7 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
 
 
 def run_table(res: dict) -> dict:
-    """Versions, device, settings and timings, flattened; a setting repeated under settings.identity is listed once."""
+    """Versions, device, settings, timings and the engine's forwards, flattened; a setting repeated under settings.identity is listed once."""
     settings = flatten(res["settings"], "setting")
     shown = dict(settings)
     for key, value in settings.items():
@@ -211,7 +211,8 @@ def run_table(res: dict) -> dict:
             if twin is not None and settings[twin] == value:
                 del shown[key]
     return {**{f"version.{k}": v for k, v in res["versions"].items()}, "device": res["device"], **shown,
-            **{f"time.{k} (s)": v for k, v in flatten(res["timings"]).items()}}
+            **{f"time.{k} (s)": v for k, v in flatten(res["timings"]).items()},
+            **{f"forwards.{k}": v for k, v in flatten(res.get("forwards", {})).items()}}
 
 
 def rank_grid(v: Verdict, summary: list[dict]):

@@ -8,7 +8,11 @@ For one explainer (random scores) and the engine's metric set (comprehensiveness
 (a) speed-up of the engine over a loop that runs one forward per perturbed input, each metric on its own;
 (b) overhead: time inside the engine / time of plain batched forwards over the same de-duplicated
     sequences (pre-built, pre-sorted by length, at the best batch size);
-(c) forwards saved by de-duplication and the cache.
+(c) forwards saved by de-duplication and the cache;
+(d) the audit's own engine (`attnaudit.analyses.forwards`): forwards per example in each stage, distinct inputs, and
+    its time per forward against a plain batched forward of the same inputs, as the report shows them; beside it the
+    same audit with each perturbation explainer on an engine of its own (before one engine served a chunk), and
+    with ferret's opt-in preset. Sides interleaved, several rounds, medians.
 infidelity and sensitivity-max run captum on embeddings, not through the engine: they are left out.
 """
 from __future__ import annotations
@@ -17,12 +21,16 @@ import argparse
 import math
 import platform
 import random
+import statistics
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+import attnaudit.explain.perturb as perturb
 from attnaudit.analyses import faithfulness as F
+from attnaudit.analyses.audit import AuditSettings, audit
 from attnaudit.analyses.tables import ENGINE_METRICS, faithfulness_table
 from attnaudit.data.tasks import FILLERS, NEGATIVE, POSITIVE
 from attnaudit.explain import get_explainer
@@ -123,15 +131,10 @@ def engine_metrics(table) -> dict[str, np.ndarray]:
 
 # -- plain batched forwards over the engine's unique sequences ------------------------------------
 def unique_inputs(engine: PerturbationEngine):
-    """Re-materialise every sequence the engine ran (from its cache keys), sorted by length."""
-    seq = engine.input_ids.shape[1]
-    keys = list(engine._slot)
-    source = torch.tensor([k[0] for k in keys])
-    keep = torch.from_numpy(np.unpackbits(np.frombuffer(b"".join(k[2] for k in keys), dtype=np.uint8)
-                                          .reshape(len(keys), -1), axis=1)[:, :seq].astype(bool))
-    ids, mask = materialize(engine.input_ids[source], engine.attention_mask[source], keep, policy=engine.policy,
-                            pad_id=engine.model.pad_id, mask_id=engine.model.mask_id)
-    last = mask.sum(1) if engine.policy != "attention" else (mask * torch.arange(1, seq + 1)).amax(1)
+    """Every sequence the engine ran (`engine.inputs()`, re-built from its cache keys), sorted by length."""
+    ids, mask = engine.inputs()
+    seq = ids.shape[1]
+    last = (mask * torch.arange(1, seq + 1)).amax(1)
     order = torch.argsort(last, stable=True)
     return ids[order], mask[order], last[order]
 
@@ -205,6 +208,72 @@ def measure(label: str, model, batch, *, sizes=(16, 32, 64, 128, 256, 512), max_
           f"{s.forwards - before} run (leave-one-out inputs, p(x) and the all-removed input are shared)")
 
 
+# -- (d) the audit's engine ---------------------------------------------------------------------------------
+AUDIT_EXPLAINERS = ["attention", "rollout", "saliency", "occlusion", "lime", "kernel_shap", "random"]
+
+
+@contextmanager
+def engines_counted(shared: bool):
+    """Count the forwards of every PerturbationEngine built inside; shared=False gives each perturbation explainer
+    an engine of its own (what the audit did before `perturb.sharing`)."""
+    built: list = []
+    original_init, original_for = perturb.PerturbationEngine.__init__, perturb.engine_for
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    def own(model, batch, *, policy, max_batch, autocast=False):
+        return perturb.PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=autocast)
+
+    import attnaudit.explain.perturbation as explainers
+    perturb.PerturbationEngine.__init__ = init
+    if not shared:
+        explainers.engine_for = own
+    try:
+        yield built
+    finally:
+        perturb.PerturbationEngine.__init__ = original_init
+        explainers.engine_for = original_for
+
+
+def audit_engine(model, batch, *, rounds: int) -> None:
+    print(f"\n(d) the audit's engine: {len(batch)} examples, explainers {', '.join(AUDIT_EXPLAINERS)}, "
+          f"the faithfulness analysis with its default metrics; {rounds} rounds, sides interleaved, medians")
+    sides = {"one engine per chunk (today)": (True, False), "an engine per explainer (before)": (False, False),
+             "one engine per chunk + ferret=True": (True, True)}
+    runs: dict[str, list] = {k: [] for k in sides}
+    for r in range(rounds):
+        for label, (shared, ferret) in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
+            settings = AuditSettings(explainers=AUDIT_EXPLAINERS, analyses=["faithfulness"], ferret=ferret,
+                                     chunk_size=64)
+            with engines_counted(shared) as built:
+                start = time.perf_counter()
+                result = audit(model, batch, settings, progress=False)
+                took = time.perf_counter() - start
+            runs[label].append((took, sum(e.stats.forwards for e in built), result))
+    base = statistics.median(t for t, _, _ in runs["one engine per chunk (today)"])
+    for label, rows in runs.items():
+        took = statistics.median(t for t, _, _ in rows)
+        forwards = rows[0][1] / len(batch)
+        print(f"    {label:36s} {took:7.2f} s (range {min(t for t, _, _ in rows):.2f}-{max(t for t, _, _ in rows):.2f}; "
+              f"{took / base:.2f}x today's)  {forwards:7.1f} forwards per example")
+    f = runs["one engine per chunk (today)"][0][2].forwards
+    ratios = [r.forwards["ratio_to_plain"] for _, _, r in runs["one engine per chunk (today)"]]
+    print(f"    today's audit, as its report shows it: {f['forwards_per_example']} forwards per example "
+          f"(explain {f['explain_forwards_per_example']}, faithfulness {f['faithfulness_forwards_per_example']}; "
+          f"{f['requested_per_example']} requested, {100 * f['saved_fraction']:.0f}% saved), {f['distinct_inputs']} "
+          f"distinct inputs; {f['ms_per_forward']} ms per forward vs {f['plain_ms_per_forward']} ms plain: "
+          f"ratio {statistics.median(ratios):.2f} (median of {rounds} rounds, range {min(ratios):.2f}-{max(ratios):.2f}; "
+          "target <= 1.2)")
+    same = all(r[2].metrics["value"].equals(runs["one engine per chunk (today)"][0][2].metrics["value"])
+               for r in runs["an engine per explainer (before)"])
+    old = runs["an engine per explainer (before)"][0][2].metrics
+    new = runs["one engine per chunk (today)"][0][2].metrics
+    diff = float((old["value"] - new["value"]).abs().max())
+    print(f"    the two engine layouts give {'identical' if same else 'the same'} metrics (largest difference {diff:.1e})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=200)
@@ -212,6 +281,8 @@ def main():
     ap.add_argument("--bert-examples", type=int, default=3, help="examples for the BERT-sized model (0 skips it)")
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="the engine's max_batch")
     ap.add_argument("--repeats", type=int, default=5, help="engine and plain timings: best of this many")
+    ap.add_argument("--audit-examples", type=int, default=64, help="examples for (d), the audit's engine (0 skips it)")
+    ap.add_argument("--audit-rounds", type=int, default=3, help="rounds of (d)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); pass 1 on a busy shared machine, where spinning "
                          "OpenMP threads make timings erratic")
@@ -223,6 +294,8 @@ def main():
     model, batch = build(args.examples, args.length)
     measure("built-in architecture (d_model 64, 4 heads, 2 layers)", model, batch, max_batch=args.max_batch,
             repeats=args.repeats)
+    if args.audit_examples > 0:
+        audit_engine(model, batch.select(range(min(args.audit_examples, len(batch)))), rounds=args.audit_rounds)
     if args.bert_examples > 0:
         model, batch = build(args.bert_examples, args.length, d_model=768, n_heads=12, n_layers=12, d_ff=3072)
         measure(f"BERT-sized (d_model 768, 12 heads, 12 layers, d_ff 3072; only {args.bert_examples} examples)",

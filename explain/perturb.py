@@ -15,6 +15,9 @@ the top token is deletion step 1.
     p = engine.probs(keep, attribution.target)            # [batch]: probability of the explained class
     engine.stats                                          # requested, forwards run, saved, seconds
 
+    with sharing(engine):                                 # occlusion, LIME and KernelSHAP on this batch use it too
+        explain_all(model, batch, ["occlusion", "lime"])
+
 Replacement policies (recorded in `engine.policy` and in every table built on the engine):
     "mask"      removed tokens become [MASK] (`model.mask_id`); the length is unchanged.
     "attention" removed tokens stay in the input (positions unchanged) but leave the attention mask: no
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 import numbers
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,6 +315,26 @@ class PerturbationEngine:
                            policy=check_policy(policy or self.policy),
                            pad_id=self.model.pad_id, mask_id=self.model.mask_id)
 
+    def inputs(self) -> tuple[Tensor, Tensor]:
+        """Every distinct input the engine ran, as (input_ids, attention_mask) [n_cached, seq], in cache order
+        (a precision block's rows under their policy, without the block)."""
+        keys = list(self._slot)
+        seq = self.input_ids.shape[1]
+        ids = torch.empty(len(keys), seq, dtype=self.input_ids.dtype)
+        mask = torch.zeros(len(keys), seq, dtype=torch.bool)
+        if not keys:
+            return ids, mask
+        source = torch.tensor([k[0] for k in keys])
+        packed = np.frombuffer(b"".join(k[2] for k in keys), dtype=np.uint8).reshape(len(keys), -1)
+        keep = torch.from_numpy(np.unpackbits(packed, axis=1)[:, :seq].astype(bool))
+        policies = [k[1].split("@")[0] for k in keys]
+        for policy in dict.fromkeys(policies):
+            rows = torch.tensor([i for i, p in enumerate(policies) if p == policy])
+            ids[rows], mask[rows] = materialize(self.input_ids[source[rows]], self.attention_mask[source[rows]],
+                                                keep[rows], policy=policy, pad_id=self.model.pad_id,
+                                                mask_id=self.model.mask_id)
+        return ids, mask
+
     def clear(self) -> None:
         """Forget every cached probability (e.g. after the model's weights changed)."""
         self._slot.clear()
@@ -364,6 +390,44 @@ class PerturbationEngine:
         out = torch.empty_like(probs)
         out[order] = probs
         return out
+
+
+# -- one engine for a whole block of work ---------------------------------------------------------
+_SHARED: ContextVar[PerturbationEngine | None] = ContextVar("attnaudit_shared_engine", default=None)
+
+
+@contextmanager
+def sharing(engine: PerturbationEngine) -> Iterator[PerturbationEngine]:
+    """Inside the block, every explainer that perturbs inputs (occlusion, LIME, KernelSHAP) on `engine`'s model
+    and batch evaluates through `engine` (`engine_for`), so an input that a metric or another explainer already
+    ran is a cache hit: the audit evaluates each distinct (example, policy, keep-mask) once per chunk. The
+    engine's `max_batch` then sets the forward size; each call still names its own policy."""
+    if not isinstance(engine, PerturbationEngine):
+        raise TypeError(f"sharing needs a PerturbationEngine; got {type(engine).__name__}.")
+    token = _SHARED.set(engine)
+    try:
+        yield engine
+    finally:
+        _SHARED.reset(token)
+
+
+def engine_for(model: ExplainableModel, batch: Batch, *, policy: str, max_batch: int,
+               autocast: bool = False) -> PerturbationEngine:
+    """The engine of the enclosing `sharing` block when it serves this model and batch at this precision
+    (its forwards: float32, or bf16 autocast on CUDA when `autocast`), else a fresh engine for one call."""
+    shared = _SHARED.get()
+    if shared is not None and shared.model is model and _same_batch(shared, batch) and (
+            shared.autocast == autocast or _device(model).type != "cuda"):
+        return shared
+    return PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=autocast)
+
+
+def _same_batch(engine: PerturbationEngine, batch: Batch) -> bool:
+    if engine.batch is batch:
+        return True
+    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()
+    return (ids.shape == engine.input_ids.shape and torch.equal(ids, engine.input_ids)
+            and torch.equal(mask, engine.attention_mask))
 
 
 def _device(model: ExplainableModel) -> torch.device:

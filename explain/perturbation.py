@@ -23,7 +23,7 @@ from torch import Tensor
 from attnaudit.explain.base import MAX_ROWS, Explainer, check_choice, check_max_cost, forwards_cost
 from attnaudit.explain.control import check_seed, example_seed, seeded
 from attnaudit.explain.gradients import baseline_embeds, check_positive_int
-from attnaudit.explain.perturb import PerturbationEngine, leave_one_out
+from attnaudit.explain.perturb import engine_for, leave_one_out
 from attnaudit.model.interface import Batch, ExplainableModel
 
 POLICIES = ("mask", "delete")
@@ -47,8 +47,9 @@ def target_probs(model: ExplainableModel, input_ids: Tensor, attention_mask: Ten
 
 
 def _engine(model: ExplainableModel, batch: Batch, *, policy: str, max_batch: int):
-    """The perturbation engine for one explain call."""
-    return PerturbationEngine(model, batch, policy=policy, max_batch=max_batch, autocast=False)
+    """The perturbation engine for one explain call: the enclosing `perturb.sharing` block's (the audit's, per
+    chunk) when it serves this model and batch, so its cached forwards are reused; else a fresh one."""
+    return engine_for(model, batch, policy=policy, max_batch=max_batch, autocast=False)
 
 
 class Occlusion(Explainer):
@@ -74,7 +75,7 @@ class Occlusion(Explainer):
 
     def scores(self, model: ExplainableModel, batch: Batch, target: Tensor) -> Tensor:
         engine = _engine(model, batch, policy=self.policy, max_batch=self.max_batch)
-        return leave_one_out(engine, batch, target=target.cpu())                  # [batch, seq], 0 on specials
+        return leave_one_out(engine, batch, target=target.cpu(), policy=self.policy)  # [batch, seq], 0 on specials
 
 
 class _Sampled(Explainer):
@@ -120,7 +121,7 @@ class _Sampled(Explainer):
             def forward(present: Tensor, i=i, pos=pos) -> Tensor:                 # [rows, n_features] 0/1
                 keep = engine.attention_mask[i].repeat(len(present), 1)            # [rows, seq]
                 keep[:, pos] = present.cpu() > 0.5
-                return engine.evaluate(torch.full((len(present),), i), keep)      # [rows, n_classes]
+                return engine.evaluate(torch.full((len(present),), i), keep, policy="mask")  # [rows, n_classes]
 
             everything = torch.ones(1, len(pos))                                   # [1, n_features]
             if len(pos) == 1 and self.exact_for_one_word:                          # Shapley value of a lone player

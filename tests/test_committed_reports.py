@@ -22,11 +22,6 @@ REAL = {"sst2": ("report_sst2.toml", "sst2/dev.tsv"),
         "sst2-minilm": ("report_sst2_minilm.toml", "sst2/dev.tsv"),
         "movies": ("report_movies.toml", "eraser_movies/test.jsonl"),
         "sst2-gpt2": ("report_sst2_gpt2.toml", "sst2/dev.tsv")}
-# reports audited before every shown example's attention was saved, whose own model is not here to add it
-# (`attnaudit report DIR --attention-model MODEL` checks the weights' sha256)
-STALE_ATTENTION = {"sst2-minilm": "reports/sst2-minilm holds its first example's attention only: its fine-tuned model "
-                                  "(another CPU kind's weights) is not reproducible here; regenerate it with "
-                                  "benchmarks/report_sst2_minilm.py"}
 MAX_REPORT_BYTES = 8 * 2**20    # reports/default, 19 explainers on six tasks: 7.4 MB
 
 
@@ -137,8 +132,6 @@ def test_builtin_marker_wins_over_the_title():
 
 @pytest.mark.parametrize("name", ["default", *sorted(REAL)])
 def test_each_committed_report_draws_the_attention_of_every_example_it_shows(name):
-    if name in STALE_ATTENTION:
-        pytest.skip(STALE_ATTENTION[name])
     from attnaudit.analyses.attention_examples import shown_ids
     from attnaudit.analyses.report_files import load_results
 

@@ -80,4 +80,5 @@ def write_results(out: Path, results: dict[str, AuditResult], cards: dict, setti
         attributions=[{**a, "task": t} for t, r in results.items() for a in r.attributions],
         examples=[{**x, "task": t} for t, r in results.items() for x in r.examples],
         attention_examples=[{**a, "task": t} for t, r in results.items() for a in r.saved_attention()],
-        model_cards=cards, settings=settings, timings=timings, title=title, full_tables=full_tables)
+        model_cards=cards, settings=settings, timings=timings, title=title, full_tables=full_tables,
+        forwards={t: r.forwards for t, r in results.items() if r.forwards} or None)
