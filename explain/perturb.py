@@ -330,9 +330,7 @@ class PerturbationEngine:
         policies = [k[1].split("@")[0] for k in keys]
         for policy in dict.fromkeys(policies):
             rows = torch.tensor([i for i, p in enumerate(policies) if p == policy])
-            ids[rows], mask[rows] = materialize(self.input_ids[source[rows]], self.attention_mask[source[rows]],
-                                                keep[rows], policy=policy, pad_id=self.model.pad_id,
-                                                mask_id=self.model.mask_id)
+            ids[rows], mask[rows] = self.materialize(source[rows], keep[rows], policy=policy)
         return ids, mask
 
     def clear(self) -> None:
@@ -440,8 +438,7 @@ def as_engine(engine_or_model: PerturbationEngine | ExplainableModel, batch: Bat
     """An engine for `batch`: the one given (checked to be built on this batch) or a fresh one for a model."""
     if isinstance(engine_or_model, PerturbationEngine):
         engine = engine_or_model
-        if engine.batch is not batch and not (
-                engine.input_ids.shape == batch.input_ids.shape and torch.equal(engine.input_ids, batch.input_ids.cpu())):
+        if not _same_batch(engine, batch):
             raise ValueError("the engine was built on a different batch; pass the batch it was built on, "
                              "or a model to build a fresh engine.")
         return engine
