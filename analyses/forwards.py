@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from attnaudit.explain.perturb import PerturbationEngine
 
 STAGES = ("explain", "faithfulness")
+# the figures of `forward_figures` that are wall-clock measurements: a report keeps them with its timings (they
+# differ from run to run), the counts beside its settings
+TIMED = ("ms_per_forward", "plain_ms_per_forward", "ratio_to_plain")
 COUNTS = ("requested", "forwards", "batches", "seconds", "forward_seconds")
 PLAIN_ROUNDS = 3
 PLAIN_REFERENCE = "model.logits over the engine's distinct inputs, sorted by length, max_batch rows a call (sampled calls)"
@@ -80,6 +83,13 @@ def forward_figures(record: Mapping) -> dict:
         **{f"{s}_forwards_per_example": _round(stages[s]["forwards"] / n) for s in STAGES},
         **{f"{s}_requested_per_example": _round(stages[s]["requested"] / n) for s in STAGES},
     }
+
+
+def split_timed(forwards: Mapping[str, Mapping]) -> tuple[dict, dict]:
+    """{task: forward_figures} -> ({task: the counts}, {task: the TIMED figures})."""
+    counts = {str(t): {k: v for k, v in f.items() if k not in TIMED} for t, f in forwards.items()}
+    timed = {str(t): {k: f[k] for k in TIMED if k in f} for t, f in forwards.items()}
+    return counts, timed
 
 
 def plain_seconds(engine: PerturbationEngine, *, sample: int = PLAIN_SAMPLE, rounds: int = PLAIN_ROUNDS) -> float:

@@ -31,6 +31,7 @@ import pandas as pd
 
 from attnaudit.analyses import figures as F
 from attnaudit.analyses.attention_examples import check_saved
+from attnaudit.analyses.forwards import split_timed
 from attnaudit.analyses.report_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -86,7 +87,8 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
             `attnaudit.analyses.attention_examples`). model_cards: {task: card} (or one card). curves: example_id, explainer,
             curve, fraction, prob. Each may carry a `task` column/key; without one it belongs to the only task.
         forwards: {task: `analyses.forwards.forward_figures`} (the perturbation engine's forwards per example and
-            time per forward), shown with the run's settings and timings.
+            time per forward): results.json keeps the counts under "forwards" and the times under
+            timings["forwards"]; the report shows both with the run's settings and timings.
         full_tables: also keep every attribution record and every per-example curve (default: the shown
             examples' attributions and the mean curves; metrics are always kept in full).
     """
@@ -127,8 +129,9 @@ def write_report(out_dir, *, metrics: pd.DataFrame, counterfactual=None, compari
         "summary": {t: s.to_dict("records") for t, s in summaries.items()},
         "model_cards": cards, "settings": dict(settings or {}), "versions": versions(),
         "device": _device(settings, cards), "timings": dict(timings or {}),
-        **({"forwards": {str(t): dict(f) for t, f in forwards.items()}} if forwards else {}),
     }
+    if forwards:                                  # the counts are the run's; the times go with its timings
+        results["forwards"], results["timings"]["forwards"] = split_timed(forwards)
     files["results.json"] = json.dumps(jsonable(results), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return _write_folder(out, compact(files, full_tables=full_tables))
 

@@ -203,6 +203,8 @@ def render_html(res: dict, data: dict, figures: dict[str, tuple[str, bytes]]) ->
 def run_table(res: dict) -> dict:
     """Versions, device, settings, timings and the engine's forwards, flattened; a setting repeated under settings.identity is listed once."""
     settings = flatten(res["settings"], "setting")
+    seconds = dict(res["timings"])
+    forward_times = seconds.pop("forwards", {})   # ms per forward and ratios (`analyses.forwards.TIMED`), not seconds
     shown = dict(settings)
     for key, value in settings.items():
         if key.startswith("setting.identity."):
@@ -211,8 +213,9 @@ def run_table(res: dict) -> dict:
             if twin is not None and settings[twin] == value:
                 del shown[key]
     return {**{f"version.{k}": v for k, v in res["versions"].items()}, "device": res["device"], **shown,
-            **{f"time.{k} (s)": v for k, v in flatten(res["timings"]).items()},
-            **{f"forwards.{k}": v for k, v in flatten(res.get("forwards", {})).items()}}
+            **{f"time.{k} (s)": v for k, v in flatten(seconds).items()},
+            **{f"forwards.{k}": v for k, v in flatten(res.get("forwards", {})).items()},
+            **{f"time.forwards.{k}": v for k, v in flatten(forward_times).items()}}
 
 
 def rank_grid(v: Verdict, summary: list[dict]):
