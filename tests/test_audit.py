@@ -77,11 +77,13 @@ def test_runner_sees_every_item_and_a_failed_item_is_listed(tiny_model, examples
         return None if item.startswith("chunk-0001") else compute()
 
     result = audit(tiny_model, examples, chunk_size=4, runner=runner, **FAST)
-    # the counterfactual tests are one item per test and layer (2 layers and "all"), the sanity check one per explainer
+    # the counterfactual tests are one item per test and layer (2 layers and "all"); the sanity check is one item for
+    # the attention family (attention, rollout: one capture per step) and one per other explainer
     per_layer = [f"counterfactual-{t}-layer-{layer}" for t in ("permutation", "adversarial", "uniform", "erasure")
                  for layer in ("0", "1", "all")]
     assert seen == ["chunk-0000-of-0003", "chunk-0001-of-0003", "chunk-0002-of-0003", *per_layer,
-                    "counterfactual-head_ablation", *(f"sanity-{e}" for e in FAST["explainers"])]
+                    "counterfactual-head_ablation", "sanity-attention-family",
+                    *(f"sanity-{e}" for e in ("saliency", "occlusion", "random"))]
     assert list(result.failures) == ["chunk-0001-of-0003"]
     faith = result.metrics[result.metrics["metric"] == "deletion_auc"]
     assert sorted(faith["example_id"].unique()) == sorted(x.id for x in examples[:4] + examples[8:])

@@ -399,5 +399,6 @@ def test_five_ranks_simulated_in_one_process_give_the_tables_of_audit(tmp_path, 
         got = runner._audit_one("t", model, tiny_examples, settings,
                                 runner.gather_runner(main, "t", iter(range(1000)), D.Ranks(0, 5, 0)), False, noop)
         n_rank_4 = len(json.loads((tmp_path / ".attnaudit" / "ranks" / "rank-4.json").read_text())["items"])
-    assert n_rank_4 == len([i for i in range(2 + 13 + 4) if i % 5 == 4])     # 2 chunks, 13 counterfactual, 4 sanity
+    # 2 chunks, 13 counterfactual, 3 sanity (the attention family: attention and rollout; saliency; random)
+    assert n_rank_4 == len([i for i in range(2 + 13 + 3) if i % 5 == 4])
     _same_result(got, audit(model, tiny_examples, settings, progress=False))

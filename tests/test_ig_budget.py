@@ -1,4 +1,5 @@
-"""Integrated gradients' passes: a fixed n_steps stays bit-identical to one captum call; max_tokens groups by length."""
+"""Integrated gradients' passes: max_tokens=None is bit-identical to one captum call; the default (TOKENS_PER_PASS)
+groups by length and agrees with it to float noise."""
 from __future__ import annotations
 
 import random
@@ -9,7 +10,7 @@ import torch
 from conftest import WORDS, make_tiny_model
 
 from attnaudit.explain import get_explainer
-from attnaudit.explain.gradients import EmbeddingForward, IntegratedGradients, baseline_embeds
+from attnaudit.explain.gradients import TOKENS_PER_PASS, EmbeddingForward, IntegratedGradients, baseline_embeds
 
 
 def texts(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
@@ -40,15 +41,18 @@ def captum_reference(model, batch, *, n_steps: int, internal_batch_size: int) ->
 def test_fixed_n_steps_is_bit_identical_to_one_captum_call(n, lo, hi, n_steps):
     model = make_tiny_model()
     batch = model.encode(texts(n, lo, hi))
-    got = IntegratedGradients(n_steps=n_steps).explain(model, batch).scores
+    got = IntegratedGradients(n_steps=n_steps, max_tokens=None).explain(model, batch).scores
     expected = captum_reference(model, batch, n_steps=n_steps, internal_batch_size=512)
     assert torch.equal(got, expected)
+    grouped = IntegratedGradients(n_steps=n_steps).explain(model, batch).scores          # the default: by length
+    scale = expected.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    assert float(((grouped - expected).abs() / scale).max()) <= 1e-5
 
 
 def test_max_tokens_groups_by_length_and_agrees_with_the_default():
     model = make_tiny_model()
     batch = model.encode(texts(13, 1, 20, seed=3))
-    default = IntegratedGradients(n_steps=32).explain(model, batch)
+    default = IntegratedGradients(n_steps=32, max_tokens=None).explain(model, batch)
     passes: list[tuple[int, int]] = []                                           # (rows, seq) of gradient passes
     forward = model.logits_from_embeds
 
@@ -71,7 +75,7 @@ def test_max_tokens_groups_by_length_and_agrees_with_the_default():
 def test_max_tokens_smaller_than_one_example_splits_its_steps():
     model = make_tiny_model()
     batch = model.encode(texts(2, 10, 12, seed=1))
-    default = IntegratedGradients(n_steps=16).explain(model, batch)
+    default = IntegratedGradients(n_steps=16, max_tokens=None).explain(model, batch)
     tiny = IntegratedGradients(n_steps=16, max_tokens=20).explain(model, batch)   # about one row per pass
     torch.testing.assert_close(tiny.scores, default.scores, rtol=1e-4, atol=1e-5)
 
@@ -81,4 +85,5 @@ def test_max_tokens_is_checked_and_recorded():
         get_explainer("integrated_gradients", max_tokens=0).explain(make_tiny_model(), "the film was good")
     e = IntegratedGradients(max_tokens=4096)
     assert e.get_params()["max_tokens"] == 4096 and IntegratedGradients(**e.get_params()).max_tokens == 4096
-    assert IntegratedGradients().max_tokens == "auto" and IntegratedGradients(n_steps=8).tokens_per_pass() is None
+    assert IntegratedGradients().max_tokens == "auto" and IntegratedGradients(n_steps=8).tokens_per_pass() == TOKENS_PER_PASS
+    assert IntegratedGradients(n_steps=8, max_tokens=None).tokens_per_pass() is None

@@ -207,3 +207,29 @@ def test_cuda_bf16_autocast_is_close_to_float32(tiny_model, tiny_batch):
         tiny_model.to("cpu")
     assert gpu.device.type == "cpu"
     torch.testing.assert_close(gpu, cpu, atol=3e-2, rtol=0, equal_nan=True)
+
+
+# -- chunks by a token budget ----------------------------------------------------------------------
+def test_length_chunks_by_hand():
+    from attnaudit.explain.perturb import length_chunks
+
+    width = torch.tensor([2, 3, 3, 5, 8, 8, 20])                # sorted
+    # rows <= 3 and rows × the chunk's widest <= 10: [2, 3, 3] (9), [5] (10 would need 2×8), [8], [8], [20] alone
+    assert length_chunks(width, 3, 10) == [slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6), slice(6, 7)]
+    assert length_chunks(width, 3, None) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    # budget 16: [2, 3, 3] (4×5 = 20 would not fit), [5, 8] (2×8 = 16), [8] (2×20 > 16), [20]
+    assert length_chunks(width, 100, 16) == [slice(0, 3), slice(3, 5), slice(5, 6), slice(6, 7)]
+    assert length_chunks(torch.tensor([], dtype=torch.long), 4, 8) == []
+
+
+def test_the_token_budget_changes_the_forwards_not_the_probabilities(tiny_model, tiny_batch):
+    keep = torch.rand((len(tiny_batch), 6, tiny_batch.input_ids.shape[1]), generator=torch.Generator().manual_seed(0)) < 0.6
+    target = torch.zeros(len(tiny_batch), dtype=torch.long)
+    budget = PerturbationEngine(tiny_model, tiny_batch, max_tokens=24)
+    rows = PerturbationEngine(tiny_model, tiny_batch, max_tokens=None)
+    a, b = budget.probs(keep, target), rows.probs(keep, target)
+    assert torch.allclose(a, b, atol=1e-6) and budget.stats.forwards == rows.stats.forwards
+    assert budget.stats.batches > rows.stats.batches == 1
+    assert PerturbationEngine(tiny_model, tiny_batch).tokens_per_forward() == 768       # "auto" on the CPU
+    with pytest.raises(ValueError, match="max_tokens must be 'auto', an int >= 1"):
+        PerturbationEngine(tiny_model, tiny_batch, max_tokens=0)

@@ -178,3 +178,42 @@ def test_registry_random_is_near_zero_after_randomisation(tiny_model, long_batch
     assert steps.iloc[0] == 1.0
     assert (steps.iloc[1:].abs() < 0.3).all()
     assert randomization_verdict(table).passed.all()
+
+
+def test_the_attention_family_shares_one_capture_per_step_with_the_numbers_of_each_alone(tiny_model, long_batch):
+    from attnaudit.analyses.audit import merge_sanity
+    from attnaudit.explain.registry import get_explainer
+
+    names = ["attention", "saliency", "rollout", "grad_attention"]
+    original = randomization_table.__globals__["cascading_randomization"]
+
+    def counted_table(explainers):
+        """randomization_table, and how many encoder forwards its copy ran."""
+        calls: list[int] = []
+        handles: list = []
+
+        def counted(model, *, seed):                  # hook the copy the steps randomise (once: it is one copy)
+            for step, clone in original(model, seed=seed):
+                if not handles:
+                    handles.append(clone.net.encoder.register_forward_hook(lambda *args: calls.append(1)))
+                yield step, clone
+
+        randomization_table.__globals__["cascading_randomization"] = counted
+        try:
+            return randomization_table(tiny_model, long_batch, explainers, seed=3), len(calls)
+        finally:
+            randomization_table.__globals__["cascading_randomization"] = original
+            for h in handles:
+                h.remove()
+
+    alone = [counted_table([get_explainer(n)]) for n in names]
+    together, n_together = counted_table([get_explainer(n) for n in names])
+    pd.testing.assert_frame_equal(together, merge_sanity([t for t, _ in alone], names), check_exact=True)
+    assert list(dict.fromkeys(together["explainer"])) == names
+    # each explain of an attention explainer alone runs 2 forwards (the prediction, the capture); together the three
+    # share them; saliency runs its own either way. Steps 0..4 (head, 2 layers, embeddings), step 0 twice.
+    calls = len(dict.fromkeys(together["setting"])) + 1
+    per_alone = {n: c // calls for n, (_, c) in zip(names, alone)}
+    assert {n: per_alone[n] for n in ("attention", "rollout", "grad_attention")} == dict.fromkeys(
+        ("attention", "rollout", "grad_attention"), 2)
+    assert n_together == calls * (2 + per_alone["saliency"]) < sum(c for _, c in alone)
