@@ -35,10 +35,11 @@ from attnaudit.model.hooks import active_hook_count, hooks, record
 REPO = Path(__file__).resolve().parents[1]
 AUDIT = sys.modules.get("attnaudit.analyses.audit") or importlib.import_module("attnaudit.analyses.audit")
 # two tasks × (8 chunks of 2 examples + 13 counterfactual items (4 tests × 3 layers: 0, 1, all, + head ablation)
-# + 5 sanity items (one per explainer)) = 52 saved items, each a fraction of a second
+# + 4 sanity items: attention and rollout share one, saliency, occlusion, random one each) = 50 saved items,
+# each a fraction of a second
 CONFIG = (TINY_TOML.replace("max_examples = 8", "max_examples = 16").replace("chunk_size = 4", "chunk_size = 2")
           .replace("[train.majority]\nepochs = 2\n\n", ""))
-N_ITEMS = 52
+N_ITEMS = 50
 TABLES = ("metrics.csv.gz", "curves_mean.csv", "counterfactual.csv", "counterfactual_permutation.csv")
 
 
